@@ -1,0 +1,404 @@
+"""Memory-mapped tensor readers for safetensors and torch ``.pth`` files, and a safetensors writer.
+
+Both readers return a mapping ``name -> TensorRef``; a ref knows its shape and dtype and
+reads its bytes only when ``load()`` is called, so a loader holds one tensor at a time and
+never a whole state dict. ``.pth`` files are read by a restricted unpickler that rebuilds
+tensors and plain containers only: no torch import, and no pickle code is ever executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model it is loaded into."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that asks for something other than tensors and plain containers."""
+
+
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor inside a file: shape, dtype and where its bytes are; ``load()`` reads it."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # byte offset of element 0 of the underlying storage
+    strides: tuple[int, ...] | None = None  # element strides (torch); None means C-contiguous
+    storage_numel: int | None = None
+    member: str | None = None  # set for a compressed zip member, which is read, not mapped
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def load(self) -> np.ndarray:
+        """Reads this tensor (memory-mapped) and returns a C-contiguous numpy copy."""
+        count = self.storage_numel if self.storage_numel is not None else self.size
+        if count == 0 or self.size == 0:
+            return np.zeros(self.shape, self.dtype)
+        base = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(count,))
+        if self.strides is None:
+            out = base[: self.size].reshape(self.shape)
+        else:
+            item = self.dtype.itemsize
+            out = np.lib.stride_tricks.as_strided(
+                base, shape=self.shape, strides=tuple(s * item for s in self.strides), writeable=False
+            )
+        return np.array(out, copy=True, order="C")
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Parses a safetensors header into refs (no tensor bytes are read)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} is implausible)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    base = 8 + n
+    size = os.path.getsize(path)
+    metadata = header.pop("__metadata__", None) or {}
+    refs = {}
+    for name, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or base + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets (truncated file?)")
+        refs[name] = TensorRef(path, shape, dtype, base + begin)
+    return refs, metadata
+
+
+def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
+    """Writes ``name -> array`` as safetensors, converting and writing one tensor at a time.
+
+    Values may be numpy/jax arrays or zero-argument callables returning one (to stream
+    tensors that do not exist yet). Shapes and dtypes are taken from a first pass that
+    calls ``np.shape``/``.dtype`` on arrays; callables are materialised twice at most.
+    """
+    names = sorted(tensors)
+    specs = {}
+    offset = 0
+    for name in names:
+        value = tensors[name]
+        arr = value() if callable(value) else value
+        dtype = np.dtype(arr.dtype)
+        if dtype not in _ST_NAMES:
+            raise CheckpointError(f"cannot write {name!r}: dtype {dtype} has no safetensors name")
+        nbytes = int(np.prod(np.shape(arr), dtype=np.int64)) * dtype.itemsize
+        specs[name] = {"dtype": _ST_NAMES[dtype], "shape": list(np.shape(arr)), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = dict(specs)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            value = tensors[name]
+            arr = np.ascontiguousarray(np.asarray(value() if callable(value) else value))
+            f.write(arr.tobytes())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- torch .pth
+
+_TORCH_STORAGE_DTYPES = {
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+    "UntypedStorage": np.uint8,
+}
+_TORCH_DTYPES = {  # torch.<dtype> objects referenced by _rebuild_tensor_v3
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: np.dtype
+    numel: int
+
+
+def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *_unused, dtype=None, **_kw):
+    return ("__tensor__", storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride), dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    return _rebuild_tensor(storage, storage_offset, size, stride, dtype=np.dtype(dtype))
+
+
+def _rebuild_parameter(data, *_args, **_kw):
+    return data
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Rebuilds tensors and containers; refuses every other global the pickle names."""
+
+    _ALLOWED: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    }
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+            return _StorageType(np.dtype(_TORCH_STORAGE_DTYPES[name]))
+        if module == "torch" and name in _TORCH_DTYPES:
+            return np.dtype(_TORCH_DTYPES[name])
+        raise UnsafeCheckpointError(
+            f"{self._path}: refusing to unpickle {module}.{name}: only tensors and plain containers are "
+            "allowed in a checkpoint, and this pickle asks for other code (it may be malicious). "
+            "Convert the file to .safetensors in a trusted environment if you trust its source."
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(f"{self._path}: unexpected persistent id {pid!r} in pickle")
+        _, storage_type, key, _location, numel = pid
+        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else np.dtype(np.uint8)
+        return _Storage(str(key), dtype, int(numel))
+
+
+def _member_data_offset(f, info: zipfile.ZipInfo) -> int:
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if local[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"corrupt zip entry {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def read_pth(path: str) -> dict[str, Any]:
+    """Unpickles a torch zip checkpoint into nested containers of TensorRefs, executing nothing."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a torch zip checkpoint. Legacy (pre-1.6) or plain pickles are not read, since "
+            "reading them safely is not possible here; re-save with torch.save() or convert to safetensors."
+        )
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        if len(pkls) != 1:
+            raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {pkls}")
+        prefix = pkls[0][: -len("data.pkl")]
+        byteorder = f"{prefix}byteorder"
+        if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
+            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        obj = _SafeUnpickler(io.BytesIO(zf.read(pkls[0])), path).load()
+        infos = {i.filename: i for i in zf.infolist()}
+
+        def convert(x):
+            if isinstance(x, tuple) and len(x) == 6 and x[0] == "__tensor__":
+                _, storage, offset, size, stride, dtype = x
+                dtype = np.dtype(dtype if dtype is not None else storage.dtype)
+                member = f"{prefix}data/{storage.key}"
+                if member not in infos:
+                    raise CheckpointError(f"{path}: storage {member} is missing from the archive")
+                info = infos[member]
+                numel = info.file_size // dtype.itemsize
+                if info.compress_type == zipfile.ZIP_STORED:
+                    start = _member_data_offset(raw, info)
+                    return TensorRef(path, size, dtype, start + offset * dtype.itemsize, stride, numel - offset)
+                return _OffsetRef(path, size, dtype, 0, stride, numel, member, offset)
+            if isinstance(x, Mapping):
+                return {k: convert(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(convert(v) for v in x)
+            return x
+
+        return convert(obj)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OffsetRef(TensorRef):
+    """A tensor in a compressed zip member (rare): read whole, then viewed at an offset."""
+
+    element_offset: int = 0
+
+    def load(self) -> np.ndarray:
+        with zipfile.ZipFile(self.path) as zf:
+            base = np.frombuffer(zf.read(self.member), dtype=self.dtype)[self.element_offset :]
+        strided = np.lib.stride_tricks.as_strided(
+            base, shape=self.shape, strides=tuple(s * self.dtype.itemsize for s in self.strides), writeable=False
+        )
+        return np.array(strided, copy=True, order="C")
+
+
+def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], tree
+
+
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "params_ema", "ema")
+
+
+def pth_state_dict(path: str) -> dict[str, TensorRef]:
+    """A flat ``name -> TensorRef`` dict from a .pth, unwrapping ``{'state_dict': ...}``-style nesting."""
+    obj = read_pth(path)
+    while isinstance(obj, Mapping) and not any(isinstance(v, TensorRef) for v in obj.values()):
+        inner = [k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)]
+        if not inner:
+            break
+        obj = obj[inner[0]]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k: v for k, v in _flatten(obj) if isinstance(v, TensorRef)}
+
+
+# ---------------------------------------------------------------------------- any checkpoint
+
+_PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The tensor files behind ``path``: a file, a sharded index, or a directory of either."""
+    if os.path.isdir(path):
+        indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: several safetensors indexes {indexes}; pass one of them")
+        if indexes:
+            return checkpoint_files(indexes[0])
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(_PTH_SUFFIXES))
+        if not files:
+            raise CheckpointError(f"{path}: directory holds no .safetensors, index or .pth file")
+        return files
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if path.endswith(".index.json"):
+        with open(path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{path}: index has no weight_map")
+        root = os.path.dirname(path)
+        files = sorted({os.path.join(root, v) for v in weight_map.values()})
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in the index are missing: {missing}")
+        return files
+    return [path]
+
+
+def open_checkpoint(path: str | os.PathLike) -> dict[str, TensorRef]:
+    """``name -> TensorRef`` for a safetensors file, sharded index, .pth, or directory of these."""
+    refs: dict[str, TensorRef] = {}
+    for file in checkpoint_files(os.fspath(path)):
+        if file.endswith(".safetensors"):
+            part, _ = read_safetensors_header(file)
+        elif file.endswith(_PTH_SUFFIXES):
+            part = pth_state_dict(file)
+        else:
+            raise CheckpointError(f"{file}: unknown checkpoint format (expected .safetensors or .pth)")
+        dup = set(part) & set(refs)
+        if dup:
+            raise CheckpointError(f"{file}: tensors also found in another shard: {sorted(dup)[:5]}")
+        refs.update(part)
+    return refs
+
+
+def strip_prefix(refs: Mapping[str, TensorRef], prefixes: Iterable[str]) -> dict[str, TensorRef]:
+    """Removes the first of ``prefixes`` that every key starts with (e.g. ComfyUI's)."""
+    for p in prefixes:
+        if refs and all(k.startswith(p) for k in refs):
+            return {k[len(p) :]: v for k, v in refs.items()}
+    return dict(refs)
+
+
+def format_key_problems(missing=(), unexpected=(), mismatched=(), limit: int = 20) -> str:
+    """One readable message listing missing, unexpected and mis-shaped keys."""
+
+    def block(title, items):
+        items = list(items)
+        if not items:
+            return ""
+        shown = "\n    ".join(str(i) for i in items[:limit])
+        more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+        return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+    return (
+        block("missing keys", missing)
+        + block("unexpected keys", unexpected)
+        + block("shape mismatches (key: checkpoint vs model)", mismatched)
+    )
+

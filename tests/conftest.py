@@ -1,0 +1,20 @@
+"""Test set-up: 8 fake CPU devices (sharding tests) and shared fixtures.
+
+XLA_FLAGS must be set before jax is first imported, so it is done here at collection.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The torch module for parity references; tests using it skip (with a reason) without it."""
+    return pytest.importorskip("torch", reason="torch is needed for the PyTorch parity references")

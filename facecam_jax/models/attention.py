@@ -1,0 +1,89 @@
+"""One multi-head attention function with selectable implementations.
+
+Layout is BTNH everywhere (``q [B, Lq, N, H]``, ``k, v [B, Lk, N, H]``), which is what
+cuDNN wants. Implementations:
+
+- ``xla``: a plain einsum softmax (full score matrix, fp32 softmax). Portable; used for
+  the parity tests. Under a mesh with a sharded sequence GSPMD gathers K/V as needed.
+- ``cudnn``: cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16 or
+  fp16, head_dim a multiple of 8). O(L) memory, with a backward pass.
+- ``chunked``: flash-style online softmax over key chunks in pure JAX (``lax.scan``):
+  O(L * chunk) memory on any backend, for long sequences where cuDNN is not available.
+- ``auto``: cuDNN on GPU when the dtype and head size allow it, else ``xla``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "auto")
+
+
+def _xla(q, k, v, scale):
+    logits = jnp.einsum("BLNH,BSNH->BNLS", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("BNLS,BSNH->BLNH", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def _chunked(q, k, v, scale, chunk: int):
+    """Online-softmax attention over key chunks; keys are zero-padded to a chunk multiple."""
+    b, lk, n, h = k.shape
+    chunk = min(chunk, lk)
+    pad = (-lk) % chunk
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    n_chunks = (lk + pad) // chunk
+    k_c = k.reshape(b, n_chunks, chunk, n, h).swapaxes(0, 1)  # [C, B, chunk, N, H]
+    v_c = v.reshape(b, n_chunks, chunk, n, h).swapaxes(0, 1)
+    valid = (jnp.arange(n_chunks * chunk) < lk).reshape(n_chunks, chunk)
+    lq = q.shape[1]
+
+    def step(carry, xs):
+        m, denom, acc = carry  # [B, N, Lq], [B, N, Lq], [B, Lq, N, H]
+        kc, vc, ok = xs
+        s = jnp.einsum("BLNH,BSNH->BNLS", q, kc, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(ok[None, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        denom = denom * corr + p.sum(-1)
+        pv = jnp.einsum("BNLS,BSNH->BLNH", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
+        acc = acc * corr.transpose(0, 2, 1)[..., None] + pv
+        return (m_new, denom, acc), None
+
+    init = (
+        jnp.full((b, n, lq), -jnp.inf, jnp.float32),
+        jnp.zeros((b, n, lq), jnp.float32),
+        jnp.zeros((b, lq, n, h), jnp.float32),
+    )
+    (_, denom, acc), _ = jax.lax.scan(step, init, (k_c, v_c, valid))
+    return (acc / denom.transpose(0, 2, 1)[..., None]).astype(q.dtype)
+
+
+def _cudnn_ok(q) -> bool:
+    return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
+def attention(q, k, v, *, implementation: str = "xla", scale: float | None = None, chunk: int = 1024):
+    """Softmax(q k^T * scale) v over BTNH tensors; no mask (Wan attends to everything)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if implementation == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        implementation = "cudnn" if on_gpu and _cudnn_ok(q) else "xla"
+    if implementation == "xla":
+        return _xla(q, k, v, scale)
+    if implementation == "chunked":
+        return _chunked(q, k, v, scale, chunk)
+    if implementation == "cudnn":
+        if not _cudnn_ok(q):
+            raise ValueError(
+                f"cuDNN attention needs bf16/fp16 inputs with head_dim a multiple of 8 (<= 256); got "
+                f"{q.dtype} with head_dim {q.shape[-1]}. Use a bf16 compute dtype or attention='xla'."
+            )
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+

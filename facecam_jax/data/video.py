@@ -1,0 +1,144 @@
+"""Video and image-sequence I/O for the data pipeline: probe, decode selected frames, write.
+
+Training samples use a few dozen frames of long multi-view captures (81 frames at stride 3,
+and each stitched shot only its own time window), so decoding reads only the frames asked
+for: one seek to the first wanted frame, then `grab()` (demux and decode without the colour
+conversion) past the frames in between and `retrieve()` only for the wanted ones.
+Frames are uint8 RGB, channels-last: [T, H, W, 3].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+# Seeking costs a keyframe search and a decode up to the target; below this many frames it is
+# cheaper (and exact on every container) to decode from the start.
+_SEEK_THRESHOLD = 32
+
+
+class VideoDecodeError(RuntimeError):
+    """A video (or a frame of it) could not be read: missing, corrupt, or shorter than claimed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+
+
+def probe(path: str) -> VideoInfo:
+    """Frame count, size and frame rate from the container header (no frame is decoded).
+
+    Raises VideoDecodeError when the file cannot be opened or reports no frames.
+    """
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"video {path!r} does not exist")
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            raise VideoDecodeError(f"video {path!r} cannot be opened (corrupt or an unknown codec)")
+        num_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        fps = float(cap.get(cv2.CAP_PROP_FPS))
+    finally:
+        cap.release()
+    if num_frames <= 0 or height <= 0 or width <= 0:
+        raise VideoDecodeError(
+            f"video {path!r} reports {num_frames} frames of {height}x{width}; it is empty or corrupt")
+    return VideoInfo(num_frames, height, width, fps)
+
+
+def read_frames(path: str, indices: Sequence[int]) -> np.ndarray:
+    """Decodes only the frames at `indices` (any order, repeats allowed) -> uint8 RGB [N, H, W, 3].
+
+    Raises VideoDecodeError if the file cannot be opened or a wanted frame cannot be decoded.
+    """
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if indices.size == 0:
+        raise ValueError(f"no frame indices given for {path!r}")
+    if indices.min() < 0:
+        raise ValueError(f"negative frame index {indices.min()} for {path!r}")
+    wanted = np.unique(indices)
+    cap = cv2.VideoCapture(path)
+    decoded: dict[int, np.ndarray] = {}
+    try:
+        if not cap.isOpened():
+            raise VideoDecodeError(f"video {path!r} cannot be opened (corrupt or an unknown codec)")
+        position = 0
+        if wanted[0] >= _SEEK_THRESHOLD:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, float(wanted[0]))
+            position = int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+            if position != wanted[0]:  # inexact seek on this container: decode from the start
+                cap.set(cv2.CAP_PROP_POS_FRAMES, 0.0)
+                position = 0
+        for index in wanted:
+            while position < index:
+                if not cap.grab():
+                    raise VideoDecodeError(
+                        f"video {path!r} ended at frame {position}, before frame {index}")
+                position += 1
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                raise VideoDecodeError(f"cannot decode frame {index} of {path!r}")
+            position += 1
+            decoded[int(index)] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        cap.release()
+    return np.stack([decoded[int(i)] for i in indices])  # [N, H, W, 3]
+
+
+def read_all(path: str) -> np.ndarray:
+    """Every frame of a video -> uint8 RGB [T, H, W, 3]."""
+    cap = cv2.VideoCapture(path)
+    frames = []
+    try:
+        if not cap.isOpened():
+            raise VideoDecodeError(f"video {path!r} cannot be opened (corrupt or an unknown codec)")
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    finally:
+        cap.release()
+    if not frames:
+        raise VideoDecodeError(f"video {path!r} has no decodable frame")
+    return np.stack(frames)
+
+
+def read_images(paths: Sequence[str], *, grayscale: bool = False) -> np.ndarray:
+    """Reads image files -> uint8 [N, H, W, 3] RGB (or [N, H, W] with grayscale=True)."""
+    images = []
+    for path in paths:
+        image = cv2.imread(path, cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR)
+        if image is None:
+            raise VideoDecodeError(f"image {path!r} is missing or cannot be decoded")
+        images.append(image if grayscale else cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    return np.stack(images)
+
+
+def write_video(path: str, frames: np.ndarray, fps: float) -> None:
+    """Writes uint8 RGB [T, H, W, 3] as an MPEG-4 Part 2 (mp4v) .mp4, the codec every
+    opencv wheel can both write and read."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    height, width = frames.shape[1:3]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+    if not writer.isOpened():
+        raise VideoDecodeError(f"cannot open {path!r} for writing an mp4v video")
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()

@@ -1,0 +1,108 @@
+"""Source-video preprocessing as the official inference does it (SPEC 5), and video file I/O.
+
+The release (`load_video` + `crop_video`): keep every k-th frame with k = max(1, int(fps / 24))
+until 81 frames are read, resize so the frame covers 704x480 (scale = max(H / h, W / w),
+sizes truncated to int, OpenCV bilinear), crop H x W centred on the nose tip (landmark 4) of
+frame 0 and clamped to the image (centre crop when no face is found), and pad to 81 frames by
+repeating the last frame. One difference: the release hands OpenCV's BGR frame 0 to MediaPipe
+as if it were RGB; we detect on RGB, which can move the nose estimate, and so the crop, by a
+pixel or two.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from facecam_jax.camera import landmarks as lm
+
+TARGET_FPS = 24
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> tuple[np.ndarray, float]:
+    """Decodes a video file: uint8 RGB frames [T, H, W, 3] (every `stride`-th, at most max_frames) and its fps."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video not found: {path}")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise ValueError(f"OpenCV cannot open {path} as a video; check the file and its codec")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    frames, index = [], 0
+    try:
+        while max_frames is None or len(frames) < max_frames:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if index % stride == 0:
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            index += 1
+    finally:
+        capture.release()
+    if not frames:
+        raise ValueError(f"{path} has no decodable frames")
+    return np.stack(frames), float(fps)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = TARGET_FPS) -> None:
+    """Writes uint8 RGB frames [T, H, W, 3] as an mp4 (OpenCV's mp4v codec)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+    if not writer.isOpened():
+        raise ValueError(f"OpenCV cannot write an mp4 to {path}; check the folder exists and is writable")
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+
+
+def official_stride(fps: float, target_fps: float = TARGET_FPS) -> int:
+    """The release's frame step for reaching ~24 fps: max(1, int(fps / 24)), 1 for unknown fps."""
+    return max(1, int(fps / target_fps)) if fps > 0 else 1
+
+
+def crop_window(frame: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """(resized_h, resized_w, top, left) of the official nose-centred cover crop of one RGB frame."""
+    h, w = frame.shape[:2]
+    scale = max(height / h, width / w)
+    new_h, new_w = int(h * scale), int(w * scale)
+    resized = cv2.resize(frame, (new_w, new_h))
+    try:
+        nose = lm.detect_one(resized)[lm.NOSE_TIP]
+        centre_x, centre_y = int(nose[0] * new_w), int(nose[1] * new_h)
+    except lm.NoFaceError:
+        centre_x, centre_y = new_w // 2, new_h // 2  # the release's fallback: a centre crop
+    left = min(max(0, centre_x - width // 2), new_w - width) if new_w > width else 0
+    top = min(max(0, centre_y - height // 2), new_h - height) if new_h > height else 0
+    return new_h, new_w, top, left
+
+
+def prepare_source(frames: np.ndarray, num_frames: int = 81, height: int = 704,
+                   width: int = 480) -> np.ndarray:
+    """Official crop of already-subsampled RGB frames [T, h, w, 3] -> [num_frames, H, W, 3].
+
+    Frames beyond num_frames are dropped; a short clip is padded with its last frame.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected RGB frames [T, H, W, 3] with T >= 1, got {frames.shape}")
+    frames = frames[:num_frames]
+    new_h, new_w, top, left = crop_window(frames[0], height, width)
+    out = np.stack([cv2.resize(f, (new_w, new_h))[top:top + height, left:left + width] for f in frames])
+    if len(out) < num_frames:
+        out = np.concatenate([out, np.repeat(out[-1:], num_frames - len(out), 0)])
+    return out
+
+
+def load_source(path: str | os.PathLike, num_frames: int = 81, height: int = 704, width: int = 480) -> np.ndarray:
+    """A source video file preprocessed as the release does: uint8 RGB [num_frames, H, W, 3]."""
+    capture = cv2.VideoCapture(str(path))
+    fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+    capture.release()
+    frames, _ = read_video(path, max_frames=num_frames, stride=official_stride(fps))
+    return prepare_source(frames, num_frames, height, width)

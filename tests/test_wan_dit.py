@@ -1,7 +1,5 @@
 """Wan DiT: parity with diffusers' WanTransformer3DModel, loading, saving, sharding, bad input."""
 
-import dataclasses
-import math
 import re
 
 import jax
@@ -27,21 +25,10 @@ VARIANTS = {
 }
 
 
-def _diffusers_kwargs(cfg: W.DiTConfig) -> dict:
-    return dict(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        cross_attn_norm=cfg.cross_attn_norm,
-        qk_norm="rms_norm_across_heads",
-        eps=cfg.eps,
-    )
+def _diffusers_model(cfg: W.DiTConfig):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_config(ckpt.diffusers_config(cfg))
 
 
 def _reference_original_name(name: str) -> str:
@@ -73,13 +60,11 @@ def _reference_original_name(name: str) -> str:
 @pytest.fixture(scope="module")
 def refs(torch, tmp_path_factory):
     """Per variant: the torch model and its weights saved in diffusers, original and ComfyUI naming."""
-    from diffusers import WanTransformer3DModel
-
     out = {}
     root = tmp_path_factory.mktemp("dit")
     for i, (name, cfg) in enumerate(VARIANTS.items()):
         torch.manual_seed(i)
-        model = WanTransformer3DModel(**_diffusers_kwargs(cfg)).eval()
+        model = _diffusers_model(cfg).eval()
         with torch.no_grad():
             for p_name, p in model.named_parameters():
                 # Non-trivial values everywhere, including norm scales, biases and the head.
@@ -179,13 +164,11 @@ def test_widened_patch_embedding_keeps_the_t2v_function(refs):
 
 
 def test_full_preset_parameter_counts(torch):
-    from diffusers import WanTransformer3DModel
-
     for name, expected in W.REFERENCE_PARAM_COUNTS.items():
         count = W.param_count(W.abstract_model(name))
         cfg = W.PRESETS[name]
         with torch.device("meta"):
-            ref = WanTransformer3DModel(**_diffusers_kwargs(cfg))
+            ref = _diffusers_model(cfg)
         ref_count = sum(p.numel() for p in ref.parameters())
         print(f"\n[{name}] {count:,} parameters (diffusers {ref_count:,})")
         assert count == expected == ref_count
@@ -348,3 +331,23 @@ def test_bad_latents_are_clear_errors():
         model(jnp.zeros((1, 2, 5, 4, 16)), jnp.zeros((1,)), ctx)
     with pytest.raises(ValueError, match="more than text_len"):
         model(jnp.zeros((1, 2, 4, 4, 16)), jnp.zeros((1,)), jnp.zeros((1, 17, 32)))
+
+
+def test_convert_tool_writes_a_reloadable_orbax_checkpoint(refs, tmp_path):
+    import importlib.util
+    import pathlib
+
+    tool = pathlib.Path(__file__).parents[1] / "tools" / "convert_wan_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_wan_checkpoint", tool)
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    cfg, _, files = refs["t2v"]  # the tiny preset's architecture
+    overlay = str(tmp_path / "overlay.safetensors")
+    write_safetensors(overlay, {"blocks.0.self_attn.o.bias": np.full((cfg.dim,), 2.0, np.float32)})
+    out = convert.main(["--checkpoint", files["comfyui"], "--out", str(tmp_path / "conv"), "--config", "tiny",
+                        "--dtype", "bfloat16", "--overlay", overlay])
+    model = load_dit(out)
+    base = load_dit(files["diffusers"], config=cfg, dtype=jnp.bfloat16)
+    assert model.config == cfg and model.blocks.ffn.fc1.kernel.value.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(model.blocks.self_attn.o.bias.value[0], np.float32), 2.0)
+    np.testing.assert_array_equal(np.asarray(model.blocks.ffn.fc1.kernel.value), np.asarray(base.blocks.ffn.fc1.kernel.value))

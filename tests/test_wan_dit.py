@@ -252,14 +252,15 @@ def test_overlay_replaces_and_reports(refs, tmp_path):
         ckpt.overlay_dit(base, path)
 
 
-def test_sharded_forward_matches_unsharded(refs):
+@pytest.mark.parametrize("attention", ["xla", "chunked"])  # chunked: the context-parallel shard_map path
+def test_sharded_forward_matches_unsharded(refs, attention):
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
     cfg, _, files = refs["t2v"]
     x, t, ctx = _inputs(cfg, batch=2)
     want = np.asarray(_forward(load_dit(files["diffusers"], config=cfg), x, t, ctx))
     # fsdp x context x tensor: parameters over (fsdp, context) and tensor, sequence over context.
     mesh = sh.make_mesh(data=1, fsdp=2, context=2, tensor=2)
-    model = load_dit(files["diffusers"], config=cfg, mesh=mesh)
+    model = load_dit(files["diffusers"], config=cfg, mesh=mesh, attention=attention)
     q = model.blocks.self_attn.q.kernel.value
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, (sh.FSDP, sh.CONTEXT), sh.TENSOR)
     assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 32)}
@@ -267,7 +268,7 @@ def test_sharded_forward_matches_unsharded(refs):
     with sh.use_mesh(mesh):
         got = _forward(model, jax.device_put(x, batch), jax.device_put(t, batch), jax.device_put(ctx, batch))
     err = float(np.abs(np.asarray(got) - want).max())
-    print(f"\n[8-device fsdp x context x tensor] max abs err vs unsharded {err:.2e}")
+    print(f"\n[8-device fsdp x context x tensor, {attention}] max abs err vs unsharded {err:.2e}")
     assert err <= 1e-5
 
 
@@ -351,3 +352,23 @@ def test_convert_tool_writes_a_reloadable_orbax_checkpoint(refs, tmp_path):
     assert model.config == cfg and model.blocks.ffn.fc1.kernel.value.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(model.blocks.self_attn.o.bias.value[0], np.float32), 2.0)
     np.testing.assert_array_equal(np.asarray(model.blocks.ffn.fc1.kernel.value), np.asarray(base.blocks.ffn.fc1.kernel.value))
+
+
+@pytest.mark.parametrize("heads", [4, 2])  # 4 heads: Ulysses all-to-all; 2 heads over 4 shards: KV all-gather
+def test_context_parallel_attention_matches_single_device(heads):
+    from facecam_jax.models.attention import attention
+
+    rng = np.random.default_rng(heads)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, heads, 8)), jnp.float32) for _ in range(3))
+    ctx_kv = jnp.asarray(rng.standard_normal((2, 6, heads, 8)), jnp.float32)
+    want_self = attention(q, k, v, implementation="xla")
+    want_cross = attention(q, ctx_kv, ctx_kv, implementation="xla")
+    mesh = sh.make_mesh(data=1, fsdp=2, context=4, tensor=1)
+    with sh.use_mesh(mesh):
+        fn = jax.jit(lambda q, k, v, c: (attention(q, k, v, implementation="chunked", chunk=4),
+                                         attention(q, c, c, implementation="chunked", chunk=4)))
+        got_self, got_cross = fn(q, k, v, ctx_kv)
+        hlo = fn.lower(q, k, v, ctx_kv).as_text()
+    assert ("all_to_all" in hlo or "all-to-all" in hlo) if heads == 4 else ("all_gather" in hlo or "all-gather" in hlo)
+    np.testing.assert_allclose(np.asarray(got_self), np.asarray(want_self), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cross), np.asarray(want_cross), atol=1e-5)

@@ -10,6 +10,13 @@ cuDNN wants. Implementations:
 - ``chunked``: flash-style online softmax over key chunks in pure JAX (``lax.scan``):
   O(L * chunk) memory on any backend, for long sequences where cuDNN is not available.
 - ``auto``: cuDNN on GPU when the dtype and head size allow it, else ``xla``.
+
+Context parallelism: when traced under ``sharding.use_mesh`` with a ``context`` mesh axis
+larger than one and the sequence divisible by it, the ``cudnn`` and ``chunked`` kernels
+(which cannot see a sharded sequence) run per device inside ``shard_map``: Ulysses
+all-to-all (sequence shards <-> head shards) when the local heads divide over the context
+axis, else an all-gather of K and V. Cross-attention keys (text) are not sequence-sharded,
+so only the queries are split. The ``xla`` kernel is left to GSPMD.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from facecam_jax import sharding as sh
 
 IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "auto")
 
@@ -74,6 +84,15 @@ def attention(q, k, v, *, implementation: str = "xla", scale: float | None = Non
     if implementation == "auto":
         on_gpu = jax.default_backend() == "gpu"
         implementation = "cudnn" if on_gpu and _cudnn_ok(q) else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    mesh = sh.current_mesh()
+    if implementation != "xla" and mesh is not None and mesh.shape.get(sh.CONTEXT, 1) > 1:
+        return _context_parallel(q, k, v, implementation, scale, chunk, mesh)
+    return _local(q, k, v, implementation, scale, chunk)
+
+
+def _local(q, k, v, implementation, scale, chunk):
     if implementation == "xla":
         return _xla(q, k, v, scale)
     if implementation == "chunked":
@@ -86,4 +105,40 @@ def attention(q, k, v, *, implementation: str = "xla", scale: float | None = Non
             )
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _context_parallel(q, k, v, implementation, scale, chunk, mesh):
+    """Runs a per-device kernel on a context-sharded sequence (Ulysses or KV all-gather)."""
+    rules = sh.current_rules()
+    q_spec = sh.logical_to_spec((sh.ACT_BATCH, sh.ACT_SEQ, sh.ACT_HEADS, None), q.shape, mesh, rules)
+    seq_axes = q_spec[1]
+    if seq_axes is None:  # the sequence does not split evenly: nothing to parallelise
+        return _local(q, k, v, implementation, scale, chunk)
+    self_attention = k.shape[1] == q.shape[1]
+    kv_spec = q_spec if self_attention else PartitionSpec(q_spec[0], None, q_spec[2], None)
+    n_ctx = math.prod(mesh.shape[a] for a in ((seq_axes,) if isinstance(seq_axes, str) else seq_axes))
+    heads_per_device = q.shape[2] // math.prod(
+        mesh.shape[a] for a in ((q_spec[2],) if isinstance(q_spec[2], str) else q_spec[2] or ())
+    )
+
+    def kernel(q, k, v):  # local blocks [b, l/c, n/t, h]
+        if not self_attention:
+            return _local(q, k, v, implementation, scale, chunk)
+        if heads_per_device % n_ctx == 0:  # Ulysses: trade sequence shards for head shards
+            to_heads = lambda x: jax.lax.all_to_all(x, seq_axes, 2, 1, tiled=True)  # noqa: E731
+            out = _local(to_heads(q), to_heads(k), to_heads(v), implementation, scale, chunk)
+            return jax.lax.all_to_all(out, seq_axes, 1, 2, tiled=True)
+        k_all = jax.lax.all_gather(k, seq_axes, axis=1, tiled=True)
+        v_all = jax.lax.all_gather(v, seq_axes, axis=1, tiled=True)
+        return _local(q, k_all, v_all, implementation, scale, chunk)
+
+    return _shard_map(kernel, mesh, (q_spec, kv_spec, kv_spec), q_spec)(q, k, v)
 

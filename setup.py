@@ -23,6 +23,8 @@ setup(
         "safetensors",
         "absl-py",
         "tqdm",
+        "sentencepiece",  # the umT5 tokenizer (imported only when a tokenizer is used)
+        "ftfy",  # Wan's prompt cleaning
     ],
     extras_require={
         "test": [
@@ -31,7 +33,6 @@ setup(
             "torch==2.13.0",
             "diffusers",
             "transformers",
-            "sentencepiece",
             "scikit-video",
             "scikit-image",
         ],

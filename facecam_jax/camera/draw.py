@@ -81,7 +81,7 @@ def _draw_into(canvas: np.ndarray, pixels: np.ndarray, valid: np.ndarray) -> Non
         if not keep.any():
             continue
         segments = pixels[edges[keep]]  # [E, 2 points, 2 coords]
-        cv2.polylines(canvas, list(segments), False, color, thickness)
+        cv2.polylines(canvas, segments, False, color, thickness)
 
 
 def draw_landmark_map(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core for every thread
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for every thread
 
     import cv2
     import mediapipe as mp
@@ -48,7 +48,7 @@ def main():
           f"{args.frames} frames at {height}x{width}")
 
     for static in (False, True):
-        seconds = _best(lambda: landmarks.detect(frames, static=static), args.repeats)
+        seconds = _best(lambda static=static: landmarks.detect(frames, static=static), args.repeats)
         print(f"detect ({'static' if static else 'tracking'} mode): {args.frames / seconds:8.1f} frames/s "
               f"({seconds:.3f} s per {args.frames}-frame video)")
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from facecam_jax.camera import pose, proxy_head, trajectories as tr
+from facecam_jax.camera import pose, proxy_head
+from facecam_jax.camera import trajectories as tr
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def test_official_frame_stride(fps, stride):
 
 
 def test_prepare_source_crops_on_the_nose_and_pads():
-    frames, fps = source.read_video(CARPHONE, max_frames=20)
+    frames, _ = source.read_video(CARPHONE, max_frames=20)
     prepared = source.prepare_source(frames, num_frames=24, height=704, width=480)
     assert prepared.shape == (24, 704, 480, 3) and prepared.dtype == np.uint8
     np.testing.assert_array_equal(prepared[20:], np.repeat(prepared[19:20], 4, 0))  # padded with the last frame

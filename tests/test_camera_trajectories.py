@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from facecam_jax.camera import pose, proxy_head, trajectories as tr
+from facecam_jax.camera import pose, proxy_head
+from facecam_jax.camera import trajectories as tr
 
 
 def test_frontal_official_camera():
@@ -154,7 +155,7 @@ def test_official_framing_keeps_face_in_top_square():
 
 def test_zoom_scales_the_face_by_its_factor():
     points = tr.condition_landmarks(tr.canonical("zoom_in", 5))
-    spread = lambda p: np.sqrt(((p[:, :2] * [480, 704] - (p[:, :2] * [480, 704]).mean(0)) ** 2).sum(-1).mean())  # noqa: E731
+    spread = lambda p: np.sqrt(((p[:, :2] * [480, 704] - (p[:, :2] * [480, 704]).mean(0)) ** 2).sum(-1).mean())
     assert spread(points[-1]) / spread(points[0]) == pytest.approx(1.4, rel=1e-6)
 
 

@@ -27,7 +27,7 @@ from facecam_jax.camera import mesh_topology as topo
 NUM_LANDMARKS = 478
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _passes() -> tuple[tuple[np.ndarray, tuple[int, int, int], int], ...]:
     """The drawing passes as (edges [E, 2], colour, thickness), in MediaPipe's order."""
     passes = [(np.asarray(topo.TESSELATION, np.int32).reshape(-1, 2), topo.GRAY,

@@ -106,7 +106,7 @@ def build_proxy_head(landmarks: np.ndarray, height: int, width: int) -> np.ndarr
     return points.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: str) -> np.ndarray:
     head = np.load(path)
     if head.shape != (NUM_LANDMARKS, 3):

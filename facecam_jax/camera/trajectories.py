@@ -25,7 +25,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ class Trajectory:
     @classmethod
     def linear(cls, num_frames: int = NUM_FRAMES, *, start_azimuth=0.0, end_azimuth=0.0,
                start_elevation=0.0, end_elevation=0.0, start_fov=BASE_FOV, end_fov=BASE_FOV,
-               start_shift=(0.0, 0.0), end_shift=(0.0, 0.0), radius=RADIUS) -> "Trajectory":
+               start_shift=(0.0, 0.0), end_shift=(0.0, 0.0), radius=RADIUS) -> Trajectory:
         """Every parameter linear from start to end, as the official `get_proxy_video_cameras`."""
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -107,7 +108,7 @@ class Trajectory:
             radius=float(radius))
 
     @classmethod
-    def from_official(cls, camera_params: Mapping[str, float], num_frames: int = NUM_FRAMES) -> "Trajectory":
+    def from_official(cls, camera_params: Mapping[str, float], num_frames: int = NUM_FRAMES) -> Trajectory:
         """From the release's `camera_params` dict (start/end _azimuth, _elevation, _fov)."""
         keys = [f"{e}_{p}" for p in ("azimuth", "elevation", "fov") for e in ("start", "end")]
         missing = [k for k in keys if k not in camera_params]
@@ -248,18 +249,18 @@ def _canonical() -> dict[str, dict[str, Any]]:
     zoom_in, zoom_out = _zoomed_fov(BASE_FOV, ZOOM_FACTOR), _zoomed_fov(BASE_FOV, 1 / ZOOM_FACTOR)
     return {
         # Pan left: the camera moves to its left, so the face moves right in the image.
-        "pan_left": dict(end_shift=(-PAN_SHIFT, 0.0)),
-        "pan_right": dict(end_shift=(PAN_SHIFT, 0.0)),
-        "pan_up": dict(end_shift=(0.0, PAN_SHIFT)),
-        "pan_down": dict(end_shift=(0.0, -PAN_SHIFT)),
-        "zoom_in": dict(end_fov=zoom_in),
-        "zoom_out": dict(end_fov=zoom_out),
+        "pan_left": {"end_shift": (-PAN_SHIFT, 0.0)},
+        "pan_right": {"end_shift": (PAN_SHIFT, 0.0)},
+        "pan_up": {"end_shift": (0.0, PAN_SHIFT)},
+        "pan_down": {"end_shift": (0.0, -PAN_SHIFT)},
+        "zoom_in": {"end_fov": zoom_in},
+        "zoom_out": {"end_fov": zoom_out},
         # Arc left: the camera circles to its left (toward the subject's right), so the head
         # ends up facing image right.
-        "arc_left": dict(end_azimuth=-ARC_AZIMUTH),
-        "arc_right": dict(end_azimuth=ARC_AZIMUTH),
-        "arc_up": dict(end_elevation=ARC_ELEVATION),
-        "arc_down": dict(end_elevation=-ARC_ELEVATION),
+        "arc_left": {"end_azimuth": -ARC_AZIMUTH},
+        "arc_right": {"end_azimuth": ARC_AZIMUTH},
+        "arc_up": {"end_elevation": ARC_ELEVATION},
+        "arc_down": {"end_elevation": -ARC_ELEVATION},
     }
 
 

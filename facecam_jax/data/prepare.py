@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,6 +98,30 @@ def _downscale(frames: np.ndarray, long_side: int) -> np.ndarray:
     return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
 
 
+class _Segmenter:
+    """MediaPipe selfie segmentation, one graph per process (graphs are not thread-safe)."""
+    _graph = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def masks(cls, frames: np.ndarray) -> np.ndarray:
+        with cls._lock:
+            if cls._graph is None:
+                from mediapipe.python.solutions import selfie_segmentation
+
+                # model 0: the general 256x256 model (portrait crops are not landscape).
+                cls._graph = selfie_segmentation.SelfieSegmentation(model_selection=0)
+            return np.stack([
+                np.clip(cls._graph.process(np.ascontiguousarray(f)).segmentation_mask * 255.0
+                        + 0.5, 0, 255).astype(np.uint8) for f in frames])
+
+
+def segment(frames: np.ndarray, long_side: int = MASK_LONG_SIDE) -> np.ndarray:
+    """Foreground masks uint8 [T, h, w] (probability * 255) of RGB frames [T, H, W, 3], at
+    the frames' size shrunk so the long side is at most `long_side`."""
+    return _Segmenter.masks(_downscale(np.asarray(frames), long_side))
+
+
 def run_job(job: Job) -> Summary:
     """Computes what `job` still lacks and stores it; safe to rerun after an interruption."""
     from facecam_jax.camera import landmarks as landmarks_lib
@@ -114,7 +139,6 @@ def run_job(job: Job) -> Summary:
         lm_set, mask_set = set(lm_todo), set(mask_todo)
         # Consecutive frames are a video: track the face; scattered anchors are stills.
         static = not (len(lm_todo) > 1 and np.all(np.diff(lm_todo) == 1))
-        segmenter = None
         for i in range(0, len(todo), _CHUNK):
             chunk = todo[i:i + _CHUNK]
             stream = sources.Stream("", job.path, job.num_frames, 0, 0, job.prepared)
@@ -131,18 +155,9 @@ def run_job(job: Job) -> Summary:
                 summary.faces_missing += int((~found).sum())
             mask_idx = [k for k, f in enumerate(chunk) if f in mask_set]
             if mask_idx:
-                if segmenter is None:
-                    from mediapipe.python.solutions import selfie_segmentation
-
-                    segmenter = selfie_segmentation.SelfieSegmentation(model_selection=0)
-                small = _downscale(frames[mask_idx], MASK_LONG_SIDE)
-                masks = np.stack([
-                    np.clip(segmenter.process(np.ascontiguousarray(f)).segmentation_mask * 255.0
-                            + 0.5, 0, 255).astype(np.uint8) for f in small])
-                store.write_masks([chunk[k] for k in mask_idx], masks, job.num_frames)
+                store.write_masks([chunk[k] for k in mask_idx], segment(frames[mask_idx]),
+                                  job.num_frames)
                 summary.mask_frames += len(mask_idx)
-        if segmenter is not None:
-            segmenter.close()
     except (video_io.VideoDecodeError, OSError, ValueError) as e:
         log.warning("cannot prepare %s: %s", job.path, e)
         summary.failed.append((job.path, str(e)))

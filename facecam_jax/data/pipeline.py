@@ -1,0 +1,148 @@
+"""The FaceCam training input pipeline on Grain: `make_train_iterator(config, i, n)`.
+
+Per source (multi-view, in-the-wild): this process's shard (`source[i::n]`), a seeded
+shuffle that changes every epoch, infinite repetition, then the source's transforms
+(transforms.py). The two streams are mixed with a fixed ratio, read ahead by threads,
+batched, and (with data.workers > 0) produced by worker processes. Every random choice comes
+from Grain's per-element rngs, seeded from data.seed, the process index and the element's
+position, so a given config, process index, process count and worker count always yields
+the same batches, and the iterator state (`get_state()` / `set_state()`, or Orbax through
+`grain.checkpoint.CheckpointSave`) restores the stream exactly.
+
+A batch is a dict of numpy arrays with a leading per-process batch dimension B:
+  source, target, camera   uint8 [B, T, H, W, 3]   (camera: the landmark-map video)
+  kind                     int32 [B]      0 multi-view, 1 in-the-wild
+  index                    int32 [B]      sample index within its source
+  num_shots, shot_starts   int32 [B], [B, K_max]   (-1 padded)
+  shot_index, frame_index  int32 [B, T]   shot of each target frame; video frame of each
+                                          output frame (source and target share it)
+  cameras                  int32 [B, 1 + K_max]   source camera, target cameras (-1 padded)
+  background               int32 [B, 3]   composited colour (-1 when none)
+  source_scale, source_position, zoom, pan   float32 [B], [B, 2], [B, 2], [B, 2, 2]
+  target_landmarks         float32 [B, T, 478, 3]  the drawn landmarks, after the motion
+  source_world_2_cam, source_intrinsics      float32 [B, 4, 4], [B, 3, 3]
+  target_world_2_cam, target_intrinsics      float32 [B, T, 4, 4], [B, T, 3, 3]
+                                          (intrinsics at the output size, after the
+                                          augmentation; NaN where unknown)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grain
+import numpy as np
+
+from facecam_jax.data import sources as sources_lib
+from facecam_jax.data import transforms as tr
+
+log = logging.getLogger(__name__)
+
+_MULTIVIEW_TAG, _WILD_TAG = 1, 2
+
+
+def _seed(*parts: int) -> int:
+    """A 32-bit seed derived from integers (distinct streams for distinct parts)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def build_sources(data) -> tuple[sources_lib.MultiViewSource | None,
+                                 sources_lib.WildVideoSource | None]:
+    """The multi-view and in-the-wild sources `data` names (None where it names none)."""
+    multiview_root, wild_root = data.multiview_root, data.wild_root
+    layout = data.multiview_layout
+    if data.dataset == "mini":
+        from facecam_jax.data import mini_dataset
+
+        built = mini_dataset.build(data.mini.height, data.mini.width, data.mini.num_cameras)
+        multiview_root, wild_root, layout = built.nersemble_root, built.wild_root, "nersemble"
+    elif data.dataset != "files":
+        raise ValueError(f"data.dataset must be 'mini' or 'files', got {data.dataset!r}")
+    prepared = data.prepared_root or None
+    multiview = wild = None
+    if multiview_root:
+        multiview = sources_lib.multiview_source(
+            layout, multiview_root, frames=data.frames, stride=data.stride,
+            window_step=data.window_step or None, prepared_root=prepared)
+    if wild_root and data.wild_ratio != 0.0:
+        wild = sources_lib.wild_source(wild_root, frames=data.frames, stride=data.wild_stride,
+                                       prepared_root=prepared)
+    if multiview is not None and data.wild_ratio == 1.0:
+        multiview = None
+    for source in (multiview, wild):
+        if source is not None:
+            log.info("%r", source)
+    if (multiview is None or len(multiview) == 0) and (wild is None or len(wild) == 0):
+        raise ValueError(
+            "no training samples: set data.multiview_root and/or data.wild_root (or use "
+            f"data.dataset='mini'); found multi-view {multiview!r}, in-the-wild {wild!r}")
+    return multiview, wild
+
+
+def _branch(source, transforms: list, *, seed: int, tag: int, process_index: int,
+            process_count: int, shuffle: bool) -> grain.MapDataset:
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(
+            f"{source!r} has {len(source)} samples, fewer than the {process_count} processes "
+            "that each need a disjoint shard; add data or use fewer processes")
+    if shuffle:
+        ds = ds.shuffle(seed=_seed(seed, tag, process_index, 0))
+    ds = ds.repeat()  # infinite; the shuffle order changes every epoch
+    for k, transform in enumerate(transforms, start=1):
+        if isinstance(transform, grain.transforms.RandomMap):
+            ds = ds.random_map(transform, seed=_seed(seed, tag, process_index, k))
+        else:
+            ds = ds.map(transform)
+    return ds
+
+
+def make_dataset(data, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The batched Grain dataset of `data` (a config's data section) for one process."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if data.batch_size % process_count:
+        raise ValueError(f"data.batch_size {data.batch_size} (global) does not divide over "
+                         f"{process_count} processes")
+    multiview, wild = build_sources(data)
+    common = dict(seed=data.seed, process_index=process_index, process_count=process_count,
+                  shuffle=data.shuffle)
+    finish = tr.ToSample(max_shots=data.max_shots)
+    branches, weights = [], []
+    if multiview is not None and len(multiview):
+        branches.append(_branch(multiview, [
+            tr.MultiShotStitch(data.height, data.width, max_shots=data.max_shots,
+                               composite=data.composite, detect_missing=data.detect_missing),
+            tr.ScaleAndColour(tuple(data.multiview_source_scale)),
+            tr.SyntheticCameraMotion(tuple(data.multiview_target_zoom)),
+            finish], tag=_MULTIVIEW_TAG, **common))
+        weights.append(len(multiview))
+    if wild is not None and len(wild):
+        branches.append(_branch(wild, [
+            tr.InTheWildPairing(data.height, data.width, detect_missing=data.detect_missing),
+            tr.ScaleAndColour(tuple(data.wild_source_scale)),
+            tr.SyntheticCameraMotion(tuple(data.wild_target_zoom)),
+            finish], tag=_WILD_TAG, **common))
+        weights.append(len(wild))
+    if len(branches) == 2 and data.wild_ratio is not None:
+        weights = [1.0 - data.wild_ratio, data.wild_ratio]
+    ds = branches[0] if len(branches) == 1 else grain.MapDataset.mix(branches, weights)
+    # Samples a transform had to drop (None) are filtered out here.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                              prefetch_buffer_size=data.prefetch))
+    ds = ds.batch(data.batch_size // process_count, drop_remainder=True)
+    if data.workers > 0:
+        ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+            num_workers=data.workers, per_worker_buffer_size=data.worker_buffer_size))
+    return ds
+
+
+def make_train_iterator(config, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+    """The training batch iterator of `config.data` for one process (default: this JAX
+    process). Save and restore its position with `get_state()` / `set_state(state)`."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return iter(make_dataset(config.data, process_index, process_count))

@@ -1,0 +1,507 @@
+"""FaceCam training-pair generation as Grain transforms (SPEC 6; paper Algorithms 1-3).
+
+A multi-view record (sources.MultiViewSource) becomes a sample in three random steps, each a
+Grain `RandomMap` drawing everything from the rng Grain hands it (so a sample depends only on
+the seed and its position in the stream, not on worker count or timing):
+
+1. `MultiShotStitch` (Alg. 3): one source camera; K ~ U{1..K_max} distinct target cameras;
+   time-aligned shots (shot k covers the k-th window of `T // K + 1` frames, truncated to T);
+   only those frames are decoded. Each shot's camera condition is the landmark map of its
+   camera's frame at the clip start (the anchor), drawn once and held for the shot.
+2. `ScaleAndColour` (Alg. 1): one random uniform background colour composited behind source
+   and target (foreground masks); the source gets a still scale at a random position.
+3. `SyntheticCameraMotion` (Alg. 2): the target frames and their landmark maps get the same
+   moving zoom/pan, start/end scale and start/end position drawn once, linear in time.
+
+An in-the-wild record becomes a sample with `InTheWildPairing` (the first frames, cropped to
+the output size around the frame-0 nose tip; source = target; the condition is the frame-0
+landmark map), then `ScaleAndColour` without compositing and `SyntheticCameraMotion`, with the
+in-the-wild ranges. `ToSample` fixes the output structure for batching.
+
+Geometry of a scale s at position p (both axes, p in [0, 1]): a point at normalized x goes to
+s x + (1 - s) p. With s > 1 the frame is cropped (p picks the window), with s < 1 it is
+padded, with the mean colour of the two 10x10 top corners. Frames are uint8 [T, H, W, 3].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections import Counter
+
+import cv2
+import grain
+import numpy as np
+
+from facecam_jax.data import sources
+from facecam_jax.data import store as store_lib
+from facecam_jax.data import video as video_io
+
+log = logging.getLogger(__name__)
+
+NUM_LANDMARKS = 478
+NOSE_TIP = 4  # the official crop centres the source on this landmark of frame 0 (SPEC 5)
+CORNER = 10  # pad colour: mean of the two CORNER x CORNER top corners
+
+# Samples dropped by the transforms in this process, by reason (a corrupt video, a frame
+# without a face, a missing annotation). Each drop is also logged.
+_skips: Counter = Counter()
+_skips_lock = threading.Lock()
+
+
+def skip_counts() -> dict[str, int]:
+    """Samples skipped in this process so far, by reason."""
+    with _skips_lock:
+        return dict(_skips)
+
+
+def _skip(reason: str, detail: str) -> None:
+    with _skips_lock:
+        _skips[reason] += 1
+    log.warning("skipping sample (%s): %s", reason, detail)
+
+
+class SkipSample(Exception):
+    """Raised inside a transform for a sample that cannot be built (it is dropped)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry.
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CoverCrop:
+    """Resize a [h, w] frame to [new_h, new_w] (covering the output), then crop
+    [top:top+H, left:left+W] (the official `get_crop_params` recipe)."""
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+
+
+def cover_crop_params(src_h: int, src_w: int, out_h: int, out_w: int,
+                      center: tuple[float, float] | None = None) -> CoverCrop:
+    """Scale to cover [out_h, out_w], then crop centred on `center` (normalized x, y; None:
+    the image centre), clamped inside the image."""
+    scale = max(out_h / src_h, out_w / src_w)
+    new_h, new_w = max(out_h, int(src_h * scale)), max(out_w, int(src_w * scale))
+    cx, cy = (0.5, 0.5) if center is None else center
+    left = int(np.clip(int(cx * new_w) - out_w // 2, 0, new_w - out_w))
+    top = int(np.clip(int(cy * new_h) - out_h // 2, 0, new_h - out_h))
+    return CoverCrop(new_h, new_w, top, left)
+
+
+def apply_cover_crop(images: np.ndarray, crop: CoverCrop, out_h: int, out_w: int) -> np.ndarray:
+    """Applies `crop` to images [N, h, w(, C)] of any resolution (masks can be smaller than
+    the frames: they are resized to the same [new_h, new_w] first, so they stay aligned)."""
+    out = np.empty((images.shape[0], out_h, out_w) + images.shape[3:], images.dtype)
+    shrink = crop.new_h * crop.new_w < images.shape[1] * images.shape[2]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    for i, image in enumerate(images):
+        if image.shape[:2] != (crop.new_h, crop.new_w):
+            image = cv2.resize(image, (crop.new_w, crop.new_h), interpolation=interpolation)
+        out[i] = image[crop.top:crop.top + out_h, crop.left:crop.left + out_w]
+    return out
+
+
+def cover_crop_points(points: np.ndarray, crop: CoverCrop, out_h: int, out_w: int) -> np.ndarray:
+    """Normalized landmarks [..., 2|3] of the source frame -> normalized in the crop (z is in
+    units of the image width, so it scales like x)."""
+    out = np.array(points, np.float32, copy=True)
+    out[..., 0] = (points[..., 0] * crop.new_w - crop.left) / out_w
+    out[..., 1] = (points[..., 1] * crop.new_h - crop.top) / out_h
+    if out.shape[-1] > 2:
+        out[..., 2] = points[..., 2] * crop.new_w / out_w
+    return out
+
+
+def cover_crop_intrinsics(intrinsics: np.ndarray, src_h: int, src_w: int, crop: CoverCrop
+                          ) -> np.ndarray:
+    """Intrinsics [3, 3] (pixel centres at integers) of the source frame -> of the crop."""
+    sx, sy = crop.new_w / src_w, crop.new_h / src_h
+    out = np.array(intrinsics, np.float64, copy=True)
+    out[0] *= sx
+    out[1] *= sy
+    out[0, 2] = sx * (intrinsics[0, 2] + 0.5) - 0.5 - crop.left
+    out[1, 2] = sy * (intrinsics[1, 2] + 0.5) - 0.5 - crop.top
+    return out
+
+
+def zoom_pan_matrix(scale: float, position, height: int, width: int) -> np.ndarray:
+    """[2, 3] affine (pixel centres at integers) of a zoom `scale` at `position` (x, y)."""
+    px, py = float(position[0]), float(position[1])
+    # Continuous coordinates X' = s X + (1 - s) p W; pixel centres sit at X = u + 0.5.
+    tx = scale * 0.5 - 0.5 + (1.0 - scale) * px * width
+    ty = scale * 0.5 - 0.5 + (1.0 - scale) * py * height
+    return np.array([[scale, 0.0, tx], [0.0, scale, ty]], np.float64)
+
+
+def zoom_pan_points(points: np.ndarray, scales: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Moves normalized landmarks [T, N, 2|3] with per-frame scales [T] and positions [T, 2]."""
+    scales = np.asarray(scales, np.float32)[:, None]
+    out = np.array(points, np.float32, copy=True)
+    out[..., 0] = scales * points[..., 0] + (1.0 - scales) * positions[:, None, 0]
+    out[..., 1] = scales * points[..., 1] + (1.0 - scales) * positions[:, None, 1]
+    if out.shape[-1] > 2:
+        out[..., 2] = scales * points[..., 2]
+    return out
+
+
+def zoom_pan_intrinsics(intrinsics: np.ndarray, scale: float, position, height: int,
+                        width: int) -> np.ndarray:
+    """Intrinsics [3, 3] after a zoom `scale` at `position`."""
+    return np.vstack([zoom_pan_matrix(scale, position, height, width), [0.0, 0.0, 1.0]]) @ intrinsics
+
+
+def corner_color(frame: np.ndarray, size: int = CORNER) -> np.ndarray:
+    """Mean colour (uint8 [3]) of the two size x size top corners of a frame [H, W, 3]."""
+    corners = np.concatenate([frame[:size, :size].reshape(-1, 3), frame[:size, -size:].reshape(-1, 3)])
+    return np.round(corners.mean(0)).astype(np.uint8)
+
+
+def apply_zoom_pan(frames: np.ndarray, scales, positions, pad_color=None) -> np.ndarray:
+    """Per-frame zoom/pan of frames [T, H, W, 3] (scales [T], positions [T, 2]); the output
+    keeps [H, W]. Areas a scale < 1 uncovers get `pad_color` (default: the corner colour of
+    the first frame, one colour for the whole clip)."""
+    height, width = frames.shape[1:3]
+    if pad_color is None:
+        pad_color = corner_color(frames[0])
+    border = tuple(int(c) for c in np.broadcast_to(pad_color, (3,)))
+    out = np.empty_like(frames)
+    for t, frame in enumerate(frames):
+        scale = float(scales[t])
+        if scale == 1.0:  # no zoom: position has no effect
+            out[t] = frame
+            continue
+        out[t] = cv2.warpAffine(frame, zoom_pan_matrix(scale, positions[t], height, width),
+                                (width, height), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=border)
+    return out
+
+
+def linear_motion(start: float | np.ndarray, end: float | np.ndarray, num_frames: int) -> np.ndarray:
+    """Linear interpolation from `start` (frame 0) to `end` (last frame) -> [T, ...]."""
+    alpha = np.arange(num_frames, dtype=np.float64) / max(num_frames - 1, 1)
+    start, end = np.asarray(start, np.float64), np.asarray(end, np.float64)
+    return (1.0 - alpha.reshape((-1,) + (1,) * start.ndim)) * start + alpha.reshape(
+        (-1,) + (1,) * start.ndim) * end
+
+
+def composite(frames: np.ndarray, masks: np.ndarray, color) -> np.ndarray:
+    """Foreground of frames [T, H, W, 3] over a uniform `color`, by masks [T, H, W] (0..255)."""
+    color = np.asarray(color, np.float32)
+    out = np.empty_like(frames)
+    for t in range(frames.shape[0]):
+        alpha = masks[t].astype(np.float32)[..., None] * (1.0 / 255.0)
+        out[t] = np.clip(alpha * frames[t] + (1.0 - alpha) * color + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def shot_starts(num_frames: int, num_shots: int) -> np.ndarray:
+    """First frame of each time-aligned shot: shot k covers [k L, (k+1) L) with
+    L = T // K + 1, truncated to T (shots that would start past the end are dropped)."""
+    length = num_frames // num_shots + 1
+    return np.array([k * length for k in range(num_shots) if k * length < num_frames], np.int64)
+
+
+def shot_of_frame(num_frames: int, starts: np.ndarray) -> np.ndarray:
+    """Shot index of each frame [T] given shot starts [K]."""
+    return np.searchsorted(starts, np.arange(num_frames), side="right") - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotation access (prepared, or computed on the fly when allowed).
+# ---------------------------------------------------------------------------------------------
+
+def _anchor_landmarks(stream: sources.Stream, frame: int, detect_missing: bool) -> np.ndarray:
+    """Landmarks [478, 3] (normalized, of the full frame) of `frame`; SkipSample if none."""
+    points, status = stream.store.read_landmarks([frame])
+    if status[0] == store_lib.FOUND:
+        return points[0]
+    if status[0] == store_lib.NO_FACE:
+        raise SkipSample("no face", f"no face at anchor frame {frame} of {stream.path}")
+    if not detect_missing:
+        raise SkipSample("missing landmarks",
+                         f"frame {frame} of {stream.path} has no prepared landmarks; run "
+                         "tools/prepare_dataset.py or set data.detect_missing=True")
+    from facecam_jax.camera import landmarks as landmarks_lib
+
+    try:
+        points, _ = landmarks_lib.detect(_read(stream, [frame]), static=True)
+    except landmarks_lib.NoFaceError:
+        raise SkipSample("no face", f"no face at anchor frame {frame} of {stream.path}") from None
+    return points[0]
+
+
+def _masks(stream: sources.Stream, frames, images: np.ndarray | None, detect_missing: bool
+           ) -> np.ndarray:
+    try:
+        return stream.read_masks(frames)
+    except store_lib.MissingAnnotationError as e:
+        if not detect_missing or images is None:
+            raise SkipSample("missing masks", str(e)) from None
+    from facecam_jax.data import prepare
+
+    return prepare.segment(images)
+
+
+def _read(stream: sources.Stream, frames) -> np.ndarray:
+    try:
+        return stream.read(frames)
+    except video_io.VideoDecodeError as e:
+        raise SkipSample("decode error", str(e)) from None
+
+
+def _nan_cameras(num_frames: int) -> dict:
+    return {"source_world_2_cam": np.full((4, 4), np.nan), "source_intrinsics": np.full((3, 3), np.nan),
+            "target_world_2_cam": np.full((num_frames, 4, 4), np.nan),
+            "target_intrinsics": np.full((num_frames, 3, 3), np.nan)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Grain transforms.
+# ---------------------------------------------------------------------------------------------
+
+MAX_CONSECUTIVE_SKIPS = 200  # then the data is broken, not a few files: stop with an error
+_consecutive = [0]
+
+
+class _SkipOnFailure:
+    """Turns SkipSample into a dropped sample (None), counted and logged. The pipeline
+    repeats its sources forever, so if every sample fails it would spin silently: after
+    MAX_CONSECUTIVE_SKIPS failures in a row this raises instead."""
+
+    def _guarded(self, fn, *args):
+        try:
+            out = fn(*args)
+        except SkipSample as e:
+            _skip(e.reason, e.detail)
+            with _skips_lock:
+                _consecutive[0] += 1
+                failing = _consecutive[0]
+            if failing >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(
+                    f"{failing} training samples in a row could not be built (last: {e}); "
+                    f"skipped so far by reason: {skip_counts()}. Check the data paths, run "
+                    "tools/prepare_dataset.py, or set data.detect_missing=True") from e
+            return None
+        with _skips_lock:
+            _consecutive[0] = 0
+        return out
+
+
+@dataclasses.dataclass
+class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
+    """Alg. 3: source camera, 1..max_shots time-aligned target shots, their anchor landmark
+    maps; decodes only the frames used and crops them to [height, width]."""
+    height: int
+    width: int
+    max_shots: int = 4
+    composite: bool = True  # read foreground masks for ScaleAndColour
+    detect_missing: bool = False  # run MediaPipe for annotations that were not prepared
+
+    def random_map(self, record: dict, rng: np.random.Generator):
+        return self._guarded(self._stitch, record, rng)
+
+    def _stitch(self, record: dict, rng: np.random.Generator) -> dict:
+        from facecam_jax.camera import draw
+
+        seq: sources.MultiViewSequence = record["sequence"]
+        num_frames, start, stride = record["frames"], record["start"], record["stride"]
+        times = start + stride * np.arange(num_frames)
+        # Cameras whose anchor frame shows a face (or is unknown, when detecting on the fly).
+        status = np.array([c.store.read_landmarks([start])[1][0] for c in seq.cameras])
+        usable = status == store_lib.FOUND
+        if self.detect_missing:
+            usable |= status == store_lib.NOT_COMPUTED
+        eligible = np.flatnonzero(usable)
+        if eligible.size == 0:
+            raise SkipSample("no face", f"no camera of {seq.name} has landmarks at frame {start}"
+                             " (run tools/prepare_dataset.py, or no face is visible)")
+        source_cam = int(rng.choice(eligible))
+        num_shots = int(rng.integers(1, self.max_shots + 1))
+        num_shots = min(num_shots, eligible.size)
+        targets = rng.choice(eligible, size=num_shots, replace=False).astype(np.int64)
+        starts = shot_starts(num_frames, num_shots)
+        targets = targets[:len(starts)]
+        shot = shot_of_frame(num_frames, starts)  # [T]
+
+        def load(cam: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            stream = seq.cameras[cam]
+            crop = cover_crop_params(stream.height, stream.width, self.height, self.width)
+            raw = _read(stream, times[idx])
+            frames = apply_cover_crop(raw, crop, self.height, self.width)
+            masks = None
+            if self.composite:
+                masks = apply_cover_crop(_masks(stream, times[idx], raw, self.detect_missing),
+                                         crop, self.height, self.width)
+            return frames, masks
+
+        all_idx = np.arange(num_frames)
+        source, source_mask = load(source_cam, all_idx)
+        target = np.empty_like(source)
+        target_mask = np.empty_like(source_mask) if self.composite else None
+        camera = np.empty_like(source)
+        landmarks = np.empty((num_frames, NUM_LANDMARKS, 3), np.float32)
+        for k, cam in enumerate(targets):
+            idx = np.flatnonzero(shot == k)
+            if cam == source_cam:  # a shot from the source camera reuses its frames
+                target[idx] = source[idx]
+                if self.composite:
+                    target_mask[idx] = source_mask[idx]
+            else:
+                target[idx], masks = load(int(cam), idx)
+                if self.composite:
+                    target_mask[idx] = masks
+            stream = seq.cameras[int(cam)]
+            crop = cover_crop_params(stream.height, stream.width, self.height, self.width)
+            anchor = cover_crop_points(_anchor_landmarks(stream, start, self.detect_missing), crop,
+                                       self.height, self.width)
+            landmarks[idx] = anchor
+            camera[idx] = draw.draw_landmark_map(anchor, self.height, self.width)
+        cameras = _nan_cameras(num_frames)
+        if seq.world_2_cam is not None:
+            def cropped_k(cam):
+                stream = seq.cameras[cam]
+                crop = cover_crop_params(stream.height, stream.width, self.height, self.width)
+                return cover_crop_intrinsics(seq.intrinsics[cam], stream.height, stream.width, crop)
+
+            cameras["source_world_2_cam"] = seq.world_2_cam[source_cam]
+            cameras["source_intrinsics"] = cropped_k(source_cam)
+            per_shot_k = np.stack([cropped_k(int(c)) for c in targets])
+            cameras["target_world_2_cam"] = seq.world_2_cam[targets][shot]
+            cameras["target_intrinsics"] = per_shot_k[shot]
+        return {
+            "kind": sources.MULTIVIEW, "index": record["index"], "source": source,
+            "target": target, "camera": camera, "source_mask": source_mask,
+            "target_mask": target_mask, "target_landmarks": landmarks,
+            "frame_index": times, "cameras": np.r_[source_cam, targets],
+            "shot_starts": starts, "shot_index": shot, **cameras,
+        }
+
+
+@dataclasses.dataclass
+class InTheWildPairing(grain.transforms.Map, _SkipOnFailure):
+    """An in-the-wild video as its own pair: its first frames, cropped to [height, width]
+    around the frame-0 nose tip, are both source and target; the condition is the frame-0
+    landmark map, held for every frame (SyntheticCameraMotion then moves target and map)."""
+    height: int
+    width: int
+    detect_missing: bool = False
+
+    def map(self, record: dict):
+        return self._guarded(self._pair, record)
+
+    def _pair(self, record: dict) -> dict:
+        from facecam_jax.camera import draw
+
+        stream: sources.Stream = record["stream"]
+        num_frames = record["frames"]
+        times = record["start"] + record["stride"] * np.arange(num_frames)
+        anchor = _anchor_landmarks(stream, int(times[0]), self.detect_missing)
+        nose = anchor[NOSE_TIP, :2]
+        crop = cover_crop_params(stream.height, stream.width, self.height, self.width,
+                                 center=(float(nose[0]), float(nose[1])))
+        frames = apply_cover_crop(_read(stream, times), crop, self.height, self.width)
+        anchor = cover_crop_points(anchor, crop, self.height, self.width)
+        condition = draw.draw_landmark_map(anchor, self.height, self.width)
+        return {
+            "kind": sources.WILD, "index": record["index"], "source": frames,
+            "target": frames.copy(), "camera": np.broadcast_to(condition, frames.shape).copy(),
+            "source_mask": None, "target_mask": None,
+            "target_landmarks": np.broadcast_to(anchor, (num_frames,) + anchor.shape).copy(),
+            "frame_index": times, "cameras": np.array([-1]), "shot_starts": np.array([0]),
+            "shot_index": np.zeros((num_frames,), np.int64), **_nan_cameras(num_frames),
+        }
+
+
+@dataclasses.dataclass
+class ScaleAndColour(grain.transforms.RandomMap):
+    """Alg. 1: one random background colour behind source and target (where masks exist),
+    and a still scale ~ U(scale_range) of the source at a random position."""
+    scale_range: tuple[float, float] = (0.75, 1.25)
+
+    def random_map(self, clip: dict, rng: np.random.Generator) -> dict:
+        color = rng.integers(0, 256, size=3)
+        scale = float(rng.uniform(*self.scale_range))
+        position = rng.uniform(0.0, 1.0, size=2)
+        clip = dict(clip)
+        if clip["source_mask"] is not None:
+            clip["source"] = composite(clip["source"], clip["source_mask"], color)
+            clip["target"] = composite(clip["target"], clip["target_mask"], color)
+            clip["background"] = color
+        else:
+            clip["background"] = np.full((3,), -1)
+        num_frames, height, width = clip["source"].shape[:3]
+        clip["source"] = apply_zoom_pan(clip["source"], np.full((num_frames,), scale),
+                                        np.broadcast_to(position, (num_frames, 2)))
+        clip["source_scale"], clip["source_position"] = scale, position
+        clip["source_intrinsics"] = zoom_pan_intrinsics(clip["source_intrinsics"], scale,
+                                                        position, height, width)
+        return clip
+
+
+@dataclasses.dataclass
+class SyntheticCameraMotion(grain.transforms.RandomMap):
+    """Alg. 2: one zoom/pan moving linearly from (s0, p0) to (s1, p1) over the clip, the same
+    on the target frames and on their landmark maps (and their landmarks and intrinsics)."""
+    scale_range: tuple[float, float] = (1.0, 1.25)
+
+    def random_map(self, clip: dict, rng: np.random.Generator) -> dict:
+        zoom = rng.uniform(*self.scale_range, size=2)  # start, end
+        pan = rng.uniform(0.0, 1.0, size=(2, 2))  # start (x, y), end (x, y)
+        clip = dict(clip)
+        num_frames, height, width = clip["target"].shape[:3]
+        scales = linear_motion(zoom[0], zoom[1], num_frames)  # [T]
+        positions = linear_motion(pan[0], pan[1], num_frames)  # [T, 2]
+        clip["target"] = apply_zoom_pan(clip["target"], scales, positions)
+        clip["camera"] = apply_zoom_pan(clip["camera"], scales, positions)
+        clip["target_landmarks"] = zoom_pan_points(clip["target_landmarks"], scales, positions)
+        clip["target_intrinsics"] = np.stack([
+            zoom_pan_intrinsics(k, s, p, height, width)
+            for k, s, p in zip(clip["target_intrinsics"], scales, positions)])
+        clip["zoom"], clip["pan"] = zoom, pan
+        return clip
+
+
+@dataclasses.dataclass
+class ToSample(grain.transforms.Map):
+    """The fixed output structure of a sample (every leaf a numeric array, so Grain can batch
+    it): videos uint8 [T, H, W, 3] and metadata, padded to `max_shots` where it varies."""
+    max_shots: int = 4
+
+    def map(self, clip: dict) -> dict:
+        num_frames = clip["source"].shape[0]
+        k = self.max_shots
+
+        def pad(values, size, fill):
+            out = np.full((size,), fill, np.int32)
+            out[:len(values)] = values
+            return out
+
+        return {
+            "source": clip["source"], "target": clip["target"], "camera": clip["camera"],
+            "kind": np.int32(clip["kind"]), "index": np.int32(clip["index"]),
+            "num_shots": np.int32(len(clip["shot_starts"])),
+            "shot_starts": pad(clip["shot_starts"], k, -1),
+            "shot_index": clip["shot_index"].astype(np.int32),
+            "cameras": pad(clip["cameras"], k + 1, -1),
+            "frame_index": clip["frame_index"].astype(np.int32),
+            "background": np.asarray(clip["background"], np.int32),
+            "source_scale": np.float32(clip["source_scale"]),
+            "source_position": np.asarray(clip["source_position"], np.float32),
+            "zoom": np.asarray(clip["zoom"], np.float32),
+            "pan": np.asarray(clip["pan"], np.float32),
+            "target_landmarks": clip["target_landmarks"].astype(np.float32),
+            "source_world_2_cam": np.asarray(clip["source_world_2_cam"], np.float32),
+            "source_intrinsics": np.asarray(clip["source_intrinsics"], np.float32),
+            "target_world_2_cam": np.asarray(clip["target_world_2_cam"], np.float32).reshape(
+                num_frames, 4, 4),
+            "target_intrinsics": np.asarray(clip["target_intrinsics"], np.float32).reshape(
+                num_frames, 3, 3),
+        }

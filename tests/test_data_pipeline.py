@@ -79,6 +79,23 @@ def test_same_seed_same_batches_and_state_restore(built):
     assert not np.array_equal(other["target"], batches[0]["target"])
 
 
+def test_orbax_checkpoint_restores_the_stream(built, tmp_path):
+    """The iterator saved with Orbax (grain.checkpoint) beside a training state resumes exactly."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    config = get_config("mini,batch_size=2")
+    iterator = pipeline.make_train_iterator(config, 0, 1)
+    _take(iterator, 2)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",))
+    manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    batch_3 = next(iterator)
+    resumed = pipeline.make_train_iterator(config, 0, 1)
+    manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    _assert_batches_equal(next(resumed), batch_3)
+
+
 def test_processes_get_disjoint_samples(built):
     """Two processes: disjoint shards that together cover the dataset, epoch after epoch."""
     config = get_config("mini,batch_size=2,window_step=8,wild_ratio=0.0")

@@ -133,8 +133,17 @@ def make_dataset(data, process_index: int = 0, process_count: int = 1) -> grain.
     ds = ds.batch(data.batch_size // process_count, drop_remainder=True)
     if data.workers > 0:
         ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-            num_workers=data.workers, per_worker_buffer_size=data.worker_buffer_size))
+            num_workers=data.workers, per_worker_buffer_size=data.worker_buffer_size),
+            worker_init_fn=_init_worker)
     return ds
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Worker processes are the parallelism: one OpenCV thread each, not one per core each."""
+    del worker_index, worker_count
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def make_train_iterator(config, process_index: int | None = None,

@@ -50,13 +50,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
+    import importlib.util
+
     import cv2
 
     from facecam_jax.camera import draw
     from facecam_jax.data import mini_dataset, sources
     from facecam_jax.data import transforms as tr
-
-    import importlib.util
 
     config_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
                                "facecam.py")

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from facecam_jax.data import mini_dataset, sources, store as store_lib
+from facecam_jax.data import mini_dataset, sources
+from facecam_jax.data import store as store_lib
 from facecam_jax.data import video as video_io
 
 

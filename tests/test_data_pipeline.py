@@ -121,6 +121,9 @@ def test_mixing_ratio(built):
     assert (kinds == sources.WILD).sum() == 4  # Grain's mix is an exact interleave
     only_wild = get_config("mini,batch_size=2,wild_ratio=1.0")
     assert np.all(next(pipeline.make_train_iterator(only_wild, 0, 1))["kind"] == sources.WILD)
+    no_multiview = get_config(f"mini,dataset='files',wild_root='{built.wild_root}',wild_ratio=0.5")
+    with pytest.raises(ValueError, match="no multi-view samples"):
+        pipeline.make_train_iterator(no_multiview, 0, 1)
 
 
 def test_worker_processes_deterministic_and_restorable(built):
@@ -148,7 +151,7 @@ def test_broken_and_short_videos_are_skipped_and_counted(built, tmp_path):
     frames = video_io.read_frames(os.path.join(built.wild_root, "carphone.mp4"), range(5))
     video_io.write_video(str(folder / "d_short.mp4"), frames, 30.0)
     source = sources.wild_source(str(folder), frames=17)
-    reasons = dict((os.path.basename(p), r) for p, r in source.skipped)
+    reasons = {os.path.basename(p): r for p, r in source.skipped}
     print(f"skipped at index time: {reasons}")
     assert set(reasons) == {"c_corrupt.mp4", "d_short.mp4"}
     assert "fewer than 17" in reasons["d_short.mp4"]

@@ -184,7 +184,7 @@ def test_multishot_stitch(mini_source):
             expected = tr.apply_cover_crop(stream.read(clip["frame_index"][idx]), crop, height, width)
             np.testing.assert_array_equal(clip["target"][idx], expected)
             # The condition of a shot is its camera's landmarks at the clip start, held.
-            anchor, status = stream.store.read_landmarks([start])
+            anchor, _status = stream.store.read_landmarks([start])
             anchor = tr.cover_crop_points(anchor[0], crop, height, width)
             np.testing.assert_allclose(clip["target_landmarks"][idx], np.broadcast_to(
                 anchor, (len(idx),) + anchor.shape), atol=1e-6)

@@ -105,8 +105,18 @@ def make_dataset(data, process_index: int = 0, process_count: int = 1) -> grain.
         raise ValueError(f"data.batch_size {data.batch_size} (global) does not divide over "
                          f"{process_count} processes")
     multiview, wild = build_sources(data)
-    common = dict(seed=data.seed, process_index=process_index, process_count=process_count,
-                  shuffle=data.shuffle)
+    ratio = data.wild_ratio
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"data.wild_ratio must be in [0, 1] (or None), got {ratio}")
+    if ratio is not None and 0.0 < ratio < 1.0:
+        missing = [name for name, source in (("multi-view", multiview), ("in-the-wild", wild))
+                   if source is None or len(source) == 0]
+        if missing:
+            raise ValueError(f"data.wild_ratio={ratio} mixes both kinds, but there are no "
+                             f"{' and no '.join(missing)} samples; set the data roots or "
+                             "data.wild_ratio to 0.0 / 1.0")
+    common = {"seed": data.seed, "process_index": process_index, "process_count": process_count,
+                  "shuffle": data.shuffle}
     finish = tr.ToSample(max_shots=data.max_shots)
     branches, weights = [], []
     if multiview is not None and len(multiview):
@@ -124,8 +134,8 @@ def make_dataset(data, process_index: int = 0, process_count: int = 1) -> grain.
             tr.SyntheticCameraMotion(tuple(data.wild_target_zoom)),
             finish], tag=_WILD_TAG, **common))
         weights.append(len(wild))
-    if len(branches) == 2 and data.wild_ratio is not None:
-        weights = [1.0 - data.wild_ratio, data.wild_ratio]
+    if len(branches) == 2 and ratio is not None:
+        weights = [1.0 - ratio, ratio]
     ds = branches[0] if len(branches) == 1 else grain.MapDataset.mix(branches, weights)
     # Samples a transform had to drop (None) are filtered out here.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,

@@ -50,7 +50,7 @@ class Summary:
     mask_frames: int = 0
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-    def add(self, other: "Summary") -> None:
+    def add(self, other: Summary) -> None:
         self.streams += other.streams
         self.landmark_frames += other.landmark_frames
         self.faces_missing += other.faces_missing

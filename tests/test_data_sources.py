@@ -122,3 +122,18 @@ def test_processed_layout_and_resumable_prepare(built, tmp_path):
     # The dataset's masks were used: the right half shows only the background colour.
     assert np.all(clip["target"][:, :, 20:] == clip["background"])
     assert not np.all(clip["target"][:, :, :12] == clip["background"])
+
+
+def test_unprepared_data_is_skipped_or_annotated_on_the_fly(built, tmp_path):
+    """Without prepared annotations a sample is dropped (counted) unless detect_missing asks
+    for MediaPipe landmarks and selfie-segmentation masks on the fly."""
+    _fake_nersemble(str(tmp_path), built, {"EXP-1-head": [0, 1, 2]})
+    source = sources.multiview_source("nersemble", str(tmp_path), frames=9, stride=3)
+    before = tr.skip_counts().get("missing landmarks", 0)
+    assert tr.MultiShotStitch(32, 32).random_map(source[0], np.random.default_rng(0)) is None
+    assert tr.skip_counts().get("missing landmarks", 0) == before + 1
+    stitch = tr.MultiShotStitch(32, 32, detect_missing=True)
+    clip = stitch.random_map(source[0], np.random.default_rng(0))
+    assert clip["source_mask"].shape == (9, 32, 32)
+    assert clip["source_mask"].max() > 200 and clip["source_mask"].min() < 50
+    assert np.isfinite(clip["target_landmarks"]).all()

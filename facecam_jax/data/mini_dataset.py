@@ -9,8 +9,8 @@ written in the NeRSemble v2 layout (`camera_params.json` with OpenCV world-to-ca
 matrices and shared intrinsics), and carphone itself is added as an in-the-wild video. The
 head moves and talks exactly as in the real clip; only the cameras are virtual.
 
-    python -m tools.make_mini_dataset                 # tiny (192x128), seconds
-    python -m tools.make_mini_dataset --height 704 --width 480
+    python tools/make_mini_dataset.py                 # tiny (192x128), seconds
+    python tools/make_mini_dataset.py --height 704 --width 480
 
 `build()` caches under $FACECAM_CACHE (default ~/.cache/facecam_jax), keyed by its
 parameters, and returns at once when that build is complete. Camera convention: OpenCV

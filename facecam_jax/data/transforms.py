@@ -324,8 +324,11 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
             usable |= status == store_lib.NOT_COMPUTED
         eligible = np.flatnonzero(usable)
         if eligible.size == 0:
-            raise SkipSample("no face", f"no camera of {seq.name} has landmarks at frame {start}"
-                             " (run tools/prepare_dataset.py, or no face is visible)")
+            if np.all(status == store_lib.NOT_COMPUTED):
+                raise SkipSample("missing landmarks",
+                                 f"{seq.name} has no prepared landmarks at frame {start}; run "
+                                 "tools/prepare_dataset.py or set data.detect_missing=True")
+            raise SkipSample("no face", f"no camera of {seq.name} shows a face at frame {start}")
         source_cam = int(rng.choice(eligible))
         num_shots = int(rng.integers(1, self.max_shots + 1))
         num_shots = min(num_shots, eligible.size)

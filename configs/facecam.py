@@ -5,14 +5,18 @@
     python -m facecam_jax.train --config configs/facecam.py:nersemble --config.data.multiview_root=/data/nersemble
 
 Variants:
-  mini       (default) the carphone mini multi-view dataset (built and cached on first use,
+  mini       (default) tiny random DiT and VAE (FaceCam's exact input layout at toy width) on
+             the carphone mini multi-view dataset (built and cached on first use,
              facecam_jax/data/mini_dataset.py) plus carphone as in-the-wild video;
-             17 frames at stride 3, 64x48, batch 2, no worker processes.
-  nersemble  the paper's recipe (SPEC 6): 81 frames at stride 3, 704x480, NeRSemble v2 plus a
-             folder of in-the-wild videos; set data.multiview_root and data.wild_root.
+             17 frames at stride 3, 64x48, batch 2, 30 steps: runs on a laptop CPU.
+  nersemble  the paper's recipe (SPEC 6, 7): Wan2.2-I2V-A14B experts, 81 frames at stride 3,
+             704x480, NeRSemble v2 plus a folder of in-the-wild videos, AdamW 5e-5, batch 24,
+             3K steps; set data.multiview_root, data.wild_root, model.dit_checkpoint,
+             model.expert, vae.checkpoint and text.embeddings.
 
-`key=value` overrides a field of `config.data` by its name (`frames=21`) or any field by its
-dotted path (`data.mini.num_cameras=6`). `make_train_iterator` reads only `config.data`.
+`key=value` overrides a field by its name when one section has it (`frames=21`, `steps=100`)
+or by its dotted path (`data.mini.num_cameras=6`, `optimizer.lr=1e-4`). With absl flags,
+`--config.train.steps=100` works as well. `make_train_iterator` reads only `config.data`.
 """
 
 from __future__ import annotations
@@ -81,11 +85,83 @@ def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
     return data
 
 
+def model_config(variant: str) -> ml_collections.ConfigDict:
+    """The `model`, `vae` and `text` sections (what facecam_jax.trainer builds)."""
+    model = ml_collections.ConfigDict()
+    model.dit = "tiny"  # a preset of facecam_jax.models.wan_dit.PRESETS
+    model.dit_checkpoint = ""  # "": random init (mini); else a path load_dit reads
+    model.dit_overlay = ()  # partial state dicts applied over the checkpoint (FaceCam experts)
+    model.in_dim = 36  # FaceCam layout [noisy 16, camera 16, zeros 4]; wider than the base: zero-init
+    model.param_dtype = "float32"
+    model.compute_dtype = "float32"
+    model.attention = "xla"  # xla | cudnn | chunked | auto (facecam_jax/models/attention.py)
+    model.remat = "none"  # none | full | dots | dots_no_batch
+    model.expert = ""  # Wan2.2 A14B: "high" or "low" restricts training to its timestep range
+    model.expert_boundary = 0.9  # FaceCam's boundary (t >= 900: high-noise expert)
+
+    vae = ml_collections.ConfigDict()
+    vae.config = "mini"  # mini | wan2.1 | wan2.2 (ignored when a checkpoint is given)
+    vae.checkpoint = ""  # Wan2.1_VAE.pth or a diffusers vae/ folder
+    vae.dtype = "float32"
+
+    text = ml_collections.ConfigDict()
+    # A prompt-embedding file written by tools/encode_prompt.py. "": a constant all-zero context
+    # stands in for FaceCam's single fixed prompt (the mini config has no text encoder).
+    text.embeddings = ""
+    text.prompt = "A portrait of a person"
+
+    if variant == "nersemble":
+        model.dit = "wan2.2-i2v-a14b"
+        model.param_dtype = "bfloat16"
+        model.compute_dtype = "bfloat16"
+        model.attention = "auto"
+        model.remat = "full"
+        vae.config = "wan2.1"
+        vae.dtype = "bfloat16"
+    return model, vae, text
+
+
+def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
+    """The `train`, `optimizer` and `mesh` sections."""
+    train = ml_collections.ConfigDict()
+    train.steps = 30
+    train.log_every = 1
+    train.checkpoint_every = 10
+    train.keep_checkpoints = 3
+    # Parameters that are trained (the rest is frozen): names matched against parameter paths;
+    # the paper trains the self-attention (q, k, v, o, norm_q, norm_k) and the patch embedding.
+    train.trainable = ("self_attn", "patch_embedding")
+    train.shift = 5.0  # flow-matching time shift (SPEC 7)
+
+    optimizer = ml_collections.ConfigDict()
+    optimizer.lr = 1e-4
+    optimizer.b1 = 0.9
+    optimizer.b2 = 0.999
+    optimizer.eps = 1e-8
+    optimizer.weight_decay = 0.01
+    optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
+
+    mesh = ml_collections.ConfigDict()  # (data, fsdp, context, tensor); one may be -1 (the rest)
+    mesh.data = 1
+    mesh.fsdp = -1
+    mesh.context = 1
+    mesh.tensor = 1
+    if variant == "nersemble":
+        train.steps = 3000
+        train.log_every = 10
+        train.checkpoint_every = 250
+        optimizer.lr = 5e-5
+    return train, optimizer, mesh
+
+
 def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text  # a bare string, e.g. a path
+
+
+_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -96,14 +172,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         variant = parts.pop(0)
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.variant = variant
+    config.distributed = False  # multi-host: jax.distributed.initialize() (TPU pods, SLURM) first
     config.data = data_config(variant)
+    config.model, config.vae, config.text = model_config(variant)
+    config.train, config.optimizer, config.mesh = train_config(variant)
+    # Logical axis -> mesh axes (facecam_jax.sharding); None: the defaults there.
+    config.sharding_rules = config_dict.placeholder(tuple)
     for part in parts:
         if "=" not in part:
             raise ValueError(f"config override {part!r} is not key=value (in {arg!r})")
         key, text = (s.strip() for s in part.split("=", 1))
         path = key.split(".")
-        if len(path) == 1 and key in config.data:
-            path = ["data", key]
+        if len(path) == 1 and key not in config:
+            owners = [name for name in _SECTIONS if key in config[name]]
+            if len(owners) > 1:
+                raise KeyError(f"config override {key!r} is ambiguous ({owners}); use a dotted path")
+            path = [*owners, key]
         node = config
         for name in path[:-1]:
             if name not in node:

@@ -14,6 +14,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # Identical programs compiled again (a resumed training run, a reloaded model) hit JAX's
+    # persistent cache instead of recompiling; it lives beside the mini-dataset cache.
+    import jax
+
+    cache = os.path.join(os.environ.get("FACECAM_CACHE", os.path.expanduser("~/.cache/facecam_jax")), "jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 @pytest.fixture(scope="session")
 def torch():
     """The torch module for parity references; tests using it skip (with a reason) without it."""

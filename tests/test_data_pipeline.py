@@ -75,7 +75,7 @@ def test_same_seed_same_batches_and_state_restore(built):
     restored = pipeline.make_train_iterator(config, 0, 1)
     restored.set_state(state)
     _assert_batches_equal(next(restored), batch_4)
-    other = next(pipeline.make_train_iterator(get_config("mini,batch_size=2,seed=1"), 0, 1))
+    other = next(pipeline.make_train_iterator(get_config("mini,batch_size=2,data.seed=1"), 0, 1))
     assert not np.array_equal(other["target"], batches[0]["target"])
 
 

@@ -178,7 +178,7 @@ def test_config_is_inferred_from_shapes_for_every_preset():
     for name, cfg in W.PRESETS.items():
         if name == "tiny":
             continue
-        variables = dict(ckpt._variables(nnx.state(W.abstract_model(cfg))))
+        variables = dict(ckpt.named_variables(nnx.state(W.abstract_model(cfg))))
         fake = {}
         for key, slot in ckpt.model_slots(cfg).items():
             shape = variables[slot.path].value.shape

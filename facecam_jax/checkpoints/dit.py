@@ -210,9 +210,16 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _variables(state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+def named_variables(state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+    """``(path of attribute names, variable)`` for every variable of an nnx state."""
     leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]
     return [(_path_str(p), v) for p, v in leaves]
+
+
+def keys_of_paths(config: DiTConfig, paths) -> list[str]:
+    """Original-naming keys of the model variables at ``paths`` (tuples of attribute names)."""
+    paths = set(paths)
+    return [k for k, slot in model_slots(config).items() if slot.path in paths]
 
 
 def model_slots(config: DiTConfig) -> dict[str, _Slot]:
@@ -349,7 +356,7 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
     cfg = model.config
     slots = model_slots(cfg)
     state = nnx.state(model)
-    variables = dict(_variables(state))
+    variables = dict(named_variables(state))
     shapes = {p: tuple(np.shape(v.value)) for p, v in variables.items()}
     missing, unexpected, mismatched = _check(refs, slots, shapes, strict)
     if missing or unexpected or mismatched:
@@ -416,11 +423,17 @@ def overlay_dit(model: WanDiT, path: str | os.PathLike | Mapping[str, TensorRef]
 # ------------------------------------------------------------------ saving
 
 
-def _named_tensors(model: WanDiT, naming: str) -> dict[str, Callable[[], np.ndarray]]:
+def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[[], np.ndarray]]:
     """name -> callable producing the torch-layout tensor (streams one tensor at a time)."""
-    variables = dict(_variables(nnx.state(model)))
+    variables = dict(named_variables(nnx.state(model)))
+    slots = model_slots(model.config)
+    if keys is not None:
+        unknown = sorted(set(keys) - set(slots))
+        if unknown:
+            raise ValueError(f"not parameters of this model (original naming expected): {unknown[:10]}")
+        slots = {k: slots[k] for k in keys}
     out = {}
-    for name, slot in model_slots(model.config).items():
+    for name, slot in slots.items():
         var = variables[slot.path]
 
         def get(var=var, slot=slot):
@@ -450,11 +463,12 @@ def diffusers_config(cfg: DiTConfig) -> dict:
     }
 
 
-def save_dit(model: WanDiT, path: str | os.PathLike, *, naming: str = "diffusers") -> str:
+def save_dit(model: WanDiT, path: str | os.PathLike, *, naming: str = "diffusers", keys=None) -> str:
     """Writes the model as diffusers (default) or original-naming safetensors; returns the file.
 
     ``path`` ending in ``.safetensors`` is the file; otherwise a directory is created holding
-    ``diffusion_pytorch_model.safetensors`` and a diffusers ``config.json``.
+    ``diffusion_pytorch_model.safetensors`` and a diffusers ``config.json``. ``keys``
+    (original naming) writes only those tensors: a partial state dict for ``overlay=``.
     """
     if naming not in ("diffusers", "original"):
         raise ValueError(f"naming must be 'diffusers' or 'original', got {naming!r}")
@@ -467,7 +481,7 @@ def save_dit(model: WanDiT, path: str | os.PathLike, *, naming: str = "diffusers
         file = os.path.join(path, "diffusion_pytorch_model.safetensors")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(diffusers_config(model.config), f, indent=2)
-    write_safetensors(file, _named_tensors(model, naming), metadata={"format": "pt"})
+    write_safetensors(file, _named_tensors(model, naming, keys), metadata={"format": "pt"})
     return file
 
 
@@ -476,7 +490,7 @@ def save_dit(model: WanDiT, path: str | os.PathLike, *, naming: str = "diffusers
 
 def _pure(state) -> dict:
     tree: dict = {}
-    for p, var in _variables(state):
+    for p, var in named_variables(state):
         node = tree
         for k in p[:-1]:
             node = node.setdefault(k, {})
@@ -508,7 +522,7 @@ def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat) -> Wa
     dtype = meta["param_dtype"] if dtype is None else dtype
     model = _build(cfg, dtype, compute_dtype, attention, remat)
     state = nnx.state(model)
-    variables = _variables(state)
+    variables = named_variables(state)
 
     def target(var):
         shape, vdtype = np.shape(var.value), var.value.dtype

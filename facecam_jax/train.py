@@ -1,0 +1,33 @@
+"""Fine-tunes FaceCam: ``python -m facecam_jax.train [--config configs/facecam.py[:variant,k=v]] [--workdir DIR]``.
+
+With no flags it trains the small default (``mini``) on the shipped mini dataset. Overrides:
+``--config.train.steps=100 --config.optimizer.lr=5e-5``. A restarted run resumes from the
+newest checkpoint in its workdir. The logic lives in ``facecam_jax.trainer``.
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "facecam.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "training config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.WARNING)  # orbax / grain chatter
+    logging.getLogger("facecam_jax").setLevel(logging.INFO)
+    from facecam_jax import trainer
+
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
+    result = trainer.train(config, workdir)
+    logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step, result.exported)
+
+
+if __name__ == "__main__":
+    app.run(main)

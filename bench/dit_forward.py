@@ -120,15 +120,9 @@ def main(argv=None):
     start = time.perf_counter()
     out_j = fwd(model, xj, tj, cj).block_until_ready()
     compile_s = time.perf_counter() - start
-    jax_times = timed(lambda: fwd(model, xj, tj, cj).block_until_ready(), args.repeats)
-    jax_s = statistics.median(jax_times)
-    tflops = flops / jax_s / 1e12
-    kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    mfu = f", MFU {100 * tflops / peak:.1f}% of {peak:.0f}" if peak and jax.default_backend() == "gpu" else ""
-    print(f"JAX      : {jax_s * 1e3:9.1f} ms/forward (median of {args.repeats}; first call incl. compile "
-          f"{compile_s:.1f}s), {tflops:.2f} TFLOP/s{mfu}")
+    run_jax = lambda: fwd(model, xj, tj, cj).block_until_ready()  # noqa: E731
 
+    run_torch = None
     if torch_model is not None:
         import torch
 
@@ -146,7 +140,22 @@ def main(argv=None):
             return out
 
         out_t = run_torch()
-        torch_s = statistics.median(timed(run_torch, args.repeats))
+
+    # Interleaved, so both see the same machine load.
+    jax_times, torch_times = [], []
+    for _ in range(args.repeats):
+        jax_times += timed(run_jax, 1)
+        if run_torch is not None:
+            torch_times += timed(run_torch, 1)
+    jax_s = statistics.median(jax_times)
+    tflops = flops / jax_s / 1e12
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    mfu = f", MFU {100 * tflops / peak:.1f}% of {peak:.0f}" if peak and jax.default_backend() == "gpu" else ""
+    print(f"JAX      : {jax_s * 1e3:9.1f} ms/forward (median of {args.repeats}; first call incl. compile "
+          f"{compile_s:.1f}s), {tflops:.2f} TFLOP/s{mfu}")
+    if run_torch is not None:
+        torch_s = statistics.median(torch_times)
         ref = out_t.float().cpu().numpy().transpose(0, 2, 3, 4, 1)
         err = float(np.abs(np.asarray(out_j, np.float32) - ref).max())
         print(f"diffusers: {torch_s * 1e3:9.1f} ms/forward (median of {args.repeats}, torch {torch.__version__}, "

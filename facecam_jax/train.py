@@ -11,8 +11,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "facecam.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "training config file", lock_config=True)
+from facecam_jax.config_file import DEFAULT_CONFIG
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")
 
 

@@ -1,7 +1,6 @@
 """The Grain training pipeline on the real carphone mini dataset: determinism, per-process
 sharding, mixing, iterator checkpointing, worker processes, skipping broken videos."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -9,18 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
+from facecam_jax.config_file import load_config as get_config
 from facecam_jax.data import mini_dataset, pipeline, sources
 from facecam_jax.data import transforms as tr
 from facecam_jax.data import video as video_io
-
-_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "facecam.py")
-
-
-def get_config(arg=None):
-    spec = importlib.util.spec_from_file_location("facecam_config", _CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.fixture(scope="module")

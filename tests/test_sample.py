@@ -1,7 +1,5 @@
 """Sampling: the jitted Euler program, guidance, A14B expert switching, the end-to-end script."""
 
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,17 +8,8 @@ import pytest
 from flax import nnx
 
 from facecam_jax import flow, sampler
+from facecam_jax.config_file import load_config as get_config
 from facecam_jax.models import wan_dit as W
-
-_CONFIGS = pathlib.Path(__file__).parents[1] / "configs" / "facecam.py"
-
-
-def get_config(arg):
-    spec = importlib.util.spec_from_file_location("facecam_config", _CONFIGS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
 
 CFG = W.PRESETS["tiny"].replace(in_dim=36)
 

@@ -1,9 +1,7 @@
 """End-to-end training on the shipped mini dataset: one step, resume, NaN guard, export."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +11,7 @@ from flax import nnx
 
 from facecam_jax import flow, trainer
 from facecam_jax.checkpoints.dit import overlay_dit
-
-_CONFIGS = pathlib.Path(__file__).parents[1] / "configs" / "facecam.py"
-
-
-def get_config(arg):
-    spec = importlib.util.spec_from_file_location("facecam_config", _CONFIGS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
+from facecam_jax.config_file import load_config as get_config
 
 # Small and fast: 9 frames at 64x48 (3 latent frames of 8x6), one device, no worker processes.
 BASE = "mini,frames=9,batch_size=2"

@@ -31,18 +31,7 @@ def _diffusers_vae(torch, cfg):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(1)
-    kwargs = {
-        "base_dim": cfg.dim,
-        "z_dim": cfg.z_dim,
-        "dim_mult": list(cfg.dim_mult),
-        "num_res_blocks": cfg.num_res_blocks,
-        "temperal_downsample": list(cfg.temperal_downsample),
-        "latents_mean": list(cfg.latents_mean),
-        "latents_std": list(cfg.latents_std),
-    }
-    if cfg.is_residual:
-        kwargs.update(decoder_base_dim=cfg.dec_dim, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
-                      scale_factor_spatial=16)  # fmt: skip
+    kwargs = cv.diffusers_config(cfg)
     return AutoencoderKLWan(**kwargs).eval()
 
 

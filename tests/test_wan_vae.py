@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from facecam_jax import sharding
+from facecam_jax.checkpoints import vae as cv
 from facecam_jax.checkpoints.vae import export_state_dict, load_vae_state_dict
 from facecam_jax.models import wan_vae as wv
 
@@ -33,24 +34,7 @@ def _diffusers_vae(torch, cfg):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    kwargs = {
-        "base_dim": cfg.dim,
-        "z_dim": cfg.z_dim,
-        "dim_mult": list(cfg.dim_mult),
-        "num_res_blocks": cfg.num_res_blocks,
-        "temperal_downsample": list(cfg.temperal_downsample),
-        "latents_mean": list(cfg.latents_mean),
-        "latents_std": list(cfg.latents_std),
-    }
-    if cfg.is_residual:
-        kwargs.update(
-            decoder_base_dim=cfg.dec_dim,
-            is_residual=True,
-            in_channels=12,
-            out_channels=12,
-            patch_size=2,
-            scale_factor_spatial=16,
-        )
+    kwargs = cv.diffusers_config(cfg)
     model = AutoencoderKLWan(**kwargs).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

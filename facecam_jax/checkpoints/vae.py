@@ -282,6 +282,23 @@ def infer_config(refs: Mapping[str, Any], *, stats: Mapping[str, Any] | None = N
 # ----------------------------------------------------------------------------- loading
 
 
+def diffusers_config(cfg: wv.VAEConfig) -> dict:
+    """diffusers ``AutoencoderKLWan`` constructor arguments (its config.json) for this architecture."""
+    kwargs = {
+        "base_dim": cfg.dim,
+        "z_dim": cfg.z_dim,
+        "dim_mult": list(cfg.dim_mult),
+        "num_res_blocks": cfg.num_res_blocks,
+        "temperal_downsample": list(cfg.temperal_downsample),
+        "latents_mean": list(cfg.latents_mean) if cfg.latents_mean is not None else None,
+        "latents_std": list(cfg.latents_std) if cfg.latents_std is not None else None,
+    }
+    if cfg.is_residual:
+        kwargs.update(decoder_base_dim=cfg.decoder_dim, is_residual=True, in_channels=12, out_channels=12,
+                      patch_size=2, scale_factor_spatial=16)  # fmt: skip
+    return kwargs
+
+
 def _diffusers_stats(path: str) -> dict | None:
     """latents_mean/std from a diffusers ``config.json`` beside (or inside) ``path``, if any."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))

@@ -213,7 +213,7 @@ def _abstract(tree):
 class Checkpoints:
     """Orbax manager for {train state, Grain iterator} under ``workdir/checkpoints``."""
 
-    def __init__(self, workdir: str, every: int, keep: int):
+    def __init__(self, workdir: str, keep: int):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
@@ -221,7 +221,6 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(workdir), "checkpoints"), options=options, item_names=("train", "data")
         )
-        self.every = every
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -331,7 +330,7 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunRes
         batch_sharding = NamedSharding(mesh, batch_spec)
 
         iterator = make_train_iterator(config)
-        ckpt = Checkpoints(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
+        ckpt = Checkpoints(workdir, config.train.keep_checkpoints)
         start = ckpt.latest() or 0
         if start:
             state = ckpt.restore(start, state, iterator)

@@ -63,15 +63,13 @@ _14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 PRESETS: dict[str, DiTConfig] = {
     "wan2.1-t2v-1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-t2v-14b": _14B,
-    # Wan2.2 A14B: two experts of this shape (high noise / low noise), see EXPERT_BOUNDARY.
+    # Wan2.2 A14B: two experts of this shape; the high-noise one runs while t >= boundary * 1000
+    # (Wan T2V 0.875; I2V and FaceCam 0.9: config.model.expert_boundary).
     "wan2.2-t2v-a14b": _14B,
     "wan2.2-i2v-a14b": _14B.replace(in_dim=36),  # the official FaceCam base
     "wan2.2-ti2v-5b": DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
 }
-
-# Wan2.2 A14B: the high-noise expert runs while t >= boundary * 1000.
-EXPERT_BOUNDARY = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.9}
 
 # Exact parameter counts of the full presets (diffusers WanTransformer3DModel, same shapes).
 REFERENCE_PARAM_COUNTS = {

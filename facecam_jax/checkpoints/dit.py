@@ -153,17 +153,6 @@ def to_original_naming(refs: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------ layout transforms
 
 
-def _to_jax_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(shape)
-    if kind == "linear":
-        return shape[::-1]
-    if kind == "conv":
-        return (*shape[2:], shape[1], shape[0])
-    if kind == "squeeze":
-        return shape[1:] if shape[:1] == (1,) else shape
-    return shape
-
-
 def _to_jax(kind: str, x: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return x.T
@@ -291,6 +280,10 @@ def _check(refs: Mapping[str, TensorRef], slots: Mapping[str, _Slot], shapes: Ma
 
 def _to_torch_shape(kind, shape):
     return tuple(_to_torch(kind, np.empty(shape, np.bool_)).shape)
+
+
+def _to_jax_shape(kind, shape):
+    return tuple(_to_jax(kind, np.empty(shape, np.bool_)).shape)
 
 
 def _place(host: np.ndarray, sharding) -> jax.Array:

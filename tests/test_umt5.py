@@ -112,18 +112,18 @@ def test_bf16_pth_is_read_exactly(reference, torch):
     encoder = load_umt5(reference["root"] / "wan_bf16.pth", dtype=jnp.float32)
     hf = reference["model"].state_dict()
     want = hf["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"].to(torch.bfloat16).float().numpy().T
-    np.testing.assert_array_equal(np.asarray(encoder.blocks.gate.value[1]), want)
+    np.testing.assert_array_equal(np.asarray(encoder.blocks.gate.get_value()[1]), want)
     as_bf16 = load_umt5(reference["root"] / "wan_bf16.pth")  # default dtype: bf16, as released
-    assert as_bf16.blocks.q.value.dtype == jnp.bfloat16 and as_bf16.token_embedding.value.dtype == jnp.bfloat16
+    assert as_bf16.blocks.q.get_value().dtype == jnp.bfloat16 and as_bf16.token_embedding.get_value().dtype == jnp.bfloat16
 
 
 def test_sharded_forward_matches(reference):
     """Tensor-parallel heads/mlp and FSDP embed on 8 fake devices give the same features."""
     mesh = sharding.make_mesh(data=1, fsdp=2, context=1, tensor=4)
     encoder = load_umt5(reference["root"] / "hf", dtype=jnp.float32, mesh=mesh)
-    assert encoder.blocks.q.value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    assert encoder.blocks.fc2.value.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
-    assert encoder.token_embedding.value.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert encoder.blocks.q.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert encoder.blocks.fc2.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    assert encoder.token_embedding.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     ids, mask = reference["ids"][:2], reference["mask"][:2]
     with sharding.use_mesh(mesh):
         out = np.asarray(nnx.jit(lambda e, i, m: e(i, m))(encoder, ids, mask))
@@ -138,20 +138,20 @@ def test_xxl_preset_shapes_and_axes():
     abstract = nnx.eval_shape(lambda: umt5.UMT5Encoder(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     state = nnx.state(abstract, nnx.Param)
     leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    total = sum(int(np.prod(v.value.shape)) for v in leaves)
+    total = sum(int(np.prod(v.get_value().shape)) for v in leaves)
     # 256384 x 4096 embedding + 24 x (4 x 4096^2 + 3 x 4096 x 10240 + 32 x 64 + 2 x 4096) + 4096
     assert total == umt5.count_params(config) == 5_680_910_336
     for var in leaves:
         axes = sharding.variable_axes(var)
-        assert axes is not None and len(axes) == var.value.ndim, var
-    assert abstract.blocks.rel_bias.value.shape == (24, 32, 64)  # relative bias per layer
+        assert axes is not None and len(axes) == var.get_value().ndim, var
+    assert abstract.blocks.rel_bias.get_value().shape == (24, 32, 64)  # relative bias per layer
     ids = jax.ShapeDtypeStruct((2, 512), jnp.int32)
     out = nnx.eval_shape(lambda e, i, m: e(i, m), abstract, ids, ids)  # traces the full forward
     assert out.shape == (2, 512, 4096) and out.dtype == jnp.bfloat16
     mesh = sharding.make_mesh(data=1, fsdp=2, context=1, tensor=4)
     specs = sharding.state_shardings(state, mesh)
-    assert specs["blocks"]["gate"].value.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    assert specs["blocks"]["o"].value.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    assert specs["blocks"]["gate"].get_value().spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert specs["blocks"]["o"].get_value().spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
 
 
 def test_get_config_unknown_name():
@@ -205,7 +205,7 @@ def test_loader_accepts_decoder_and_tied_copies(reference, tmp_path):
     full = _rewrite(src, tmp_path / "full.safetensors", add)
     encoder = load_umt5(full, dtype=jnp.float32)
     np.testing.assert_array_equal(
-        np.asarray(encoder.token_embedding.value), open_checkpoint(src)["shared.weight"].load()
+        np.asarray(encoder.token_embedding.get_value()), open_checkpoint(src)["shared.weight"].load()
     )
 
 

@@ -181,7 +181,7 @@ def test_config_is_inferred_from_shapes_for_every_preset():
         variables = dict(ckpt.named_variables(nnx.state(W.abstract_model(cfg))))
         fake = {}
         for key, slot in ckpt.model_slots(cfg).items():
-            shape = variables[slot.path].value.shape
+            shape = variables[slot.path].get_value().shape
             shape = shape[1:] if slot.layer is not None else shape
             fake[key] = TensorRef("unused", ckpt._to_torch_shape(slot.kind, shape), np.dtype(np.float32), 0)
         assert ckpt.infer_config(fake) == cfg, name
@@ -192,8 +192,8 @@ def test_bf16_forward_is_close_to_fp32(refs):
     x, t, ctx = _inputs(cfg)
     ref = np.asarray(_forward(load_dit(files["diffusers"], config=cfg, dtype=jnp.float32), x, t, ctx))
     bf16 = load_dit(files["diffusers"], config=cfg, dtype=jnp.bfloat16)
-    assert bf16.blocks.ffn.fc1.kernel.value.dtype == jnp.bfloat16
-    assert bf16.blocks.modulation.value.dtype == jnp.float32  # modulation stays fp32
+    assert bf16.blocks.ffn.fc1.kernel.get_value().dtype == jnp.bfloat16
+    assert bf16.blocks.modulation.get_value().dtype == jnp.float32  # modulation stays fp32
     got = np.asarray(_forward(bf16, x, t, ctx))
     rel = float(np.abs(got - ref).max() / np.abs(ref).max())
     print(f"\n[bf16 vs fp32] max abs err relative to output scale {rel:.2e}")
@@ -233,7 +233,7 @@ def test_orbax_export_reloads_exactly(refs, tmp_path):
 def test_overlay_replaces_and_reports(refs, tmp_path):
     cfg, _, files = refs["i2v"]
     base = load_dit(files["original"], config=cfg)
-    before = np.asarray(base.blocks.self_attn.q.kernel.value).copy()
+    before = np.asarray(base.blocks.self_attn.q.kernel.get_value()).copy()
     partial = {
         "blocks.1.self_attn.q.weight": np.full((cfg.dim, cfg.dim), 0.5, np.float32),
         "patch_embedding.weight": np.zeros((cfg.dim, cfg.in_dim, *cfg.patch_size), np.float32),
@@ -243,10 +243,10 @@ def test_overlay_replaces_and_reports(refs, tmp_path):
     report = ckpt.overlay_dit(base, path)
     assert report.replaced == sorted(partial)
     assert "replaced 2 of" in report.summary()
-    after = np.asarray(base.blocks.self_attn.q.kernel.value)
+    after = np.asarray(base.blocks.self_attn.q.kernel.get_value())
     np.testing.assert_array_equal(after[0], before[0])  # untouched layer
     np.testing.assert_array_equal(after[1], 0.5)
-    assert not np.asarray(base.patch_embedding.kernel.value).any()
+    assert not np.asarray(base.patch_embedding.kernel.get_value()).any()
     write_safetensors(path, {"blocks.0.self_attn.q.weight": np.zeros((3, 3), np.float32), "lora_A": np.zeros(2, np.float32)})
     with pytest.raises(CheckpointError, match=r"(?s)lora_A.*blocks\.0\.self_attn\.q\.weight"):
         ckpt.overlay_dit(base, path)
@@ -261,7 +261,7 @@ def test_sharded_forward_matches_unsharded(refs, attention):
     # fsdp x context x tensor: parameters over (fsdp, context) and tensor, sequence over context.
     mesh = sh.make_mesh(data=1, fsdp=2, context=2, tensor=2)
     model = load_dit(files["diffusers"], config=cfg, mesh=mesh, attention=attention)
-    q = model.blocks.self_attn.q.kernel.value
+    q = model.blocks.self_attn.q.kernel.get_value()
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, (sh.FSDP, sh.CONTEXT), sh.TENSOR)
     assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 32)}
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sh.FSDP))
@@ -349,9 +349,9 @@ def test_convert_tool_writes_a_reloadable_orbax_checkpoint(refs, tmp_path):
                         "--dtype", "bfloat16", "--overlay", overlay])
     model = load_dit(out)
     base = load_dit(files["diffusers"], config=cfg, dtype=jnp.bfloat16)
-    assert model.config == cfg and model.blocks.ffn.fc1.kernel.value.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(model.blocks.self_attn.o.bias.value[0], np.float32), 2.0)
-    np.testing.assert_array_equal(np.asarray(model.blocks.ffn.fc1.kernel.value), np.asarray(base.blocks.ffn.fc1.kernel.value))
+    assert model.config == cfg and model.blocks.ffn.fc1.kernel.get_value().dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(model.blocks.self_attn.o.bias.get_value()[0], np.float32), 2.0)
+    np.testing.assert_array_equal(np.asarray(model.blocks.ffn.fc1.kernel.get_value()), np.asarray(base.blocks.ffn.fc1.kernel.get_value()))
 
 
 @pytest.mark.parametrize("heads", [4, 2])  # 4 heads: Ulysses all-to-all; 2 heads over 4 shards: KV all-gather

@@ -8,7 +8,13 @@ mediapipe is imported inside the functions so this module imports without it.
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
+
+# mediapipe 0.10.21 declares a stale numpy<2 pin (it runs bit-identically on numpy 2), so it is
+# installed in a separate step without its dependencies; setup.py lists what it needs.
+MEDIAPIPE_INSTALL = "pip install --no-deps mediapipe==0.10.21"
 
 NUM_LANDMARKS = 478
 NOSE_TIP = 4  # the landmark the official source crop centres on (SPEC 5)
@@ -18,6 +24,16 @@ RIGHT_IRIS_CENTER = 468
 
 class NoFaceError(ValueError):
     """No frame of the input has a face MediaPipe can find."""
+
+
+def mediapipe_solution(name: str, purpose: str):
+    """``mediapipe.python.solutions.<name>``, or an ImportError that says how to install it."""
+    try:
+        return importlib.import_module(f"mediapipe.python.solutions.{name}")
+    except ImportError as e:
+        raise ImportError(
+            f"{purpose} needs MediaPipe, which is not installed (or failed to import: {e}); "
+            f"install it with `{MEDIAPIPE_INSTALL}` (the README's set-up commands do)") from e
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:
@@ -61,7 +77,7 @@ def detect(frames: np.ndarray, *, static: bool = False,
     Raises:
       NoFaceError: no frame has a detectable face.
     """
-    from mediapipe.python.solutions import face_mesh  # lazy: heavy import
+    face_mesh = mediapipe_solution("face_mesh", "face-landmark detection")  # lazy: a heavy import
 
     frames = _as_frames(frames)  # [T, H, W, 3]
     num_frames = frames.shape[0]

@@ -350,7 +350,7 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
     slots = model_slots(cfg)
     state = nnx.state(model)
     variables = dict(named_variables(state))
-    shapes = {p: tuple(np.shape(v.value)) for p, v in variables.items()}
+    shapes = {p: tuple(np.shape(v.get_value())) for p, v in variables.items()}
     missing, unexpected, mismatched = _check(refs, slots, shapes, strict)
     if missing or unexpected or mismatched:
         raise CheckpointError(
@@ -363,11 +363,11 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
     bar = _progress(len(refs), progress, "loading DiT")
     for p, items in by_path.items():
         var = variables[p]
-        shape, dtype = shapes[p], np.dtype(var.value.dtype)
+        shape, dtype = shapes[p], np.dtype(var.get_value().dtype)
         if strict or len(items) == (shape[0] if items[0][1].layer is not None else 1):
             host = np.empty(shape, dtype)
         else:  # partial overlay: start from the current values
-            host = np.array(var.value, dtype=dtype)
+            host = np.array(var.get_value(), dtype=dtype)
         for k, slot in items:
             value = _to_jax(slot.kind, refs[k].load()).astype(dtype)
             if slot.layer is None:
@@ -379,7 +379,7 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
         sharding = None
         if mesh is not None:
             sharding = sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
-        var.value = _place(host, sharding)
+        var.set_value(_place(host, sharding))
     if bar is not None:
         bar.close()
     nnx.update(model, state)
@@ -430,7 +430,7 @@ def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[
         var = variables[slot.path]
 
         def get(var=var, slot=slot):
-            x = var.value if slot.layer is None else var.value[slot.layer]
+            x = var.get_value() if slot.layer is None else var.get_value()[slot.layer]
             return np.ascontiguousarray(_to_torch(slot.kind, np.asarray(x)))
 
         out[original_to_diffusers(name) if naming == "diffusers" else name] = get
@@ -487,7 +487,7 @@ def _pure(state) -> dict:
         node = tree
         for k in p[:-1]:
             node = node.setdefault(k, {})
-        node[p[-1]] = var.value
+        node[p[-1]] = var.get_value()
     return tree
 
 
@@ -499,7 +499,7 @@ def save_dit_orbax(model: WanDiT, path: str | os.PathLike) -> str:
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "state"), _pure(nnx.state(model)), force=True)
-    param_dtype = str(np.dtype(model.blocks.self_attn.q.kernel.value.dtype))
+    param_dtype = str(np.dtype(model.blocks.self_attn.q.kernel.get_value().dtype))
     meta = {"config": dataclasses.asdict(model.config), "param_dtype": param_dtype, "format": "facecam_jax.WanDiT"}
     with open(os.path.join(path, ORBAX_MARKER), "w") as f:
         json.dump(meta, f, indent=2)
@@ -518,7 +518,7 @@ def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat) -> Wa
     variables = named_variables(state)
 
     def target(var):
-        shape, vdtype = np.shape(var.value), var.value.dtype
+        shape, vdtype = np.shape(var.get_value()), var.get_value().dtype
         sharding = None
         if mesh is not None:
             sharding = sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
@@ -538,6 +538,6 @@ def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat) -> Wa
         node = restored
         for k in p:
             node = node[k]
-        var.value = node
+        var.set_value(node)
     nnx.update(model, state)
     return model

@@ -261,6 +261,6 @@ def load_umt5(
     targets.update({name: getattr(model.blocks, name) for name in layer_keys})
     for name, var in targets.items():
         build = (lambda n=name: read(key_of[n], n)) if name in global_keys else stacked(name)
-        var.value = _place(var.value.shape, build, sharding.variable_axes(var), mesh, rules)
+        var.set_value(_place(var.get_value().shape, build, sharding.variable_axes(var), mesh, rules))
     log.info("loaded umT5 encoder (%s naming, %s) from %s", naming, config, file)
     return model

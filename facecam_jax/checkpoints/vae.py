@@ -134,9 +134,9 @@ def _layers(vae: wv.WanVAE, naming: str) -> Iterator[tuple[str, Any, str]]:
 def _entries(layer, kind: str) -> list[tuple[str, nnx.Param, tuple[int, ...]]]:
     """(suffix, JAX variable, torch shape) of one layer's tensors."""
     if isinstance(layer, wv.RMSNorm):
-        c = layer.gamma.value.shape[0]
+        c = layer.gamma.get_value().shape[0]
         return [("gamma", layer.gamma, (c, 1, 1) if kind == "image_vector" else (c, 1, 1, 1))]
-    k = layer.kernel.value.shape
+    k = layer.kernel.get_value().shape
     if isinstance(layer, wv.Pointwise):  # torch 1x1 Conv2d (attention) or 1x1x1 Conv3d
         torch_shape = (k[1], k[0], 1, 1) if kind == "conv2d" else (k[1], k[0], 1, 1, 1)
     else:  # [*spatial, Ci, Co] -> torch [Co, Ci, *spatial]
@@ -174,7 +174,7 @@ def to_torch_layout(array: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarr
 
 def export_state_dict(vae: wv.WanVAE, naming: str = ORIGINAL) -> dict[str, np.ndarray]:
     """The VAE's weights as a torch-layout ``name -> array`` dict in either naming."""
-    return {k: to_torch_layout(np.asarray(var.value), shape) for k, (var, shape) in checkpoint_names(vae, naming).items()}
+    return {k: to_torch_layout(np.asarray(var.get_value()), shape) for k, (var, shape) in checkpoint_names(vae, naming).items()}
 
 
 # ----------------------------------------------------------------------------- inference
@@ -349,7 +349,7 @@ def load_vae_state_dict(
     for key, (var, _) in table.items():
         ref = refs[key]
         array = ref.load() if hasattr(ref, "load") else np.asarray(ref)
-        var.value = jnp.asarray(to_jax_layout(np.asarray(array, np.float32), var.value.shape), dtype)
+        var.set_value(jnp.asarray(to_jax_layout(np.asarray(array, np.float32), var.get_value().shape), dtype))
     return vae
 
 

@@ -107,8 +107,9 @@ class _Segmenter:
     def masks(cls, frames: np.ndarray) -> np.ndarray:
         with cls._lock:
             if cls._graph is None:
-                from mediapipe.python.solutions import selfie_segmentation
+                from facecam_jax.camera.landmarks import mediapipe_solution
 
+                selfie_segmentation = mediapipe_solution("selfie_segmentation", "background masks")
                 # model 0: the general 256x256 model (portrait crops are not landscape).
                 cls._graph = selfie_segmentation.SelfieSegmentation(model_selection=0)
             return np.stack([

@@ -107,14 +107,6 @@ def _local(q, k, v, implementation, scale, chunk):
     raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def _shard_map(fn, mesh, in_specs, out_specs):
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map
-
-    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
-
-
 def _context_parallel(q, k, v, implementation, scale, chunk, mesh):
     """Runs a per-device kernel on a context-sharded sequence (Ulysses or KV all-gather)."""
     rules = sh.current_rules()
@@ -140,5 +132,6 @@ def _context_parallel(q, k, v, implementation, scale, chunk, mesh):
         v_all = jax.lax.all_gather(v, seq_axes, axis=1, tiled=True)
         return _local(q, k_all, v_all, implementation, scale, chunk)
 
-    return _shard_map(kernel, mesh, (q_spec, kv_spec, kv_spec), q_spec)(q, k, v)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
 

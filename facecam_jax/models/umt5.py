@@ -143,7 +143,7 @@ class UMT5Blocks(nnx.Module):
     def weights(self) -> dict[str, jax.Array]:
         """The stacked arrays, the ``xs`` of the layer scan."""
         names = ("attn_norm", "q", "k", "v", "o", "rel_bias", "ffn_norm", "gate", "fc1", "fc2")
-        return {name: getattr(self, name).value for name in names}
+        return {name: getattr(self, name).get_value() for name in names}
 
 
 def _block(x: jax.Array, w: dict[str, jax.Array], buckets: np.ndarray, keep: jax.Array, config: UMT5Config):
@@ -195,7 +195,7 @@ class UMT5Encoder(nnx.Module):
             raise ValueError(f"umT5 expects token ids of shape [B, L], got {ids.shape}")
         length = ids.shape[1]
         c = self.config
-        x = jnp.take(self.token_embedding.value, ids, axis=0)  # [B, L, D]
+        x = jnp.take(self.token_embedding.get_value(), ids, axis=0)  # [B, L, D]
         x = constrain(x, (ACT_BATCH, ACT_SEQ, ACT_EMBED))
         if mask is None:
             keep = jnp.ones((ids.shape[0], 1, 1, length), bool)
@@ -207,4 +207,4 @@ class UMT5Encoder(nnx.Module):
             return _block(x, w, buckets, keep, c), None
 
         x, _ = jax.lax.scan(layer, x, self.blocks.weights())
-        return rms_norm(x, self.norm.value, c.eps)  # [B, L, D]
+        return rms_norm(x, self.norm.get_value(), c.eps)  # [B, L, D]

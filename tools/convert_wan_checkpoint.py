@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
+
+from facecam_jax import cli
 
 
 def main(argv=None) -> str:
@@ -37,4 +38,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    cli.run_script(main)

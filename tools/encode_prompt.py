@@ -19,7 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from facecam_jax import sharding, text
+from facecam_jax import cli, sharding, text
 from facecam_jax.checkpoints.umt5 import load_umt5
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -65,4 +65,4 @@ def main(argv=None) -> text.PromptEmbeddings:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    main()
+    cli.run_script(main)

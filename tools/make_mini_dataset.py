@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
+
+from facecam_jax import cli
 
 
 def main(argv=None) -> int:
@@ -43,4 +44,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_script(main)

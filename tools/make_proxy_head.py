@@ -12,6 +12,7 @@ import argparse
 
 import numpy as np
 
+from facecam_jax import cli
 from facecam_jax.camera import landmarks, proxy_head
 
 
@@ -24,10 +25,10 @@ def make() -> np.ndarray:
     return proxy_head.build_proxy_head(points, image.shape[0], image.shape[1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(proxy_head.data_dir() / "proxy_head.npy"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     head = make()
     np.save(args.out, head)
     iod = np.linalg.norm(head[landmarks.LEFT_IRIS_CENTER] - head[landmarks.RIGHT_IRIS_CENTER])
@@ -36,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

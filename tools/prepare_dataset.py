@@ -21,6 +21,8 @@ import logging
 import sys
 import time
 
+from facecam_jax import cli
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -68,4 +70,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_script(main)

@@ -6,6 +6,8 @@
 
 With --video the source is preprocessed as the release does (24 fps, cover-resize, nose-centred
 crop, padded to the frame count) and `<out>_overlay.mp4` shows the landmark map drawn over it.
+Videos are written as H.264. A bad trajectory or a missing/corrupt video ends in one `error:`
+line (`--verbose` adds the traceback).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facecam_jax import cli
 from facecam_jax.camera import draw, landmarks, source, trajectories
 from facecam_jax.data import video
 
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=trajectories.WIDTH)
     parser.add_argument("--fps", type=float, default=source.TARGET_FPS)
     parser.add_argument("--save-trajectory", help="also write the trajectory as keyframe JSON here")
+    parser.add_argument("--require-face", action="store_true",
+                        help="fail when the video's first frame has no detectable face (default: warn, crop the centre)")
     args = parser.parse_args(argv)
 
     if args.random is not None:
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         trajectory = trajectories.load_trajectory(args.trajectory, args.frames)
     frames = None
     if args.video:
-        frames = source.load_source(args.video, trajectory.num_frames, args.height, args.width)
+        frames = source.load_source(args.video, trajectory.num_frames, args.height, args.width,
+                                    require_face=args.require_face)
     maps = build_condition(trajectory, height=args.height, width=args.width, framing=args.framing,
                            source_frames=frames)
     out = Path(args.out)
@@ -77,4 +83,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from facecam_jax import progress as progress_lib
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints.io import (
     CheckpointError,
@@ -292,14 +293,6 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tensor")
-
-
 def load_dit(
     path: str | os.PathLike,
     *,
@@ -311,14 +304,15 @@ def load_dit(
     rules: sh.Rules = sh.DEFAULT_RULES,
     attention: str = "xla",
     remat: str = "none",
-    progress: bool = False,
+    progress: bool = True,
 ) -> WanDiT:
     """Loads a Wan DiT from a .safetensors file, a sharded index, a directory, or an orbax export.
 
     ``dtype`` is the parameter dtype (default: the checkpoint's); norms, modulation and time
     embedding stay fp32. ``compute_dtype`` defaults to ``dtype``. With ``mesh``, parameters
     are created directly sharded by their logical axes. Strict: any missing, unexpected or
-    mis-shaped key raises one ``CheckpointError`` that lists them all.
+    mis-shaped key raises one ``CheckpointError`` that lists them all. ``progress``: a bar over
+    the tensors read (process 0, and only once loading takes over a second).
     """
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, ORBAX_MARKER)):
@@ -360,7 +354,8 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
     for k, slot in slots.items():
         if k in refs:
             by_path.setdefault(slot.path, []).append((k, slot))
-    bar = _progress(len(refs), progress, "loading DiT")
+    bar = progress_lib.bar(total=sum(len(items) for items in by_path.values()), desc="loading DiT", unit="tensor",
+                           disable=not progress, delay=progress_lib.DELAY)
     for p, items in by_path.items():
         var = variables[p]
         shape, dtype = shapes[p], np.dtype(var.get_value().dtype)
@@ -374,14 +369,12 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
                 host[...] = value
             else:
                 host[slot.layer] = value
-            if bar is not None:
-                bar.update()
+            bar.update()
         sharding = None
         if mesh is not None:
             sharding = sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
         var.set_value(_place(host, sharding))
-    if bar is not None:
-        bar.close()
+    bar.close()
     nnx.update(model, state)
     return [k for items in by_path.values() for k, _ in items]
 

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from facecam_jax import progress as progress_lib
 from facecam_jax import sharding
 from facecam_jax.checkpoints.io import CheckpointError, TensorRef, format_key_problems, open_checkpoint, strip_prefix
 from facecam_jax.models.umt5 import UMT5Config, UMT5Encoder
@@ -239,9 +240,12 @@ def load_umt5(
 
     np_dtype = np.dtype(jnp.dtype(dtype))
 
+    bar = progress_lib.bar(total=len(wanted), desc="loading umT5", unit="tensor", delay=progress_lib.DELAY)
+
     def read(key: str, name: str) -> np.ndarray:
         arr = refs[key].load()
         arr = arr.T if name in _LINEAR else arr
+        bar.update()
         return np.asarray(arr, dtype=np_dtype)
 
     def stacked(name: str) -> Callable[[], np.ndarray]:
@@ -259,8 +263,9 @@ def load_umt5(
     model = nnx.eval_shape(lambda: UMT5Encoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
     targets = {name: getattr(model, name) for name in global_keys}
     targets.update({name: getattr(model.blocks, name) for name in layer_keys})
-    for name, var in targets.items():
-        build = (lambda n=name: read(key_of[n], n)) if name in global_keys else stacked(name)
-        var.set_value(_place(var.get_value().shape, build, sharding.variable_axes(var), mesh, rules))
+    with bar:
+        for name, var in targets.items():
+            build = (lambda n=name: read(key_of[n], n)) if name in global_keys else stacked(name)
+            var.set_value(_place(var.get_value().shape, build, sharding.variable_axes(var), mesh, rules))
     log.info("loaded umT5 encoder (%s naming, %s) from %s", naming, config, file)
     return model

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from facecam_jax import progress as progress_lib
 from facecam_jax.checkpoints.io import (
     CheckpointError,
     format_key_problems,
@@ -346,7 +347,8 @@ def load_vae_state_dict(
             f"{source} does not fit the Wan VAE config {config} ({naming} naming):"
             + format_key_problems(missing, unexpected, mismatched)
         )
-    for key, (var, _) in table.items():
+    for key, (var, _) in progress_lib.bar(table.items(), total=len(table), desc="loading VAE", unit="tensor",
+                                          delay=progress_lib.DELAY):
         ref = refs[key]
         array = ref.load() if hasattr(ref, "load") else np.asarray(ref)
         var.set_value(jnp.asarray(to_jax_layout(np.asarray(array, np.float32), var.get_value().shape), dtype))

@@ -31,6 +31,7 @@ from collections import Counter
 
 import numpy as np
 
+from facecam_jax import progress
 from facecam_jax.data import video as video_io
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
     if os.path.exists(done) and not force:
         return dataset
     if height % 2 or width % 2:
-        raise ValueError(f"height and width must be even (mp4v), got {height}x{width}")
+        raise ValueError(f"height and width must be even (H.264 yuv420p), got {height}x{width}")
     if force:
         shutil.rmtree(root, ignore_errors=True)
     # Build in a private directory and rename it into place: a build is visible only when
@@ -382,9 +383,8 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
     from facecam_jax.data import prepare
 
     prepare.prepare_multiview("nersemble", os.path.join(tmp, "nersemble"), all_frames=True,
-                              masks=True, num_workers=num_workers, progress=False)
-    prepare.prepare_wild(os.path.join(tmp, "wild"), all_frames=True, num_workers=1,
-                         progress=False)
+                              masks=True, num_workers=num_workers)
+    prepare.prepare_wild(os.path.join(tmp, "wild"), all_frames=True, num_workers=1)
     with open(os.path.join(tmp, "build.json"), "w") as f:
         json.dump(params, f, indent=1)
     try:
@@ -413,8 +413,10 @@ def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
     names = serials(num_cameras)
     dataset = MiniDataset(root, os.path.join(root, "nersemble"), os.path.join(root, "wild"),
                           os.path.join(root, "mesh.npz"))
-    backdrops = [inpaint_face(frame, points) for frame, points in zip(frames, landmarks)]
-    for k, serial in enumerate(names):
+    backdrops = [inpaint_face(frame, points)
+                 for frame, points in progress.bar(zip(frames, landmarks), total=len(frames),
+                                                   desc="mini dataset: inpaint", unit="frame")]
+    for k, serial in enumerate(progress.bar(names, desc="mini dataset: render", unit="camera")):
         views = np.stack([
             render_view(frames[t], backdrops[t], mesh, t, triangles, world_2_cam[k], intrinsics,
                         height, width)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from facecam_jax import progress as progress_lib
 from facecam_jax.data import sources
 from facecam_jax.data import store as store_lib
 from facecam_jax.data import video as video_io
@@ -165,16 +166,13 @@ def run_job(job: Job) -> Summary:
     return summary
 
 
-def run(jobs: Sequence[Job], *, num_workers: int = 1, progress: bool = True) -> Summary:
+def run(jobs: Sequence[Job], *, num_workers: int = 1, progress: bool = True,
+        desc: str = "prepare") -> Summary:
     """Runs `jobs` over `num_workers` processes (1: in this process) with a progress bar."""
     total = Summary()
     if not jobs:
         return total
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), unit="stream", desc="prepare")
+    bar = progress_lib.bar(total=len(jobs), unit="stream", desc=desc, disable=not progress)
     if num_workers <= 1:
         results = map(run_job, jobs)
         pool = None
@@ -185,16 +183,14 @@ def run(jobs: Sequence[Job], *, num_workers: int = 1, progress: bool = True) -> 
     try:
         for result in results:
             total.add(result)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(landmarks=total.landmark_frames, masks=total.mask_frames,
-                                failed=len(total.failed))
+            bar.set_postfix(landmarks=total.landmark_frames, masks=total.mask_frames,
+                            failed=len(total.failed), refresh=False)
+            bar.update(1)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-        if bar is not None:
-            bar.close()
+        bar.close()
     return total
 
 
@@ -212,11 +208,11 @@ def prepare_multiview(layout: str, root: str, *, frames: int = 81, stride: int =
         raise ValueError(f"unknown multi-view layout {layout!r}; use 'nersemble' or 'processed'")
     jobs = multiview_jobs(found, frames=frames, stride=stride, window_step=window_step,
                           all_frames=all_frames, masks=masks)
-    return run(jobs, num_workers=num_workers, progress=progress)
+    return run(jobs, num_workers=num_workers, progress=progress, desc=f"prepare {layout}")
 
 
 def prepare_wild(root: str, *, all_frames: bool = False, prepared_root: str | None = None,
                  num_workers: int = 1, progress: bool = True) -> Summary:
     streams, _ = sources.discover_wild(root, prepared_root=prepared_root)
     return run(wild_jobs(streams, all_frames=all_frames), num_workers=num_workers,
-               progress=progress)
+               progress=progress, desc="prepare wild")

@@ -4,12 +4,14 @@ Training samples use a few dozen frames of long multi-view captures (81 frames a
 and each stitched shot only its own time window), so decoding reads only the frames asked
 for: one seek to the first wanted frame, then `grab()` (demux and decode without the colour
 conversion) past the frames in between and `retrieve()` only for the wanted ones.
-Frames are uint8 RGB, channels-last: [T, H, W, 3].
+Frames are uint8 RGB, channels-last: [T, H, W, 3]. Reading is OpenCV's; writing is H.264
+through PyAV (`write_video`), which browsers and previews play.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import os
 from collections.abc import Sequence
 
@@ -20,6 +22,10 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 # Seeking costs a keyframe search and a decode up to the target; below this many frames it is
 # cheaper (and exact on every container) to decode from the start.
 _SEEK_THRESHOLD = 32
+# x264 constant-quality level for written videos: 18 is about visually lossless, and still
+# smaller than OpenCV's mp4v at its default quality.
+_CRF = 18
+_AVCOL_SPC_SMPTE170M = 6  # FFmpeg's AVColorSpace for the BT.601 matrix
 
 
 class VideoDecodeError(RuntimeError):
@@ -137,19 +143,45 @@ def read_images(paths: Sequence[str], *, grayscale: bool = False) -> np.ndarray:
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
-    """Writes uint8 RGB [T, H, W, 3] as an MPEG-4 Part 2 (mp4v) .mp4, the codec every
-    opencv wheel can both write and read."""
+    """Writes uint8 RGB [T, H, W, 3] as an H.264 MP4 (whatever the extension) that browsers play.
+
+    libx264 through PyAV (OpenCV wheels cannot write H.264): yuv420p, constant frame rate,
+    moov atom first (``+faststart``), BT.601 limited range tagged in the stream (the matrix
+    OpenCV's reader assumes, so ``read_video`` gets the colours back). yuv420p needs even
+    sizes: an odd height or width gains one row or column repeating the last one (padding
+    loses no pixel and ``frames[:, :H, :W]`` of the decoded video is the input again).
+    """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError(f"no frames to write to {os.fspath(path)!r}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    import av  # PyAV: only writers need it
+    from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
+
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-    if not writer.isOpened():
-        raise VideoDecodeError(f"cannot open {path!r} for writing an mp4v video")
-    try:
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
+    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
+    if any(after for _, after in pad):
+        frames = np.pad(frames, pad, mode="edge")  # [T, H', W', 3] with H', W' even
+    rate = fractions.Fraction(fps).limit_denominator(1001)  # 29.97... -> 30000/1001
+    with av.open(path, "w", format="mp4", container_options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = 1 / rate
+        stream.options = {"crf": str(_CRF), "preset": "medium"}
+        context = stream.codec_context
+        # Tags: BT.601 matrix (AVCOL_SPC_SMPTE170M; PyAV's Colorspace enum holds swscale's
+        # numbers, not these), limited range, sRGB's primaries (those of BT.709).
+        context.colorspace, context.color_range = _AVCOL_SPC_SMPTE170M, ColorRange.MPEG
+        context.color_primaries, context.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
+        for index, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU601, dst_color_range=ColorRange.MPEG)
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flush the encoder's delayed frames

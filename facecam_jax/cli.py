@@ -1,0 +1,169 @@
+"""Runs the command lines: errors a user can cause end as one line, not a traceback.
+
+Every ``python -m facecam_jax.*`` entry point (and every ``tools/*.py`` script) ends with::
+
+    if __name__ == "__main__":
+        cli.run(main)            # absl: main(argv), flags parsed first
+        cli.run_script(main)     # argparse: main(argv_without_program_name) -> exit code
+
+and an absl entry point defines its config flag with ``_CONFIG = cli.define_config(help)``
+instead of ``config_flags.DEFINE_config_file`` (ml_collections checks ``--config.a.b=``
+overrides while the module is imported, before ``cli.run`` could catch a typo).
+
+An expected error (``EXPECTED_ERRORS``: a missing file, a video that cannot be decoded, no
+face, a bad trajectory or config value, a checkpoint that does not fit, diverged training,
+a missing optional package) prints ``error: <message>`` on stderr as one line and exits 1;
+a usage error (unknown flag, bad flag value, unexpected argument) exits 2. ``--verbose``
+also prints the traceback. Anything else is a bug and keeps Python's traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from facecam_jax.camera.landmarks import NoFaceError
+from facecam_jax.checkpoints.io import CheckpointError
+from facecam_jax.data.video import VideoDecodeError
+
+# ValueError and KeyError are broad, but they are how this project reports bad inputs
+# (trajectories, config values, shapes); NoFaceError and CheckpointError are ValueErrors too,
+# listed to say that they are expected. --verbose shows the traceback of any of them.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, PermissionError, VideoDecodeError, NoFaceError, CheckpointError, ImportError,
+    ValueError, KeyError,
+)
+USAGE_EXIT = 2
+ERROR_EXIT = 1
+VERBOSE = "--verbose"
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """EXPECTED_ERRORS plus ``trainer.TrainingDiverged`` when the trainer is loaded (importing
+    it here would import JAX; if it is not loaded, it cannot have been raised)."""
+    trainer = sys.modules.get("facecam_jax.trainer")
+    diverged = getattr(trainer, "TrainingDiverged", None)
+    return EXPECTED_ERRORS + ((diverged,) if diverged is not None else ())
+
+
+def one_line(text: str) -> str:
+    """A message as one line: its lines stripped and joined, by a space after a colon (a
+    heading) and by "; " otherwise (list items, sentences)."""
+    out = ""
+    for line in (line.strip() for line in str(text).splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out
+
+
+def message(error: BaseException) -> str:
+    """What went wrong, in one line, without Python's ``KeyError`` quoting."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]
+    elif isinstance(error, ImportError) and error.name and str(error) == f"No module named {error.name!r}":
+        text = f"{error}: a package this command needs is not installed"
+    else:
+        text = str(error) or type(error).__name__
+    return one_line(text)
+
+
+def _verbose_in(argv: Sequence[str]) -> bool:
+    return any(a in (VERBOSE, VERBOSE + "=true", VERBOSE + "=True", VERBOSE + "=1") for a in argv)
+
+
+def fail(text: str, *, code: int = ERROR_EXIT, error: BaseException | None = None,
+         verbose: bool = False) -> NoReturn:
+    """Prints the traceback of ``error`` (only when ``verbose``), then ``error: <text>``; exits."""
+    if verbose and error is not None:
+        traceback.print_exception(error)
+    sys.stderr.flush()
+    print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def guard(main: Callable[..., Any], *args: Any, verbose: bool = False) -> Any:
+    """``main(*args)`` with the expected errors (and Ctrl-C) turned into ``fail``."""
+    try:
+        return main(*args)
+    except KeyboardInterrupt as e:
+        fail("interrupted", code=130, error=e, verbose=verbose)
+    except expected_errors() as e:
+        fail(message(e), error=e, verbose=verbose)
+
+
+# --- absl entry points --------------------------------------------------------------------
+
+def define_config(help_string: str, name: str = "config", default: str | None = None):
+    """``config_flags.DEFINE_config_file(name, default, help, lock_config=True)`` whose bad
+    ``--config.a.b=`` overrides end as one usage line (ml_collections checks them here, at
+    import, when ``--config`` itself is not given)."""
+    from ml_collections import config_flags
+
+    from facecam_jax.config_file import DEFAULT_CONFIG
+
+    try:
+        return config_flags.DEFINE_config_file(name, default or DEFAULT_CONFIG, help_string, lock_config=True)
+    except Exception as e:  # noqa: BLE001  only a command-line override can fail here
+        overrides = [a for a in sys.argv[1:] if a.lstrip("-").startswith(name + ".")]
+        if not overrides:
+            raise
+        error = e
+        while isinstance(error, AttributeError) and error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]  # ml_collections wraps the KeyError that holds "Did you mean ..."
+        text = message(error)
+        if isinstance(error, KeyError):
+            text = f"no config field {text}"
+        fail(f"bad --{name} override ({' '.join(overrides)}): {text}", code=USAGE_EXIT, error=e,
+             verbose=_verbose_in(sys.argv))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors are one line (absl prints the usage and, for a bad
+    config file, the config's traceback inside the message)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        text = lines[0] if lines else type(e).__name__
+        if any(line.startswith("Traceback") for line in lines):  # keep the first and last line
+            text = f"{text.rstrip(':')}: {lines[-1]}"
+        elif len(lines) > 1:
+            text = " ".join(lines)
+        if _verbose_in(argv):
+            print(str(e), file=sys.stderr)
+        fail(f"{text} (see --help)", code=USAGE_EXIT)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """Runs an absl ``main(argv)`` as a command line, with ``--verbose`` and one-line errors."""
+    from absl import app, flags
+
+    if VERBOSE[2:] not in flags.FLAGS:
+        flags.DEFINE_bool(VERBOSE[2:], False, "on an error, print the Python traceback too")
+
+    def wrapped(argv):
+        verbose = flags.FLAGS[VERBOSE[2:]].value
+        try:
+            return guard(main, argv, verbose=verbose)
+        except app.UsageError as e:
+            fail(f"{message(e)} (see --help)", code=USAGE_EXIT, error=e, verbose=verbose)
+
+    app.run(wrapped, flags_parser=_parse_flags)
+
+
+# --- argparse scripts ---------------------------------------------------------------------
+
+def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> NoReturn:
+    """Runs an argparse ``main(argv)`` (argv without the program name) as a command line and
+    exits with its return value when that is an int (0 otherwise). ``--verbose`` is taken out
+    of argv before ``main`` sees it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = _verbose_in(argv)
+    argv = [a for a in argv if not _verbose_in([a])]
+    result = guard(main, argv, verbose=verbose)
+    sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+

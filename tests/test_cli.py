@@ -1,0 +1,107 @@
+"""Command lines: a user's mistake ends as one `error:` line and a non-zero exit, not a traceback.
+
+Each case fails before any model is built, so a run costs about an import of the entry point.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from facecam_jax import cli
+from facecam_jax.checkpoints.io import format_key_problems
+from facecam_jax.data.video import VideoDecodeError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _assert_one_error_line(result, code, *fragments):
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.fixture(scope="module")
+def corrupt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "corrupt.mp4"
+    path.write_bytes(os.urandom(20_000))
+    return str(path)
+
+
+def test_sample_on_a_missing_video(tmp_path):
+    missing = str(tmp_path / "missing.mp4")
+    result = _run("-m", "facecam_jax.sample", "--video", missing, "--out", str(tmp_path / "o.mp4"))
+    _assert_one_error_line(result, 1, missing, "does not exist")
+
+
+def test_sample_on_a_corrupt_video_and_verbose_traceback(tmp_path, corrupt):
+    args = ("-m", "facecam_jax.sample", "--video", corrupt, "--out", str(tmp_path / "o.mp4"))
+    _assert_one_error_line(_run(*args), 1, corrupt, "cannot be opened")
+    verbose = _run(*args, "--verbose")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "VideoDecodeError" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_preview_on_a_bad_trajectory_and_a_corrupt_video(tmp_path, corrupt):
+    out = str(tmp_path / "cond.mp4")
+    result = _run("-m", "facecam_jax.camera.preview", "--trajectory", "sideways", "--out", out)
+    _assert_one_error_line(result, 1, "unknown camera motion 'sideways'")
+    result = _run("-m", "facecam_jax.camera.preview", "--video", corrupt, "--frames", "3", "--out", out)
+    _assert_one_error_line(result, 1, corrupt)
+    verbose = _run("-m", "facecam_jax.camera.preview", "--trajectory", "sideways", "--out", out, "--verbose")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--config.train.stepz=3"], ["--config.train.stepz=3", "'stepz'", '"steps"']),
+    (["--config.train.steps=many"], ["--config.train.steps=many", "'many'"]),
+    (["--config", "configs/facecam.py:tiniest"], ["unknown config variant 'tiniest'"]),
+    (["--no_such_flag"], ["no_such_flag"]),
+    (["leftover"], ["unexpected arguments"]),
+])
+def test_train_usage_errors(tmp_path, args, fragments):
+    result = _run("-m", "facecam_jax.train", "--workdir", str(tmp_path / "run"), *args)
+    _assert_one_error_line(result, 2, *fragments)
+    assert not os.path.exists(tmp_path / "run")  # nothing started
+
+
+def test_tool_on_a_missing_checkpoint(tmp_path):
+    missing = str(tmp_path / "nothing.safetensors")
+    result = _run("tools/convert_wan_checkpoint.py", "--checkpoint", missing, "--out", str(tmp_path / "out"))
+    _assert_one_error_line(result, 1, missing)
+
+
+def test_multi_line_messages_become_one_line():
+    text = cli.one_line("ckpt: does not fit the DiT:" + format_key_problems(["a", "b"], ["c"]))
+    assert text == "ckpt: does not fit the DiT: missing keys (2): a; b; unexpected keys (1): c"
+    assert cli.message(KeyError("no prompt 'x'")) == "no prompt 'x'"  # without KeyError's quotes
+
+
+def test_run_script_exit_codes(capsys):
+    def main(argv):
+        if argv == ["--broken"]:
+            raise VideoDecodeError("video 'a.mp4' cannot be opened")
+        if argv == ["--bug"]:
+            raise ZeroDivisionError("a real bug")
+        return len(argv)
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_script(main, ["--broken"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == "error: video 'a.mp4' cannot be opened\n"
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_script(main, ["x", "y", "--verbose"])  # --verbose is not passed on
+    assert exit_.value.code == 2
+    with pytest.raises(ZeroDivisionError):  # anything unexpected keeps its traceback
+        cli.run_script(main, ["--bug"])

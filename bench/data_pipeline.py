@@ -31,7 +31,7 @@ def _timed(fn, repeats=1):
 def _iterate(config, batches):
     from facecam_jax.data import pipeline
 
-    iterator = pipeline.make_train_iterator(config, 0, 1)
+    iterator = pipeline.make_train_iterator(config)
     next(iterator)  # start-up (worker spawn, first decode) is not throughput
     start = time.perf_counter()
     kinds = np.concatenate([next(iterator)["kind"] for _ in range(batches)])

@@ -127,6 +127,7 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
     train.steps = 30
     train.log_every = 1
     train.checkpoint_every = 10
+    train.preview_every = 100  # steps between TensorBoard images of a batch (source | target | camera)
     train.keep_checkpoints = 3
     # Parameters that are trained (the rest is frozen): names matched against parameter paths;
     # the paper trains the self-attention (q, k, v, o, norm_q, norm_k) and the patch embedding.
@@ -172,6 +173,18 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     return sample
 
 
+def distributed_config() -> ml_collections.ConfigDict:
+    """The `distributed` section: how the processes of a multi-process run find each other."""
+    d = ml_collections.ConfigDict()
+    d.auto = False  # jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, Open MPI)
+    # Or explicitly, for clusters without auto-detection and for localhost runs:
+    d.coordinator_address = ""  # host:port of process 0; "" : a single process
+    d.num_processes = 1
+    d.process_id = 0
+    d.initialization_timeout = 300  # seconds to wait for every process to join
+    return d
+
+
 def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
@@ -179,7 +192,7 @@ def _parse_value(text: str):
         return text  # a bare string, e.g. a path
 
 
-_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh", "sample")
+_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh", "sample", "distributed")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -191,7 +204,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.variant = variant
-    config.distributed = False  # multi-host: jax.distributed.initialize() (TPU pods, SLURM) first
+    config.distributed = distributed_config()
     config.data = data_config(variant)
     config.model, config.vae, config.text = model_config(variant)
     config.train, config.optimizer, config.mesh = train_config(variant)

@@ -19,6 +19,7 @@ also prints the traceback. Anything else is a bug and keeps Python's traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -80,6 +81,19 @@ def fail(text: str, *, code: int = ERROR_EXIT, error: BaseException | None = Non
         traceback.print_exception(error)
     sys.stderr.flush()
     print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
+    _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    """``sys.exit``, except in a multi-process JAX run: there a normal exit waits in the
+    distributed shutdown barrier for every other process (which may wait for this one: a
+    stalled run). Exiting at once lets the coordination service see this process fail
+    and stop the others."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

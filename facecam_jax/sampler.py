@@ -11,6 +11,7 @@ two experts live in the same program and ``lax.cond`` picks the high-noise exper
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import logging
 import os
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from facecam_jax import flow
 from facecam_jax import sharding as sh
@@ -94,6 +96,24 @@ def make_sample_fn(graphdef, num_experts: int, boundary: float | None, guidance:
     return fn
 
 
+@functools.lru_cache(maxsize=8)
+def sample_program(graphdef, num_experts: int, boundary: float | None, guidance: float, steps: int, shift: float):
+    """The jitted sampling program (cached: repeated generations reuse one compilation). Its
+    shardings come from its arguments: DiT states placed by their logical axes
+    (``on_mesh``), latents and contexts replicated; activations are pinned inside."""
+    return jax.jit(make_sample_fn(graphdef, num_experts, boundary, guidance, steps, shift))
+
+
+def on_mesh(state: nnx.State, mesh, rules) -> nnx.State:
+    """A DiT state placed on ``mesh`` by its logical axes (a copy; wherever it lived before)."""
+    return jax.device_put(state, sh.state_shardings(state, mesh, rules))
+
+
+def _replicated(split, mesh):
+    graphdef, state = split
+    return graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+
 def to_unit_range(frames: np.ndarray) -> jax.Array:
     return jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0  # [1, T, H, W, 3]
 
@@ -129,7 +149,7 @@ def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | No
     mesh = mesh or trainer.mesh_from_config(config)
     with sh.use_mesh(mesh, rules):
         experts = experts or load_experts(config, mesh, rules, workdir)
-        vae = vae or trainer.build_vae(config, mesh)
+        vae = nnx.merge(*_replicated(nnx.split(vae), mesh)) if vae is not None else trainer.build_vae(config, mesh)
         condition = build_condition(trajectory, height=d.height, width=d.width, framing=s.framing,
                                     source_frames=source_frames)
         latents = vae.encode(jnp.concatenate([to_unit_range(source_frames), to_unit_range(condition)]))
@@ -144,11 +164,13 @@ def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | No
         else:
             log.info("no text.embeddings: conditional and unconditional contexts are equal, guidance is skipped")
             ctx_uncond, guidance = ctx_cond, 1.0
-        graphdef = nnx.graphdef(experts.models[0])
-        states = tuple(nnx.state(m) for m in experts.models)
-        fn = jax.jit(make_sample_fn(graphdef, len(states), experts.boundary, guidance, s.num_steps, s.shift))
-        noise = jax.random.normal(jax.random.key(seed), source_lat.shape, jnp.float32)
-        out = fn(states, source_lat, camera_lat, ctx_cond, ctx_uncond, noise)
+        states = tuple(on_mesh(nnx.state(m), mesh, rules) for m in experts.models)
+        fn = sample_program(nnx.graphdef(experts.models[0]), len(states), experts.boundary, guidance,
+                            s.num_steps, s.shift)
+        noise = jax.random.normal(jax.random.key(seed), (source_lat.size,), jnp.float32).reshape(source_lat.shape)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        args = jax.device_put((source_lat, camera_lat, ctx_cond, ctx_uncond, noise), replicated)
+        out = fn(states, *args)
         video = vae.decode(out)
     return Result(to_uint8(video[0]), source_frames, condition)
 
@@ -166,13 +188,14 @@ def default_source_video() -> str:
 
 
 def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | None, seed: int,
-        fps: float = 24.0) -> Sequence[str]:
+        fps: float = 24.0, require_face: bool = False) -> Sequence[str]:
     """The sampling script: reads, generates, writes ``out`` and ``<out>_compare.mp4``."""
     from facecam_jax.camera import source, trajectories
     from facecam_jax.data.video import write_video
 
     d = config.data
-    frames = source.load_source(video or default_source_video(), d.frames, d.height, d.width)
+    frames = source.load_source(video or default_source_video(), d.frames, d.height, d.width,
+                                require_face=require_face)
     path = trajectories.load_trajectory(trajectory, d.frames)
     result = generate(config, frames, path, workdir=workdir, seed=seed)
     compare = os.path.splitext(out)[0] + "_compare.mp4"

@@ -77,3 +77,25 @@ def test_sampling_script_end_to_end_on_the_mini_config(tmp_path):
         sampler.generate(config, frames[:5], path, **kw)
     with pytest.raises(FileNotFoundError, match="no trained weights"):
         sampler.load_experts(config, mesh, trainer.sh.DEFAULT_RULES, workdir=str(tmp_path))
+
+
+def test_sampling_on_8_devices_equals_one_device():
+    """fsdp 8, and fsdp 4 x context 2 (the sequence split, chunked attention per device),
+    render the same video as one device, within one grey level."""
+    from facecam_jax import trainer
+    from facecam_jax.camera import source, trajectories
+
+    config = get_config("mini,frames=9,sample.num_steps=2")
+    frames = source.load_source(sampler.default_source_video(), 9, 64, 48)
+    path = trajectories.load_trajectory("zoom_in", 9)
+    experts = sampler.Experts([W.WanDiT(CFG, rngs=nnx.Rngs(0), attention="chunked")])
+    one = trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    vae = trainer.build_vae(config, one)
+    videos = {}
+    for name, sizes in (("1 device", (1, 1, 1, 1)), ("fsdp 8", (1, 8, 1, 1)), ("fsdp 4 x context 2", (1, 4, 2, 1))):
+        mesh = trainer.sh.make_mesh(*sizes, devices=jax.devices()[: int(np.prod(sizes))])
+        videos[name] = sampler.generate(config, frames, path, seed=0, experts=experts, vae=vae, mesh=mesh).video
+    for name in ("fsdp 8", "fsdp 4 x context 2"):
+        diff = np.abs(videos[name].astype(int) - videos["1 device"].astype(int)).max()
+        print(f"{name} vs 1 device: max {diff} grey levels")
+        assert diff <= 1, name

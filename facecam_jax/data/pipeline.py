@@ -1,13 +1,17 @@
-"""The FaceCam training input pipeline on Grain: `make_train_iterator(config, i, n)`.
+"""The FaceCam training input pipeline on Grain: `make_train_iterator(config, rows, start_batch)`.
 
-Per source (multi-view, in-the-wild): this process's shard (`source[i::n]`), a seeded
-shuffle that changes every epoch, infinite repetition, then the source's transforms
-(transforms.py). The two streams are mixed with a fixed ratio, read ahead by threads,
-batched, and (with data.workers > 0) produced by worker processes. Every random choice comes
-from Grain's per-element rngs, seeded from data.seed, the process index and the element's
-position, so a given config, process index, process count and worker count always yields
-the same batches, and the iterator state (`get_state()` / `set_state()`, or Orbax through
-`grain.checkpoint.CheckpointSave`) restores the stream exactly.
+One GLOBAL sample stream, the same whatever the number of processes: per source
+(multi-view, in-the-wild) a seeded shuffle that changes every epoch, infinite repetition,
+then the source's transforms (transforms.py); the two streams are mixed with a fixed ratio.
+Global batch s is elements [s*B, (s+1)*B) of that stream; a process loads only its
+contiguous slice `rows` of each global batch (the rows its devices hold), reads ahead with
+threads and (with data.workers > 0) worker processes. Every random choice comes from Grain's
+per-element rngs, seeded from data.seed and the element's global position, so batch s is the
+same set of samples with the same augmentation draws on 1 process or 64. The data position
+is therefore one global number, the count of batches consumed: a checkpoint written by N
+processes resumes with M (`start_batch`). A sample a transform had to drop (unreadable
+video, no face) is replaced by a fixed other position of the stream, again the same for
+every process count.
 
 A batch is a dict of numpy arrays with a leading per-process batch dimension B:
   source, target, camera   uint8 [B, T, H, W, 3]   (camera: the landmark-map video)
@@ -29,6 +33,7 @@ A batch is a dict of numpy arrays with a leading per-process batch dimension B:
 from __future__ import annotations
 
 import logging
+import sys
 
 import grain
 import numpy as np
@@ -79,31 +84,68 @@ def build_sources(data) -> tuple[sources_lib.MultiViewSource | None,
     return multiview, wild
 
 
-def _branch(source, transforms: list, *, seed: int, tag: int, process_index: int,
-            process_count: int, shuffle: bool) -> grain.MapDataset:
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(
-            f"{source!r} has {len(source)} samples, fewer than the {process_count} processes "
-            "that each need a disjoint shard; add data or use fewer processes")
+def _branch(source, transforms: list, *, seed: int, tag: int, shuffle: bool) -> grain.MapDataset:
+    ds = grain.MapDataset.source(source)
     if shuffle:
-        ds = ds.shuffle(seed=_seed(seed, tag, process_index, 0))
+        ds = ds.shuffle(seed=_seed(seed, tag, 0))
     ds = ds.repeat()  # infinite; the shuffle order changes every epoch
     for k, transform in enumerate(transforms, start=1):
         if isinstance(transform, grain.transforms.RandomMap):
-            ds = ds.random_map(transform, seed=_seed(seed, tag, process_index, k))
+            ds = ds.random_map(transform, seed=_seed(seed, tag, k))
         else:
             ds = ds.map(transform)
     return ds
 
 
-def make_dataset(data, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The batched Grain dataset of `data` (a config's data section) for one process."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-    if data.batch_size % process_count:
-        raise ValueError(f"data.batch_size {data.batch_size} (global) does not divide over "
-                         f"{process_count} processes")
+# A dropped sample at global position g is replaced by the first readable one of
+# g + k * _REPLACEMENT_STRIDE (k = 1, 2, ...): far away in the stream, so not its neighbour.
+_REPLACEMENT_STRIDE = 1_000_003
+_MAX_REPLACEMENTS = 64
+
+
+class _GlobalBatchRows(grain.MapDataset):
+    """Element j of a process: row ``lo + j % n`` of global batch ``start + j // n`` (n = hi - lo).
+
+    Maps the process's local element order onto the global stream, so that every process
+    count sees the same global batches, and replaces dropped (None) samples deterministically.
+    """
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, rows: tuple[int, int], start_batch: int):
+        super().__init__(parent)
+        self._batch, (self._lo, self._hi), self._start = batch_size, rows, start_batch
+
+    def __len__(self) -> int:
+        return sys.maxsize // self._batch  # the stream is infinite
+
+    def __str__(self) -> str:
+        return f"_GlobalBatchRows(batch={self._batch}, rows={self._lo}:{self._hi}, start={self._start})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        n = self._hi - self._lo
+        position = (self._start + index // n) * self._batch + self._lo + index % n
+        for k in range(_MAX_REPLACEMENTS + 1):
+            element = self._parent[position + k * _REPLACEMENT_STRIDE]
+            if element is not None:
+                return element
+        raise RuntimeError(
+            f"{_MAX_REPLACEMENTS + 1} samples in a row could not be read (from stream position "
+            f"{position}); the data is broken: see the skipped-sample log lines and "
+            "facecam_jax.data.transforms.skip_counts()")
+
+
+def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0) -> grain.IterDataset:
+    """The batched Grain dataset of `data` (a config's data section) for one process.
+
+    `rows`: the [lo, hi) rows of every global batch (of data.batch_size) this process loads
+    (default: all of them); `start_batch`: the global batches already consumed (resume).
+    """
+    lo, hi = rows or (0, data.batch_size)
+    if not 0 <= lo < hi <= data.batch_size:
+        raise ValueError(f"rows {lo}:{hi} are not a slice of the global batch of {data.batch_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     multiview, wild = build_sources(data)
     ratio = data.wild_ratio
     if ratio is not None and not 0.0 <= ratio <= 1.0:
@@ -115,8 +157,7 @@ def make_dataset(data, process_index: int = 0, process_count: int = 1) -> grain.
             raise ValueError(f"data.wild_ratio={ratio} mixes both kinds, but there are no "
                              f"{' and no '.join(missing)} samples; set the data roots or "
                              "data.wild_ratio to 0.0 / 1.0")
-    common = {"seed": data.seed, "process_index": process_index, "process_count": process_count,
-                  "shuffle": data.shuffle}
+    common = {"seed": data.seed, "shuffle": data.shuffle}
     finish = tr.ToSample(max_shots=data.max_shots)
     branches, weights = [], []
     if multiview is not None and len(multiview):
@@ -137,10 +178,10 @@ def make_dataset(data, process_index: int = 0, process_count: int = 1) -> grain.
     if len(branches) == 2 and ratio is not None:
         weights = [1.0 - ratio, ratio]
     ds = branches[0] if len(branches) == 1 else grain.MapDataset.mix(branches, weights)
-    # Samples a transform had to drop (None) are filtered out here.
+    ds = _GlobalBatchRows(ds, data.batch_size, (lo, hi), start_batch)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                               prefetch_buffer_size=data.prefetch))
-    ds = ds.batch(data.batch_size // process_count, drop_remainder=True)
+    ds = ds.batch(hi - lo, drop_remainder=True)
     if data.workers > 0:
         ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
             num_workers=data.workers, per_worker_buffer_size=data.worker_buffer_size),
@@ -156,12 +197,10 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     cv2.setNumThreads(1)
 
 
-def make_train_iterator(config, process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
-    """The training batch iterator of `config.data` for one process (default: this JAX
-    process). Save and restore its position with `get_state()` / `set_state(state)`."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
-    return iter(make_dataset(config.data, process_index, process_count))
+def make_train_iterator(config, rows: tuple[int, int] | None = None,
+                        start_batch: int = 0) -> grain.DatasetIterator:
+    """The training batch iterator of `config.data`: rows [lo, hi) of every global batch
+    (default: all), from global batch `start_batch` on. Its Grain state (`get_state()` /
+    `set_state(state)`) restores it within one run; across runs the global batch count is
+    the position (`start_batch`), valid for any number of processes."""
+    return iter(make_dataset(config.data, rows, start_batch))

@@ -170,12 +170,16 @@ class VAEConfig:
 
 # ----------------------------------------------------------------------------- layers
 
-_kernel_init = nnx.initializers.lecun_normal()
+def _lecun_normal(key, shape) -> jax.Array:
+    """LeCun-scaled normal (fan_in = all but the last axis), drawn flat then reshaped: XLA:CPU
+    takes seconds to compile the partitionable threefry for each 5-D kernel shape."""
+    fan_in = math.prod(shape[:-1])
+    return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape) / math.sqrt(fan_in)
 
 
 def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init=None):
     if init is None:
-        value = _kernel_init(rngs.params(), shape, jnp.float32).astype(dtype)
+        value = _lecun_normal(rngs.params(), shape).astype(dtype)
     else:
         value = jnp.full(shape, init, dtype)
     return nnx.Param(value, axes=axes)

@@ -50,6 +50,8 @@ setup(
             "scikit-image",
             "tensorboard",  # its event reader checks the files the trainer writes
         ],
+        # Identity similarity in `python -m facecam_jax.evaluate` (dlib's face-recognition ResNet).
+        "eval": ["dlib-bin>=20", "face_recognition_models>=0.3"],
         # libtpu for real TPUs, and for compile-only TPU use on any machine (python -m facecam_jax.aot).
         "tpu": [f"jax[tpu]{JAX[3:]}"],
         # jax's CUDA 12 plugin (with the CUDA wheels) for GPU users.

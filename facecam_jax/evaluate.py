@@ -8,16 +8,15 @@ The manifest is a JSON list of objects or a CSV with a header, one row per video
 such as arc_left, or a trajectory JSON file; optional) and ``target`` (the true target video,
 optional: PSNR/SSIM). Relative paths resolve against the manifest's folder. Writes a JSON
 report and a markdown table (default: beside the manifest) and prints the table. Per-video
-failures are rows with an error; a bad manifest exits non-zero. The logic lives in
+failures are rows with an error; a bad manifest is one ``error:`` line and exit code 1. The logic lives in
 ``facecam_jax.evaluation``.
 """
 
 import logging
-import sys
 
 from absl import app, flags
 
-from facecam_jax import evaluation
+from facecam_jax import cli, evaluation
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "JSON list or CSV of output, source, motion[, target] rows")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "report JSON (default: <manifest>_eval.json)")
@@ -40,7 +39,7 @@ def main(argv):
         report = evaluation.evaluate_manifest(_MANIFEST.value, reference=_REFERENCE.value,
                                               identity=_IDENTITY.value, identity_frames=_IDENTITY_FRAMES.value)
     except evaluation.ManifestError as e:
-        sys.exit(f"bad manifest: {e}")
+        raise evaluation.ManifestError(f"bad manifest: {e}") from e
     default_json, default_md = evaluation.default_outputs(_MANIFEST.value)
     out_json, out_md = _OUT_JSON.value or default_json, _OUT_MD.value or default_md
     report.write(out_json, out_md)
@@ -49,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

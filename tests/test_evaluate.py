@@ -236,5 +236,5 @@ def test_cli_bad_manifest_exits_with_one_line(tmp_path):
     result = _run_cli(f"--manifest={tmp_path / 'nope.json'}")
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith("bad manifest:") and "nope.json" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: bad manifest:") and "nope.json" in lines[0]
     assert not (tmp_path / "nope_eval.json").exists()

@@ -105,19 +105,25 @@ def guided(v_cond: jax.Array, v_uncond: jax.Array, scale: float) -> jax.Array:
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], timestep [B]) -> v
 
 
-def euler_sample(velocity: VelocityFn, x: jax.Array, sigmas: jax.Array) -> jax.Array:
+def euler_sample(velocity: VelocityFn, x: jax.Array, sigmas: jax.Array,
+                 on_step: Callable[..., None] | None = None) -> jax.Array:
     """Integrates ``x`` from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps in one scan.
 
     ``velocity(x, t)`` gets the timestep ``1000 * sigma`` broadcast over the batch;
-    ``x_next = x + v (s_next - s)`` in fp32.
+    ``x_next = x + v (s_next - s)`` in fp32. ``on_step(i)`` (a host function, e.g. a progress
+    bar) is called after step i completes, through ``jax.debug.callback``.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
-    def step(x, pair):
-        s, s_next = pair
+    def step(x, inputs):
+        i, s, s_next = inputs
         t = jnp.full((x.shape[0],), s * NUM_TRAIN_TIMESTEPS, jnp.float32)
         v = velocity(x, t).astype(jnp.float32)
-        return x + v * (s_next - s), None
+        x = x + v * (s_next - s)
+        if on_step is not None:
+            jax.debug.callback(on_step, i, x.ravel()[0])  # the data dependency orders it after the step
+        return x, None
 
-    x, _ = jax.lax.scan(step, x.astype(jnp.float32), (sigmas[:-1], sigmas[1:]))
+    steps = jnp.arange(sigmas.shape[0] - 1)
+    x, _ = jax.lax.scan(step, x.astype(jnp.float32), (steps, sigmas[:-1], sigmas[1:]))
     return x

@@ -10,6 +10,7 @@ two experts live in the same program and ``lax.cond`` picks the high-noise exper
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -67,8 +68,11 @@ def load_experts(config, mesh, rules, workdir: str | None = None) -> Experts:
     return Experts([model])
 
 
-def make_sample_fn(graphdef, num_experts: int, boundary: float | None, guidance: float, steps: int, shift: float):
-    """``fn(states, source, camera, ctx_cond, ctx_uncond, noise) -> latents``: every step, one program."""
+def make_sample_fn(graphdef, num_experts: int, boundary: float | None, guidance: float, steps: int, shift: float,
+                   progress: bool = False):
+    """``fn(states, source, camera, ctx_cond, ctx_uncond, noise) -> latents``: every step, one program.
+
+    ``progress``: each finished step advances the bar of ``sampling_bar`` (a host callback)."""
     sigmas = flow.inference_sigmas(steps, shift)
     use_cfg = guidance != 1.0
 
@@ -91,17 +95,40 @@ def make_sample_fn(graphdef, num_experts: int, boundary: float | None, guidance:
             high = t[0] >= boundary * flow.NUM_TRAIN_TIMESTEPS
             return jax.lax.cond(high, lambda: guided_velocity(states[0], x, t), lambda: guided_velocity(states[1], x, t))
 
-        return flow.euler_sample(velocity, noise, sigmas)
+        return flow.euler_sample(velocity, noise, sigmas, on_step=_step_done if progress else None)
 
     return fn
 
 
+_BAR: list = []  # the progress bar of the sampling run in flight (process 0), if any
+
+
+def _step_done(i, _):
+    if _BAR:
+        _BAR[-1].update(int(i) + 1 - _BAR[-1].n)
+
+
+@contextlib.contextmanager
+def sampling_bar(steps: int):
+    """A progress bar that the jitted sampling program advances after every Euler step."""
+    from facecam_jax import progress
+
+    with progress.bar(total=steps, desc="sample", unit="step") as bar:
+        _BAR.append(bar)
+        try:
+            yield bar
+        finally:
+            _BAR.pop()
+
+
 @functools.lru_cache(maxsize=8)
-def sample_program(graphdef, num_experts: int, boundary: float | None, guidance: float, steps: int, shift: float):
+def sample_program(graphdef, num_experts: int, boundary: float | None, guidance: float, steps: int, shift: float,
+                   progress: bool = True):
     """The jitted sampling program (cached: repeated generations reuse one compilation). Its
     shardings come from its arguments: DiT states placed by their logical axes
-    (``on_mesh``), latents and contexts replicated; activations are pinned inside."""
-    return jax.jit(make_sample_fn(graphdef, num_experts, boundary, guidance, steps, shift))
+    (``on_mesh``), latents and contexts replicated; activations are pinned inside.
+    ``progress``: report each step to ``sampling_bar`` (a host callback per step)."""
+    return jax.jit(make_sample_fn(graphdef, num_experts, boundary, guidance, steps, shift, progress))
 
 
 def on_mesh(state: nnx.State, mesh, rules) -> nnx.State:
@@ -170,7 +197,8 @@ def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | No
         noise = jax.random.normal(jax.random.key(seed), (source_lat.size,), jnp.float32).reshape(source_lat.shape)
         replicated = NamedSharding(mesh, PartitionSpec())
         args = jax.device_put((source_lat, camera_lat, ctx_cond, ctx_uncond, noise), replicated)
-        out = fn(states, *args)
+        with sampling_bar(s.num_steps):
+            out = jax.block_until_ready(fn(states, *args))
         video = vae.decode(out)
     return Result(to_uint8(video[0]), source_frames, condition)
 

@@ -62,3 +62,12 @@ def test_inference_sigmas_and_exact_euler_on_a_straight_flow():
     out = jax.jit(lambda x: flow.euler_sample(lambda x, t: (x - c) / (t[:, None] / 1000.0), x, sig))(x1)
     np.testing.assert_allclose(np.asarray(out), np.asarray(c), atol=1e-5)
     np.testing.assert_allclose(np.asarray(flow.guided(jnp.array(3.0), jnp.array(1.0), 5.0)), 11.0)
+
+
+def test_euler_sampler_reports_every_finished_step_to_the_host():
+    seen = []
+    sigmas = flow.inference_sigmas(4, 5.0)
+    x = jax.jit(lambda x: flow.euler_sample(lambda x, t: -x, x, sigmas, on_step=lambda i, _: seen.append(int(i))))(
+        jnp.ones((1, 3)))
+    jax.block_until_ready(x)
+    assert seen == [0, 1, 2, 3]

@@ -43,6 +43,14 @@ def test_one_step_trains_and_exports_an_overlay(tmp_path):
     print(f"\n[mini 1 step] loss {m['loss']:.4f}, grad norm {m['grad_norm']:.4f}, step {m['step_time']:.2f}s")
     assert result.step == 1 and np.isfinite(m["loss"]) and m["loss"] > 0 and m["grad_norm"] > 0
     assert m["update_norm"] > 0
+    # TensorBoard's own reader parses the event file the run left in its workdir.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    (loss,) = events.Scalars("train/loss")
+    assert loss.step == 1 and loss.value == pytest.approx(m["loss"], rel=1e-6)
+    assert "batch/source_target_camera" in events.Tags()["images"]
     # The export is a partial state dict that overlays the base model into the trained one.
     base = trainer.build_dit(config, one_device_mesh(), trainer.sh.DEFAULT_RULES)
     report = overlay_dit(base, result.exported)

@@ -1,0 +1,132 @@
+"""FaceCam sampling on random weights: seconds per Euler step against the analytic FLOP time,
+the VAE encode / decode around it, and peak memory.
+
+    python bench/sample.py                     # GPU: wan2.1-t2v-1.3b, 81 x 704 x 480, 50 steps, CFG 5
+    python bench/sample.py --a14b              # H200: two Wan2.2-A14B-shaped random experts, both resident
+    python bench/sample.py --tiny              # CPU smoke run: the mini config, 3 steps
+
+The loop is ``sampler.sample_program`` (one jitted Euler scan, cond and uncond in one batch of
+2, ``lax.cond`` between the experts), the VAE calls are those of ``sampler.generate``. FLOPs are
+``facecam_jax.aot.step_flops(config, "sample")``; the analytic time is FLOPs over the devices'
+dense bf16 peak (H100/H200 989 TFLOP/s). Peak memory is ``memory_stats()["peak_bytes_in_use"]``
+next to the compiled loop's own plan (``memory_analysis()``, what ``python -m facecam_jax.aot
+--program sample`` reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import machine  # noqa: E402  (bench/ is the script directory)
+
+FULL = "nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=50"
+A14B = "nersemble,num_steps=50"  # wan2.2-i2v-a14b: two experts
+TINY = "mini,num_steps=3"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"config variant and overrides (default {FULL!r})")
+    p.add_argument("--a14b", action="store_true", help=f"both Wan2.2-A14B-shaped experts ({A14B!r})")
+    p.add_argument("--tiny", action="store_true", help=f"the CPU smoke config ({TINY!r})")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from facecam_jax import aot, sampler, trainer
+    from facecam_jax import sharding as sh
+    from facecam_jax.config_file import load_config
+
+    spec = args.config or (TINY if args.tiny else A14B if args.a14b else FULL)
+    config = load_config(spec)
+    target = aot.make_target(None)
+    mesh = trainer.mesh_from_config(config)
+    rules = sh.rules_from_config(config.get("sharding_rules"))
+    d, s = config.data, config.sample
+    flops = aot.step_flops(config, "sample")
+    n_experts = aot.num_experts(config)
+    print(f"machine: {machine()}")
+    print(f"config: {spec}: {n_experts} x {config.model.dit}, {d.frames} x {d.height} x {d.width}, "
+          f"{s.num_steps} steps, CFG {s.cfg_scale}, {config.model.compute_dtype}, attention {config.model.attention}; "
+          f"mesh {dict(mesh.shape)}")
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with sh.use_mesh(mesh, rules):
+        models = [trainer.build_dit(_seeded(config, i), mesh, rules) for i in range(n_experts)]
+        states = tuple(sampler.on_mesh(nnx.state(m), mesh, rules) for m in models)
+        vae = trainer.build_vae(config, mesh)
+        rng = np.random.default_rng(0)
+        video = jnp.asarray(rng.uniform(-1, 1, (2, d.frames, d.height, d.width, 3)), jnp.float32)  # source, camera
+
+        start = time.perf_counter()
+        latents = vae.encode(video).block_until_ready()
+        encode_first = time.perf_counter() - start
+        start = time.perf_counter()
+        latents = vae.encode(video).block_until_ready()
+        encode_s = time.perf_counter() - start
+
+        dit_cfg = models[0].config
+        ctx = jnp.asarray(0.1 * rng.standard_normal((2, 1, dit_cfg.text_len, dit_cfg.text_dim)), jnp.float32)
+        noise = jax.random.normal(jax.random.key(0), latents[:1].shape, jnp.float32)
+        call = jax.device_put((latents[:1], latents[1:], ctx[0], ctx[1], noise), replicated)
+        fn = sampler.sample_program(nnx.graphdef(models[0]), n_experts, config.model.expert_boundary if n_experts == 2
+                                    else None, s.cfg_scale, s.num_steps, s.shift)
+        start = time.perf_counter()
+        compiled = fn.lower(states, *call).compile()
+        compile_s = time.perf_counter() - start
+        plan = aot.Compiled.of("sample loop", compiled, compile_s)
+        out = compiled(states, *call).block_until_ready()  # warm-up
+        start = time.perf_counter()
+        out = compiled(states, *call).block_until_ready()
+        loop_s = time.perf_counter() - start
+
+        vae.decode(out).block_until_ready()  # compile
+        start = time.perf_counter()
+        vae.decode(out).block_until_ready()
+        decode_s = time.perf_counter() - start
+
+    per_step = loop_s / s.num_steps
+    step_flops = flops["forward"] / s.num_steps
+    print(f"FLOPs: {_si(flops['forward'])} for the loop ({_si(step_flops)} per step), VAE encode + decode "
+          f"{_si(flops['vae'])}")
+    line = (f"loop: {loop_s:.2f} s, {per_step:.3f} s per step (compile {compile_s:.1f} s), "
+            f"{_si(step_flops / per_step / len(jax.devices()))}/s per device")
+    if target.peak_flops:
+        ideal = step_flops / target.peak_flops
+        line += f"; analytic at the bf16 peak {ideal:.3f} s per step (MFU {100 * ideal / per_step:.1f}%)"
+    print(line)
+    print(f"VAE: encode {encode_s:.2f} s (first call {encode_first:.1f} s), decode {decode_s:.2f} s")
+    try:
+        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001
+        peak = None
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"memory per device: compiled loop plan {gib(plan.total)} (arguments {gib(plan.arguments)}, temporaries "
+          f"{gib(plan.temporaries)}); measured peak {gib(peak) if peak else 'n/a on ' + jax.default_backend()}")
+
+
+def _si(flops: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops / 1e6:.2f} MFLOP"
+
+
+def _seeded(config, i: int):
+    """The config with another seed: the second expert gets its own random weights."""
+    config = config.copy_and_resolve_references()
+    config.seed = config.seed + 1000 * i
+    return config
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""What fits where: runs ``python -m facecam_jax.aot`` over FaceCam's recipes on v5e, v5p and v6e
+slices (libtpu's compile-only client: no TPU needed) and prints the table of bench/RESULTS.md.
+
+    python bench/tpu_fit.py                    # every case not yet in --out, one compile at a time
+    python bench/tpu_fit.py --only a14b-train  # the cases whose name contains this
+    python bench/tpu_fit.py --table            # just print the table from the reports in --out
+
+Recipes (configs/facecam.py:nersemble, 81 x 704 x 480, bf16, attention auto -> splash):
+  a14b-train   one Wan2.2-I2V-A14B expert, FaceCam's trainable subset, AdamW, full remat
+  1.3b-train   wan2.1-t2v-1.3b widened to 36 channels, the same recipe
+  a14b-sample  both A14B experts resident, 50 Euler steps with CFG (batch 2), VAE encode/decode
+  1.3b-sample  the 1.3B, 50 steps with CFG
+Training meshes put one sample on each group of `context` chips (batch = chips / context,
+fsdp over those groups, parameters over fsdp x context); context 1 is "batch 1 per chip".
+Sampling meshes split the CFG batch of 2 over fsdp and the sequence over context.
+
+Each case is compiled only where the analytic estimate puts it near the edge: the smallest
+slice expected to fit and the next smaller one (to show that it does not). Each compile
+takes minutes on a CPU; reports are kept in --out (JSON, one per case) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RECIPES = {
+    "a14b-train": ("train", "nersemble"),
+    "1.3b-train": ("train", "nersemble,model.dit=wan2.1-t2v-1.3b"),
+    "a14b-sample": ("sample", "nersemble,num_steps=50"),
+    "1.3b-sample": ("sample", "nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=50"),
+}
+
+
+def topology(chip: str, chips: int) -> str:
+    """A slice of ``chips`` chips: v5e/v6e 2D (1x1 ... 16x16), v5p 3D (1x1x1 ... 4x4x4)."""
+    if chip == "v5p":
+        shapes = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"}
+    else:
+        shapes = {1: "1x1", 2: "1x2", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+    return f"{chip}:{shapes[chips]}"
+
+
+def case(recipe: str, chip: str, chips: int, context: int = 1) -> dict:
+    program, variant = RECIPES[recipe]
+    if program == "train":
+        overrides = f"batch_size={chips // context},mesh.fsdp=-1,mesh.context={context}"
+    else:
+        fsdp = 2 if chips >= 2 * context else 1  # the CFG batch of 2 over fsdp
+        overrides = f"mesh.fsdp={fsdp},mesh.context={context},mesh.data=-1" if fsdp * context != chips else \
+            f"mesh.fsdp={fsdp},mesh.context={context}"
+    name = f"{recipe}_{chip}x{chips}_c{context}"
+    return {"name": name, "recipe": recipe, "program": program, "topology": topology(chip, chips),
+            "config": f"configs/facecam.py:{variant},{overrides}"}
+
+
+# The smallest slice each recipe is expected to fit (from the analytic estimate in bench/RESULTS.md)
+# and the next smaller one, per chip. (recipe, chip, chips, context)
+CASES = [case(*c) for c in [
+    # One A14B expert: ~45 GiB of fp32 residual stream saved per sample (40 layers x 55,440 x 5120),
+    # plus 54 GB of bf16 weights, moments and gradients spread over all chips.
+    ("a14b-train", "v5p", 4, 1), ("a14b-train", "v5p", 2, 1), ("a14b-train", "v5p", 2, 2),
+    ("a14b-train", "v6e", 8, 4), ("a14b-train", "v6e", 4, 4),
+    ("a14b-train", "v5e", 16, 16), ("a14b-train", "v5e", 16, 8),
+    # 1.3B: ~10 GiB of residual stream per sample, 2.8 GB of weights.
+    ("1.3b-train", "v5p", 1, 1),
+    ("1.3b-train", "v6e", 1, 1),
+    ("1.3b-train", "v5e", 2, 2), ("1.3b-train", "v5e", 1, 1),
+    # Sampling: 2 x 28.6 GB of A14B weights over the slice; activations of one block.
+    ("a14b-sample", "v5p", 1, 1),
+    ("a14b-sample", "v6e", 4, 2), ("a14b-sample", "v6e", 2, 1),
+    ("a14b-sample", "v5e", 8, 4), ("a14b-sample", "v5e", 4, 2),
+    ("1.3b-sample", "v5e", 1, 1),
+]]
+
+
+def run(c: dict, out_dir: str) -> dict:
+    path = os.path.join(out_dir, c["name"] + ".json")
+    cmd = [sys.executable, "-m", "facecam_jax.aot", f"--config={c['config']}", "--topology", c["topology"],
+           "--program", c["program"], "--json", path]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    print(result.stdout, flush=True)
+    if result.returncode not in (0, 3):
+        print(result.stderr[-3000:], flush=True)
+        return {}
+    with open(path) as f:
+        report = json.load(f)
+    report.update(case=c, exit_code=result.returncode, wall_seconds=wall)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def _gib(n) -> str:
+    return "?" if n is None else f"{n / 2**30:.1f}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
+
+
+def table(reports: list[dict]) -> str:
+    rows = ["| recipe | slice | mesh (data/fsdp/context) | batch | remat | per-chip memory / HBM (GiB) | fits | "
+            "step at bf16 peak | compile |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    order = {name: i for i, name in enumerate(RECIPES)}
+    reports = sorted(reports, key=lambda r: (order[r["case"]["recipe"]], r["chip"], r["chips"], r["mesh"]["context"]))
+    for r in reports:
+        m = r["mesh"]
+        mesh = f"{m['data']}/{m['fsdp']}/{m['context']}" + (f"/t{m['tensor']}" if m["tensor"] > 1 else "")
+        memory = _gib(r["memory"]) + (" (XLA OOM)" if r.get("out_of_memory") else "")
+        step = r["step_seconds"]
+        step_text = (f"{step:.1f} s" if step < 600 else _duration(step)) if step else "?"
+        if r["program"] == "sample":
+            step_text += " per video"
+        rows.append(f"| {r['case']['recipe']} | {r['target']} ({r['chips']} chips) | {mesh} | {r['batch']} | "
+                    f"{r['remat']} | {memory} / {_gib(r['hbm'])} | {'yes' if r['fits'] else 'no'} | {step_text} | "
+                    f"{_duration(r['seconds'])} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "tpu_fit"), help="where the JSON reports go")
+    p.add_argument("--only", default="", help="run the cases whose name contains this")
+    p.add_argument("--table", action="store_true", help="print the table of the reports in --out; compile nothing")
+    p.add_argument("--force", action="store_true", help="compile again cases that already have a report")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if not args.table:
+        for c in CASES:
+            if args.only not in c["name"]:
+                continue
+            if not args.force and os.path.exists(os.path.join(args.out, c["name"] + ".json")):
+                continue
+            run(c, args.out)
+    reports = []
+    for name in sorted(os.listdir(args.out)):
+        if name.endswith(".json"):
+            with open(os.path.join(args.out, name)) as f:
+                report = json.load(f)
+            if "case" in report:
+                reports.append(report)
+    print(table(reports))
+
+
+if __name__ == "__main__":
+    main()

@@ -69,6 +69,9 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.2-i2v-a14b": _14B.replace(in_dim=36),  # the official FaceCam base
     "wan2.2-ti2v-5b": DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
+    # The learning proof (configs/facecam.py:learn): trained from scratch on a 2-core CPU. Head
+    # dim 128 and text_len 512 as the full presets, so a checkpoint of it infers back to it.
+    "small": DiTConfig(dim=256, ffn_dim=1024, num_heads=2, num_layers=4, freq_dim=64, text_dim=32),
 }
 
 # Exact parameter counts of the full presets (diffusers WanTransformer3DModel, same shapes).

@@ -3,12 +3,18 @@
     python -m facecam_jax.train --config configs/facecam.py               # mini, laptop-sized
     python -m facecam_jax.train --config configs/facecam.py:mini,frames=21
     python -m facecam_jax.train --config configs/facecam.py:nersemble --config.data.multiview_root=/data/nersemble
+    python tools/train_mini_vae.py && python -m facecam_jax.train --config configs/facecam.py:learn --workdir runs/learn
 
 Variants:
   mini       (default) tiny random DiT and VAE (FaceCam's exact input layout at toy width) on
              the carphone mini multi-view dataset (built and cached on first use,
              facecam_jax/data/mini_dataset.py) plus carphone as in-the-wild video;
              17 frames at stride 3, 64x48, batch 2, 30 steps: runs on a laptop CPU.
+  learn      the learning proof (bench/learn_mini.py, bench/RESULTS.md): the mini dataset at
+             9 frames, stride 1, with time windows 4, 8 and -1 and camera 4 held out; the
+             mini VAE trained for reconstruction (tools/train_mini_vae.py, data/learned_mini/vae)
+             and the `small` DiT trained from scratch (every parameter), batch 4, 1200 steps,
+             on a 2-core CPU.
   nersemble  the paper's recipe (SPEC 6, 7): Wan2.2-I2V-A14B experts, 81 frames at stride 3,
              704x480, NeRSemble v2 plus a folder of in-the-wild videos, AdamW 5e-5, batch 24,
              3K steps; set data.multiview_root, data.wild_root, model.dit_checkpoint,
@@ -22,9 +28,14 @@ or by its dotted path (`data.mini.num_cameras=6`, `optimizer.lr=1e-4`). With abs
 from __future__ import annotations
 
 import ast
+import os
 
 import ml_collections
 from ml_collections import config_dict
+
+
+# The mini VAE trained for reconstruction by tools/train_mini_vae.py (the `learn` variant's VAE).
+LEARNED_VAE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "learned_mini", "vae")
 
 
 def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
@@ -44,6 +55,11 @@ def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
     data.stride = 3  # multi-view temporal stride (NeRSemble is captured at ~73 fps)
     data.window_step = 0  # frames between multi-view sample windows; 0: windows do not overlap
     data.wild_stride = 1  # in-the-wild samples are the first `frames` frames
+    # Held-out evaluation data (facecam_jax.data.pipeline.heldout_source): indices into each
+    # sequence's non-overlapping windows (negative from the end), and camera positions (serial
+    # order). Training never sees a frame of a held-out window, nor a held-out camera.
+    data.holdout_windows = ()
+    data.holdout_cameras = ()
 
     # Augmentation (SPEC 6; paper Algorithms 1-3).
     data.max_shots = 4  # K ~ U{1..max_shots} target cameras per multi-view sample
@@ -72,6 +88,13 @@ def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
 
     if variant == "mini":
         pass
+    elif variant == "learn":
+        data.frames = 9  # half the VAE encoding per step of 17 frames: twice the steps in the hour
+        data.stride = 1  # 120 frames: 13 non-overlapping windows of 9
+        data.window_step = 4
+        data.holdout_windows = (4, 8, -1)  # frames 36-44, 72-80 and 108-116
+        data.holdout_cameras = (4,)  # (yaw 12, pitch -9): between cameras 0, 2, 6 and 7
+        data.batch_size = 4
     elif variant == "nersemble":
         data.dataset = "files"
         data.frames = 81
@@ -81,7 +104,7 @@ def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
         data.workers = 8
         data.prefetch = 2
     else:
-        raise ValueError(f"unknown config variant {variant!r}; use 'mini' or 'nersemble'")
+        raise ValueError(f"unknown config variant {variant!r}; use 'mini', 'learn' or 'nersemble'")
     return data
 
 
@@ -110,6 +133,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     text.embeddings = ""
     text.prompt = "A portrait of a person"
 
+    if variant == "learn":
+        model.dit = "small"
+        vae.checkpoint = LEARNED_VAE
     if variant == "nersemble":
         model.dit = "wan2.2-i2v-a14b"
         model.param_dtype = "bfloat16"
@@ -147,6 +173,14 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
     mesh.fsdp = -1
     mesh.context = 1
     mesh.tensor = 1
+    if variant == "learn":  # from scratch: every parameter, a higher constant lr
+        train.steps = 1200
+        train.log_every = 25
+        train.checkpoint_every = 200
+        train.preview_every = 200
+        train.trainable = ("all",)
+        train.shift = 3.0  # latents of 3 x 8 x 6: less shift than FaceCam's 5 (its latents are 21 x 88 x 60)
+        optimizer.lr = 3e-4
     if variant == "nersemble":
         train.steps = 3000
         train.log_every = 10
@@ -168,6 +202,10 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     sample.high_noise_overlay = ()
     sample.low_noise_checkpoint = ""
     sample.low_noise_overlay = ()
+    if variant == "learn":
+        sample.num_steps = 20
+        sample.shift = 3.0
+        sample.framing = "source"  # the proxy head starts where the source face is, as in its training maps
     if variant == "nersemble":
         sample.num_steps = 50
     return sample

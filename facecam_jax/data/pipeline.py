@@ -11,7 +11,8 @@ same set of samples with the same augmentation draws on 1 process or 64. The dat
 is therefore one global number, the count of batches consumed: a checkpoint written by N
 processes resumes with M (`start_batch`). A sample a transform had to drop (unreadable
 video, no face) is replaced by a fixed other position of the stream, again the same for
-every process count.
+every process count. Windows and cameras named by data.holdout_windows / holdout_cameras never
+enter the stream; `heldout_source` returns the held-out windows for evaluation.
 
 A batch is a dict of numpy arrays with a leading per-process batch dimension B:
   source, target, camera   uint8 [B, T, H, W, 3]   (camera: the landmark-map video)
@@ -51,27 +52,41 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def build_sources(data) -> tuple[sources_lib.MultiViewSource | None,
-                                 sources_lib.WildVideoSource | None]:
-    """The multi-view and in-the-wild sources `data` names (None where it names none)."""
-    multiview_root, wild_root = data.multiview_root, data.wild_root
-    layout = data.multiview_layout
+def _data_roots(data) -> tuple[str, str, str]:
+    """(multi-view root, in-the-wild root, multi-view layout) of `data`."""
     if data.dataset == "mini":
         from facecam_jax.data import mini_dataset
 
         built = mini_dataset.build(data.mini.height, data.mini.width, data.mini.num_cameras)
-        multiview_root, wild_root, layout = built.nersemble_root, built.wild_root, "nersemble"
-    elif data.dataset != "files":
+        return built.nersemble_root, built.wild_root, "nersemble"
+    if data.dataset != "files":
         raise ValueError(f"data.dataset must be 'mini' or 'files', got {data.dataset!r}")
+    return data.multiview_root, data.wild_root, data.multiview_layout
+
+
+def _holdout(data) -> dict:
+    return {"holdout_windows": tuple(data.get("holdout_windows", ())),
+            "holdout_cameras": tuple(data.get("holdout_cameras", ()))}
+
+
+def build_sources(data) -> tuple[sources_lib.MultiViewSource | None,
+                                 sources_lib.WildVideoSource | None]:
+    """The multi-view and in-the-wild sources `data` names (None where it names none).
+
+    The multi-view source is the training split: without data.holdout_windows and
+    data.holdout_cameras (`heldout_source` gives the held-out windows)."""
+    multiview_root, wild_root, layout = _data_roots(data)
     prepared = data.prepared_root or None
     multiview = wild = None
     if multiview_root:
         multiview = sources_lib.multiview_source(
             layout, multiview_root, frames=data.frames, stride=data.stride,
-            window_step=data.window_step or None, prepared_root=prepared)
+            window_step=data.window_step or None, prepared_root=prepared, **_holdout(data))
     if wild_root and data.wild_ratio != 0.0:
         wild = sources_lib.wild_source(wild_root, frames=data.frames, stride=data.wild_stride,
                                        prepared_root=prepared)
+        if data.dataset == "mini" and multiview is not None and data.get("holdout_windows"):
+            _check_mini_wild_clip(data, multiview)
     if multiview is not None and data.wild_ratio == 1.0:
         multiview = None
     for source in (multiview, wild):
@@ -82,6 +97,37 @@ def build_sources(data) -> tuple[sources_lib.MultiViewSource | None,
             "no training samples: set data.multiview_root and/or data.wild_root (or use "
             f"data.dataset='mini'); found multi-view {multiview!r}, in-the-wild {wild!r}")
     return multiview, wild
+
+
+def _check_mini_wild_clip(data, multiview: sources_lib.MultiViewSource) -> None:
+    """The mini dataset's in-the-wild video is the footage its cameras render: its training
+    clip (the first frames) must not reach into a held-out window."""
+    clip_end = (data.frames - 1) * data.wild_stride + 1
+    for seq in multiview.sequences:
+        for start in sources_lib.heldout_starts(seq.num_frames, data.frames, data.stride,
+                                                data.holdout_windows):
+            if start < clip_end:
+                raise ValueError(
+                    f"held-out window starting at frame {start} overlaps the mini dataset's in-the-wild "
+                    f"clip (frames 0..{clip_end - 1} of the same footage); hold out later windows or "
+                    "set data.wild_ratio=0.0")
+
+
+def heldout_source(data) -> sources_lib.MultiViewSource:
+    """The held-out windows of `data`'s multi-view dataset (every camera): evaluation samples.
+
+    Records as in training (`source[i]`: sequence, start, stride, frames); the windows are
+    those data.holdout_windows names, which the training split never touches."""
+    multiview_root, _, layout = _data_roots(data)
+    if not multiview_root:
+        raise ValueError("held-out windows need a multi-view dataset: set data.multiview_root "
+                         "(or data.dataset='mini')")
+    if not data.get("holdout_windows"):
+        raise ValueError("no held-out windows: set data.holdout_windows (e.g. (2, -1)); see "
+                         "configs/facecam.py:learn")
+    return sources_lib.multiview_source(
+        layout, multiview_root, frames=data.frames, stride=data.stride,
+        prepared_root=data.prepared_root or None, split="heldout", **_holdout(data))
 
 
 def _branch(source, transforms: list, *, seed: int, tag: int, shuffle: bool) -> grain.MapDataset:

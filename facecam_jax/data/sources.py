@@ -95,6 +95,33 @@ def window_starts(num_frames: int, frames: int, stride: int, window_step: int | 
     return list(range(0, num_frames - span + 1, step))
 
 
+def heldout_starts(num_frames: int, frames: int, stride: int, windows: Sequence[int]) -> list[int]:
+    """Start frames of the held-out windows: indices (negative from the end) into the
+    sequence's NON-overlapping windows (`window_starts` with no step), sorted."""
+    grid = window_starts(num_frames, frames, stride, None)
+    out = set()
+    for w in windows:
+        if not -len(grid) <= int(w) < len(grid):
+            raise ValueError(f"held-out window {w} does not exist: a sequence of {num_frames} frames has "
+                             f"{len(grid)} non-overlapping windows of {frames} frames at stride {stride}; "
+                             f"use indices in [-{len(grid)}, {len(grid)})")
+        out.add(grid[int(w)])
+    return sorted(out)
+
+
+def without_cameras(seq: "MultiViewSequence", cameras: Sequence[int]) -> "MultiViewSequence":
+    """The sequence without the cameras at positions `cameras` (and their calibration rows)."""
+    drop = {int(c) for c in cameras}
+    bad = sorted(c for c in drop if not 0 <= c < len(seq.cameras))
+    if bad:
+        raise ValueError(f"held-out cameras {bad} do not exist: sequence {seq.name} has cameras "
+                         f"0..{len(seq.cameras) - 1} ({', '.join(c.name for c in seq.cameras)})")
+    keep = [k for k in range(len(seq.cameras)) if k not in drop]
+    pick = (lambda a: None if a is None else a[keep])  # noqa: E731
+    return MultiViewSequence(seq.name, tuple(seq.cameras[k] for k in keep), pick(seq.world_2_cam),
+                             pick(seq.intrinsics))
+
+
 def _stream_info(path: str, prepared: str | None) -> tuple[int, int, int]:
     """(num_frames, height, width) of a video or image directory; from the prepared
     meta.json when there is one (written by tools/prepare_dataset.py)."""
@@ -300,21 +327,42 @@ class MultiViewSource(grain.sources.RandomAccessDataSource):
 
     `source[i]` is a record {"kind", "index", "sequence", "start", "stride", "frames"}; the
     source camera, target cameras and shot windows are drawn later (transforms.MultiShotStitch).
+
+    Held-out evaluation data: `holdout_windows` indexes each sequence's non-overlapping windows
+    (`heldout_starts`) and `holdout_cameras` its cameras (positions in serial order). The
+    "train" split keeps only windows that share no frame with a held-out window and drops the
+    held-out cameras; the "heldout" split is exactly the held-out windows, with every camera.
     """
 
     def __init__(self, sequences: Sequence[MultiViewSequence], *, frames: int, stride: int,
-                 window_step: int | None = None, skipped: Sequence[tuple[str, str]] = ()):
+                 window_step: int | None = None, skipped: Sequence[tuple[str, str]] = (),
+                 holdout_windows: Sequence[int] = (), holdout_cameras: Sequence[int] = (),
+                 split: str = "train"):
         if frames < 1 or stride < 1:
             raise ValueError(f"frames and stride must be >= 1, got {frames} and {stride}")
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        self.split = split
         self.sequences = list(sequences)
+        if split == "train" and holdout_cameras:
+            self.sequences = [without_cameras(seq, holdout_cameras) for seq in self.sequences]
         self.frames, self.stride = frames, stride
         self.skipped = list(skipped)
         span = (frames - 1) * stride + 1
         self._index: list[tuple[int, int]] = []
         for k, seq in enumerate(self.sequences):
-            starts = window_starts(seq.num_frames, frames, stride, window_step)
+            held = heldout_starts(seq.num_frames, frames, stride, holdout_windows) if holdout_windows else []
+            if split == "heldout":
+                starts = held
+            else:  # no training frame inside a held-out window
+                starts = [s for s in window_starts(seq.num_frames, frames, stride, window_step)
+                          if all(s + span <= h or h + span <= s for h in held)]
             if not starts:
                 reason = f"{seq.num_frames} frames, fewer than one sample ({frames} at stride {stride} = {span})"
+                if split == "heldout" and not holdout_windows:
+                    reason = "no held-out windows were asked for (data.holdout_windows)"
+                elif held and window_starts(seq.num_frames, frames, stride, None):
+                    reason = f"every training window overlaps a held-out window (starts {held})"
                 log.warning("skipping sequence %s: %s", seq.name, reason)
                 self.skipped.append((seq.name, reason))
             self._index += [(k, s) for s in starts]
@@ -328,7 +376,8 @@ class MultiViewSource(grain.sources.RandomAccessDataSource):
                 "stride": self.stride, "frames": self.frames}
 
     def __repr__(self) -> str:
-        return (f"MultiViewSource({len(self.sequences)} sequences, {len(self)} samples, "
+        split = "" if self.split == "train" else "held-out split, "
+        return (f"MultiViewSource({split}{len(self.sequences)} sequences, {len(self)} samples, "
                 f"{self.frames} frames at stride {self.stride}, {len(self.skipped)} skipped)")
 
 
@@ -364,8 +413,10 @@ class WildVideoSource(grain.sources.RandomAccessDataSource):
 def multiview_source(layout: str, root: str, *, frames: int, stride: int,
                      window_step: int | None = None, prepared_root: str | None = None,
                      participants: Sequence[int] | None = None,
-                     sequences: Sequence[str] | None = None) -> MultiViewSource:
-    """The multi-view source of a `layout` ('nersemble' or 'processed') dataset at `root`."""
+                     sequences: Sequence[str] | None = None, holdout_windows: Sequence[int] = (),
+                     holdout_cameras: Sequence[int] = (), split: str = "train") -> MultiViewSource:
+    """The multi-view source of a `layout` ('nersemble' or 'processed') dataset at `root`
+    (its training split, or with split='heldout' its held-out windows: see MultiViewSource)."""
     if layout == "nersemble":
         found, skipped = discover_nersemble(root, participants=participants, sequences=sequences,
                                             prepared_root=prepared_root)
@@ -374,7 +425,8 @@ def multiview_source(layout: str, root: str, *, frames: int, stride: int,
     else:
         raise ValueError(f"unknown multi-view layout {layout!r}; use 'nersemble' or 'processed'")
     return MultiViewSource(found, frames=frames, stride=stride, window_step=window_step,
-                           skipped=skipped)
+                           skipped=skipped, holdout_windows=holdout_windows,
+                           holdout_cameras=holdout_cameras, split=split)
 
 
 def wild_source(root: str, *, frames: int, stride: int = 1,

@@ -2,7 +2,7 @@
 the VAE encode / decode around it, and peak memory.
 
     python bench/sample.py                     # GPU: wan2.1-t2v-1.3b, 81 x 704 x 480, 50 steps, CFG 5
-    python bench/sample.py --a14b              # H200: two Wan2.2-A14B-shaped random experts, both resident
+    python bench/sample.py --a14b --steps 2    # H200: two Wan2.2-A14B-shaped random experts, both resident
     python bench/sample.py --tiny              # CPU smoke run: the mini config, 3 steps
 
 The loop is ``sampler.sample_program`` (one jitted Euler scan, cond and uncond in one batch of
@@ -34,6 +34,10 @@ def main(argv=None):
     p.add_argument("--config", default=None, help=f"config variant and overrides (default {FULL!r})")
     p.add_argument("--a14b", action="store_true", help=f"both Wan2.2-A14B-shaped experts ({A14B!r})")
     p.add_argument("--tiny", action="store_true", help=f"the CPU smoke config ({TINY!r})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Euler steps to time (default: sample.num_steps); the loop is one scan, so the time per "
+                        "step does not depend on the count")
+    p.add_argument("--no-vae", action="store_true", help="skip the VAE encode/decode timing (latents are random)")
     args = p.parse_args(argv)
 
     import jax
@@ -48,6 +52,8 @@ def main(argv=None):
 
     spec = args.config or (TINY if args.tiny else A14B if args.a14b else FULL)
     config = load_config(spec)
+    if args.steps:
+        config.sample.num_steps = args.steps
     target = aot.make_target(None)
     mesh = trainer.mesh_from_config(config)
     rules = sh.rules_from_config(config.get("sharding_rules"))
@@ -65,14 +71,21 @@ def main(argv=None):
         states = tuple(sampler.on_mesh(nnx.state(m), mesh, rules) for m in models)
         vae = trainer.build_vae(config, mesh)
         rng = np.random.default_rng(0)
-        video = jnp.asarray(rng.uniform(-1, 1, (2, d.frames, d.height, d.width, 3)), jnp.float32)  # source, camera
-
-        start = time.perf_counter()
-        latents = vae.encode(video).block_until_ready()
-        encode_first = time.perf_counter() - start
-        start = time.perf_counter()
-        latents = vae.encode(video).block_until_ready()
-        encode_s = time.perf_counter() - start
+        encode_s = encode_first = decode_s = None
+        if args.no_vae:
+            vc = vae.config
+            shape = (2, 1 + (d.frames - 1) // vc.temporal_stride, d.height // vc.spatial_stride,
+                     d.width // vc.spatial_stride, vc.z_dim)
+            latents = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        else:
+            video = jnp.asarray(rng.uniform(-1, 1, (2, d.frames, d.height, d.width, 3)), jnp.float32)  # source, camera
+            start = time.perf_counter()
+            latents = vae.encode(video).block_until_ready()
+            encode_first = time.perf_counter() - start
+            start = time.perf_counter()
+            latents = vae.encode(video).block_until_ready()
+            encode_s = time.perf_counter() - start
+        print(f"models built ({n_experts} x {_si_params(models[0])} parameters)", flush=True)
 
         dit_cfg = models[0].config
         ctx = jnp.asarray(0.1 * rng.standard_normal((2, 1, dit_cfg.text_len, dit_cfg.text_dim)), jnp.float32)
@@ -84,15 +97,16 @@ def main(argv=None):
         compiled = fn.lower(states, *call).compile()
         compile_s = time.perf_counter() - start
         plan = aot.Compiled.of("sample loop", compiled, compile_s)
-        out = compiled(states, *call).block_until_ready()  # warm-up
+        print(f"loop compiled in {compile_s:.1f} s", flush=True)
         start = time.perf_counter()
-        out = compiled(states, *call).block_until_ready()
+        out = compiled(states, *call).block_until_ready()  # compiled already: no warm-up needed
         loop_s = time.perf_counter() - start
 
-        vae.decode(out).block_until_ready()  # compile
-        start = time.perf_counter()
-        vae.decode(out).block_until_ready()
-        decode_s = time.perf_counter() - start
+        if not args.no_vae:
+            vae.decode(out).block_until_ready()  # compile
+            start = time.perf_counter()
+            vae.decode(out).block_until_ready()
+            decode_s = time.perf_counter() - start
 
     per_step = loop_s / s.num_steps
     step_flops = flops["forward"] / s.num_steps
@@ -104,7 +118,9 @@ def main(argv=None):
         ideal = step_flops / target.peak_flops
         line += f"; analytic at the bf16 peak {ideal:.3f} s per step (MFU {100 * ideal / per_step:.1f}%)"
     print(line)
-    print(f"VAE: encode {encode_s:.2f} s (first call {encode_first:.1f} s), decode {decode_s:.2f} s")
+    print(f"50 Euler steps: {50 * per_step:.1f} s")
+    if encode_s is not None:
+        print(f"VAE: encode {encode_s:.2f} s (first call {encode_first:.1f} s), decode {decode_s:.2f} s")
     try:
         peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     except Exception:  # noqa: BLE001
@@ -119,6 +135,13 @@ def _si(flops: float) -> str:
         if flops >= scale:
             return f"{flops / scale:.2f} {unit}"
     return f"{flops / 1e6:.2f} MFLOP"
+
+
+def _si_params(model) -> str:
+    from facecam_jax.models.wan_dit import param_count
+
+    n = param_count(model)
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def _seeded(config, i: int):

@@ -47,43 +47,53 @@ def topology(chip: str, chips: int) -> str:
     return f"{chip}:{shapes[chips]}"
 
 
-def case(recipe: str, chip: str, chips: int, context: int = 1) -> dict:
+def case(recipe: str, chip: str, chips: int, context: int = 1, vae: bool = True) -> dict:
     program, variant = RECIPES[recipe]
+    groups = chips // context  # training: one sample per group; sampling: the CFG batch over them (<= 2)
     if program == "train":
-        overrides = f"batch_size={chips // context},mesh.fsdp=-1,mesh.context={context}"
+        overrides = f"batch_size={groups},mesh.fsdp={groups},mesh.context={context}"
     else:
-        fsdp = 2 if chips >= 2 * context else 1  # the CFG batch of 2 over fsdp
-        overrides = f"mesh.fsdp={fsdp},mesh.context={context},mesh.data=-1" if fsdp * context != chips else \
-            f"mesh.fsdp={fsdp},mesh.context={context}"
+        assert groups <= 2, "sampling splits a batch of 2: use context for the rest"
+        overrides = f"mesh.fsdp={groups},mesh.context={context}"
     name = f"{recipe}_{chip}x{chips}_c{context}"
     return {"name": name, "recipe": recipe, "program": program, "topology": topology(chip, chips),
-            "config": f"configs/facecam.py:{variant},{overrides}"}
+            "config": f"configs/facecam.py:{variant},{overrides}", "vae": vae}
 
 
-# The smallest slice each recipe is expected to fit (from the analytic estimate in bench/RESULTS.md)
-# and the next smaller one, per chip. (recipe, chip, chips, context)
+# Per recipe and chip: the smallest slice the analytic estimate expects to fit, then the next
+# smaller one (to show that it does not), in the order they are compiled. (recipe, chip, chips, context)
 CASES = [case(*c) for c in [
-    # One A14B expert: ~45 GiB of fp32 residual stream saved per sample (40 layers x 55,440 x 5120),
-    # plus 54 GB of bf16 weights, moments and gradients spread over all chips.
-    ("a14b-train", "v5p", 4, 1), ("a14b-train", "v5p", 2, 1), ("a14b-train", "v5p", 2, 2),
-    ("a14b-train", "v6e", 8, 4), ("a14b-train", "v6e", 4, 4),
-    ("a14b-train", "v5e", 16, 16), ("a14b-train", "v5e", 16, 8),
-    # 1.3B: ~10 GiB of residual stream per sample, 2.8 GB of weights.
-    ("1.3b-train", "v5p", 1, 1),
+    # One A14B expert, batch 1 per chip (context 1), fits a 4-chip v5p at 88 GiB per chip: 11 GiB
+    # of weights, moments and the VAE, and 77 GiB of temporaries, mostly the fp32 residual stream
+    # that full remat keeps per block (40 x 55,440 x 5120 x 4 B = 42 GiB) and one block's backward.
+    # The temporaries shrink with context parallelism (the sequence split over `context` chips).
+    ("a14b-train", "v5p", 4, 1),
+    ("a14b-sample", "v5p", 1, 1),  # 53 GiB of bf16 experts + one block's activations at batch 2
+    ("a14b-train", "v5p", 2, 2),
+    ("a14b-train", "v6e", 8, 4),
+    ("a14b-train", "v5e", 16, 8),
+    # 1.3B: 4 GB of state, ~10 GiB of residual stream per sample.
     ("1.3b-train", "v6e", 1, 1),
-    ("1.3b-train", "v5e", 2, 2), ("1.3b-train", "v5e", 1, 1),
-    # Sampling: 2 x 28.6 GB of A14B weights over the slice; activations of one block.
-    ("a14b-sample", "v5p", 1, 1),
-    ("a14b-sample", "v6e", 4, 2), ("a14b-sample", "v6e", 2, 1),
-    ("a14b-sample", "v5e", 8, 4), ("a14b-sample", "v5e", 4, 2),
+    ("1.3b-train", "v5e", 2, 2),
+    ("a14b-sample", "v6e", 4, 2),
+    ("a14b-sample", "v5e", 8, 4),
     ("1.3b-sample", "v5e", 1, 1),
+    # The next smaller slices. Sampling slices that cannot hold the experts' loop: its VAE programs
+    # (5-15 min compiles each on two cores) are not compiled.
+    ("a14b-sample", "v6e", 2, 1, False),
+    ("a14b-sample", "v5e", 4, 2, False),
+    ("1.3b-train", "v5e", 1, 1),
+    ("a14b-train", "v6e", 4, 4),
+    ("a14b-train", "v5e", 8, 8),
+    ("a14b-train", "v5p", 1, 1),
+    ("a14b-train", "v5p", 2, 1),  # batch 1 per chip on 2 chips
 ]]
 
 
 def run(c: dict, out_dir: str) -> dict:
     path = os.path.join(out_dir, c["name"] + ".json")
     cmd = [sys.executable, "-m", "facecam_jax.aot", f"--config={c['config']}", "--topology", c["topology"],
-           "--program", c["program"], "--json", path]
+           "--program", c["program"], "--json", path] + ([] if c.get("vae", True) else ["--novae"])
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -126,8 +136,11 @@ def table(reports: list[dict]) -> str:
         step_text = (f"{step:.1f} s" if step < 600 else _duration(step)) if step else "?"
         if r["program"] == "sample":
             step_text += " per video"
-        rows.append(f"| {r['case']['recipe']} | {r['target']} ({r['chips']} chips) | {mesh} | {r['batch']} | "
-                    f"{r['remat']} | {memory} / {_gib(r['hbm'])} | {'yes' if r['fits'] else 'no'} | {step_text} | "
+        programs = "" if r["program"] == "train" or r["case"].get("vae", True) else " (loop only)"
+        chips = f"{r['chips']} chip{'s' if r['chips'] > 1 else ''}"
+        remat = r["remat"] if r["program"] == "train" else "-"
+        rows.append(f"| {r['case']['recipe']}{programs} | {r['target']} ({chips}) | {mesh} | {r['batch']} | "
+                    f"{remat} | {memory} / {_gib(r['hbm'])} | {'yes' if r['fits'] else 'no'} | {step_text} | "
                     f"{_duration(r['seconds'])} |")
     return "\n".join(rows)
 

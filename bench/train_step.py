@@ -80,6 +80,7 @@ def main(argv=None):
         compiled = program.lower().compile()
         compile_s = time.perf_counter() - start
         plan = aot.Compiled.of("train step", compiled, compile_s)
+        print(f"step compiled in {compile_s:.1f} s", flush=True)
         state = program.state
 
         def step(state):

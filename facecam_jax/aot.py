@@ -551,10 +551,11 @@ class Report:
         mesh = " ".join(f"{k} {v}" for k, v in self.mesh.items())
         lines = [
             f"program    {self.program} ({self.config})",
-            f"target     {self.target}: {self.devices} x {self.chip} devices ({self.chips} chips), mesh {mesh}",
+            f"target     {self.target}: {self.devices} x {self.chip} devices ({self.chips} chip"
+            f"{'s' if self.chips > 1 else ''}), mesh {mesh}",
             f"model      {self.model}, {self.experts} x {_count(self.params / self.experts)} parameters"
             + (f", {_count(self.trainable)} trainable" if self.trainable else "")
-            + f", remat {self.remat}, attention {self.attention}",
+            + (f", remat {self.remat}" if self.program == "train" else "") + f", attention {self.attention}",
             f"input      batch {self.batch}, {self.tokens:,} tokens per sample",
         ]
         for c in self.compiled:

@@ -92,6 +92,15 @@ def test_hbm_and_out_of_memory_messages():
     assert aot._required_from_message(message) == 2**40
 
 
+def test_local_devices_report_without_a_memory_limit():
+    # No --topology: the local devices (here 8 fake CPU devices, which report no memory limit).
+    report = aot.analyze(load_config("mini"), "sample", None, with_vae=False)
+    assert report.target == "local" and report.devices == len(jax.devices()) and report.hbm is None
+    (loop,) = report.compiled
+    assert loop.arguments > 0 and loop.total == report.memory
+    assert report.fits is None and report.exit_code == aot.FITS and "verdict    unknown" in report.text()
+
+
 # ------------------------------------------------------------------ the command line, TPU targets
 
 

@@ -59,12 +59,12 @@ def load_experts(config, mesh, rules, workdir: str | None = None) -> Experts:
         high = load_dit(s.high_noise_checkpoint, overlay=list(s.high_noise_overlay) or None, **kw)
         low = load_dit(s.low_noise_checkpoint, overlay=list(s.low_noise_overlay) or None, **kw)
         return Experts([high, low], m.expert_boundary)
-    model = trainer.build_dit(config, mesh, rules)
     exported = sorted(glob.glob(os.path.join(workdir, "facecam*.safetensors"))) if workdir else []
+    if workdir and not exported:  # before the model is built: a wrong path fails at once
+        raise FileNotFoundError(f"no trained weights (facecam*.safetensors) in {workdir}; train first or drop --workdir")
+    model = trainer.build_dit(config, mesh, rules)
     for path in exported:
         log.info("%s", overlay_dit(model, path).summary())
-    if workdir and not exported:
-        raise FileNotFoundError(f"no trained weights (facecam*.safetensors) in {workdir}; train first or drop --workdir")
     return Experts([model])
 
 
@@ -165,6 +165,9 @@ def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | No
     from facecam_jax.camera.preview import build_condition
 
     d, s = config.data, config.sample
+    if config.text.embeddings and not os.path.exists(config.text.embeddings):  # before any model loads
+        raise FileNotFoundError(f"text.embeddings {config.text.embeddings!r} does not exist "
+                                "(write it with tools/encode_prompt.py, or set it to '' for the zero context)")
     if source_frames.shape != (d.frames, d.height, d.width, 3):
         raise ValueError(
             f"source frames are {source_frames.shape}, the config expects {(d.frames, d.height, d.width, 3)}; "
@@ -217,7 +220,8 @@ def default_source_video() -> str:
 
 def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | None, seed: int,
         fps: float = 24.0, require_face: bool = False) -> Sequence[str]:
-    """The sampling script: reads, generates, writes ``out`` and ``<out>_compare.mp4``."""
+    """The sampling script: reads, generates, writes ``out`` and ``<out>_compare.mp4``. Without
+    ``workdir`` the weights in ``config.sample.weights`` (if any) are overlaid."""
     from facecam_jax.camera import source, trajectories
     from facecam_jax.data.video import write_video
 
@@ -225,6 +229,7 @@ def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | 
     frames = source.load_source(video or default_source_video(), d.frames, d.height, d.width,
                                 require_face=require_face)
     path = trajectories.load_trajectory(trajectory, d.frames)
+    workdir = workdir or config.sample.get("weights") or None  # the config's shipped weights
     result = generate(config, frames, path, workdir=workdir, seed=seed)
     compare = os.path.splitext(out)[0] + "_compare.mp4"
     write_video(out, result.video, fps)

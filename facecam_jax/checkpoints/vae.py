@@ -365,3 +365,23 @@ def load_vae(path: str | os.PathLike, *, config: wv.VAEConfig | None = None, dty
     path = os.fspath(path)
     refs = open_checkpoint(path)
     return load_vae_state_dict(refs, config=config, dtype=dtype, source=path, stats=_diffusers_stats(path))
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_vae(vae: wv.WanVAE, path: str | os.PathLike) -> str:
+    """Writes ``vae`` as a diffusers ``AutoencoderKLWan`` folder (``config.json`` with its latent
+    statistics + ``diffusion_pytorch_model.safetensors``, fp32); ``load_vae(path)`` reads it
+    back with the same architecture and statistics (any width: the config is inferred from
+    the shapes). Returns the folder."""
+    from facecam_jax.checkpoints.io import write_safetensors
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    config = {"_class_name": "AutoencoderKLWan", **diffusers_config(vae.config)}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tensors = {k: v.astype(np.float32) for k, v in export_state_dict(vae, DIFFUSERS).items()}
+    write_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"), tensors, metadata={"format": "pt"})
+    return path

@@ -75,17 +75,18 @@ CASES = [case(*c) for c in [
     # 1.3B: 4 GB of state, ~10 GiB of residual stream per sample.
     ("1.3b-train", "v6e", 1, 1),
     ("1.3b-train", "v5e", 2, 2),
+    ("1.3b-sample", "v5e", 1, 1),
+    # The next smaller slice, to show that it does not fit.
+    ("a14b-train", "v5p", 1, 1),
     ("a14b-sample", "v6e", 4, 2),
     ("a14b-sample", "v5e", 8, 4),
-    ("1.3b-sample", "v5e", 1, 1),
-    # The next smaller slices. Sampling slices that cannot hold the experts' loop: its VAE programs
-    # (5-15 min compiles each on two cores) are not compiled.
+    # More next-smaller slices. Sampling slices that cannot hold the experts' loop: its VAE
+    # programs (5-15 min compiles each on two cores) are not compiled.
+    ("1.3b-train", "v5e", 1, 1),
     ("a14b-sample", "v6e", 2, 1, False),
     ("a14b-sample", "v5e", 4, 2, False),
-    ("1.3b-train", "v5e", 1, 1),
     ("a14b-train", "v6e", 4, 4),
     ("a14b-train", "v5e", 8, 8),
-    ("a14b-train", "v5p", 1, 1),
     ("a14b-train", "v5p", 2, 1),  # batch 1 per chip on 2 chips
 ]]
 

@@ -46,8 +46,13 @@ class VAETraining:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50
+    # "all", or "decoder": only post_quant_conv and the decoder learn, so the latent space (and
+    # a DiT trained on it) stays as it is; e.g. to fine-tune the decoder on longer clips.
+    trainable: str = "all"
 
     def __post_init__(self):
+        if self.trainable not in ("all", "decoder"):
+            raise ValueError(f"trainable must be 'all' or 'decoder', got {self.trainable!r}")
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ValueError(f"frames must be 1 + 4k (the Wan VAE's temporal stride), got {self.frames}")
         if self.steps < 0 or self.clips < 1:
@@ -112,7 +117,18 @@ def make_optimizer(settings: VAETraining) -> optax.GradientTransformation:
         decay_steps=max(settings.steps, 1), end_value=0.05 * settings.lr)
     chain = [optax.clip_by_global_norm(settings.grad_clip)] if settings.grad_clip else []
     chain.append(optax.adamw(schedule, weight_decay=settings.weight_decay))
-    return optax.chain(*chain)
+    if settings.trainable == "all":
+        return optax.chain(*chain)
+    return optax.multi_transform({"train": optax.chain(*chain), "frozen": optax.set_to_zero()}, _decoder_labels)
+
+
+def _decoder_labels(params):
+    """'train' for the decoder side (post_quant_conv, decoder), 'frozen' for the encoder side."""
+    def label(path, _):
+        top = getattr(path[0], "key", getattr(path[0], "name", path[0]))
+        return "train" if top in ("decoder", "post_quant_conv") else "frozen"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_step(graphdef, optimizer: optax.GradientTransformation) -> Callable:

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=defaults.frames, help="frames per clip (1 + 4k)")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--finetune_decoder", default=None, metavar="VAE_DIR",
+                        help="start from this trained VAE and train only its decoder (the encoder, its "
+                             "latent statistics and so any DiT trained on them stay valid)")
     parser.add_argument("--stats_batches", type=int, default=16,
                         help="training batches whose latents set the normalisation")
     args = parser.parse_args(argv)
@@ -59,9 +62,15 @@ def main(argv=None) -> int:
     out = args.out or config.vae.checkpoint
     if not out:
         raise ValueError("no output folder: pass --out or use a config with vae.checkpoint set")
-    settings = vt.VAETraining(steps=args.steps, clips=args.clips, frames=args.frames, lr=args.lr, seed=args.seed)
+    settings = vt.VAETraining(steps=args.steps, clips=args.clips, frames=args.frames, lr=args.lr, seed=args.seed,
+                              trainable="decoder" if args.finetune_decoder else "all")
     start = time.time()
-    vae = vt.zero_residual_branches(WanVAE(trainer.vae_config("mini"), rngs=nnx.Rngs(args.seed)))
+    if args.finetune_decoder:
+        from facecam_jax.checkpoints.vae import load_vae
+
+        vae = load_vae(args.finetune_decoder)
+    else:
+        vae = vt.zero_residual_branches(WanVAE(trainer.vae_config("mini"), rngs=nnx.Rngs(args.seed)))
     batches = pipeline.make_train_iterator(config)
     clips = vt.clip_stream(batches, settings.clips, settings.frames, seed=settings.seed)
     print(f"training the mini VAE ({sum(x.size for x in jax.tree.leaves(nnx.state(vae))):,} "
@@ -70,8 +79,11 @@ def main(argv=None) -> int:
         f"step {r['step']:5d}  loss {r['loss']:.4f}  psnr {r['psnr']:.2f} dB  {r['seconds']:.0f} s", flush=True))
     stats_videos = np.concatenate([np.concatenate([next(batches)[k] for k in vt.CLIP_KEYS])
                                    for _ in range(args.stats_batches)])
-    mean, std = vt.latent_stats(vae, stats_videos)
-    vt.set_latent_stats(vae, mean, std)
+    if args.finetune_decoder:  # the encoder is unchanged: keep its statistics
+        mean, std = np.asarray(vae.config.latents_mean), np.asarray(vae.config.latents_std)
+    else:
+        mean, std = vt.latent_stats(vae, stats_videos)
+        vt.set_latent_stats(vae, mean, std)
     heldout_videos = None
     if config.data.get("holdout_windows"):
         source = pipeline.heldout_source(config.data)

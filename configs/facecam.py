@@ -13,8 +13,9 @@ Variants:
   learn      the learning proof (bench/learn_mini.py, bench/RESULTS.md): the mini dataset at
              9 frames, stride 1, with time windows 4, 8 and -1 and camera 4 held out; the
              mini VAE trained for reconstruction (tools/train_mini_vae.py, data/learned_mini/vae)
-             and the `small` DiT trained from scratch (every parameter), batch 4, 1200 steps,
-             on a 2-core CPU.
+             and the `small` DiT trained from scratch (every parameter), batch 4, 2400 steps
+             (~65 min on a 2-core CPU); `python -m facecam_jax.sample` with no flags uses the
+             shipped result (data/learned_mini).
   nersemble  the paper's recipe (SPEC 6, 7): Wan2.2-I2V-A14B experts, 81 frames at stride 3,
              704x480, NeRSemble v2 plus a folder of in-the-wild videos, AdamW 5e-5, batch 24,
              3K steps; set data.multiview_root, data.wild_root, model.dit_checkpoint,
@@ -34,8 +35,11 @@ import ml_collections
 from ml_collections import config_dict
 
 
-# The mini VAE trained for reconstruction by tools/train_mini_vae.py (the `learn` variant's VAE).
-LEARNED_VAE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "learned_mini", "vae")
+# The `learn` variant's trained weights, shipped: the mini VAE (tools/train_mini_vae.py) in
+# vae/ and the small DiT (python -m facecam_jax.train --config configs/facecam.py:learn) as
+# facecam.safetensors.
+LEARNED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "learned_mini")
+LEARNED_VAE = os.path.join(LEARNED_DIR, "vae")
 
 
 def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
@@ -174,7 +178,8 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
     mesh.context = 1
     mesh.tensor = 1
     if variant == "learn":  # from scratch: every parameter, a higher constant lr
-        train.steps = 1200
+        # 2400 steps: at 1200 the outputs barely follow the camera map (bench/RESULTS.md).
+        train.steps = 2400
         train.log_every = 25
         train.checkpoint_every = 200
         train.preview_every = 200
@@ -186,6 +191,15 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
         train.log_every = 10
         train.checkpoint_every = 250
         optimizer.lr = 5e-5
+        # Sized with `python -m facecam_jax.aot` (bench/RESULTS.md, "TPU fit"): one A14B expert
+        # at 81 x 704 x 480, batch 1 per chip, full remat, splash attention. The default,
+        # fsdp over every chip and no context parallelism, fits chips with ~96 GB (v5p: 88 of
+        # 96 GiB on a 4-chip slice, less on larger ones; H200). Smaller chips split each
+        # sample's sequence over a context group, batch 1 per group (data.batch_size = chips /
+        # context): v6e (32 GiB) mesh.context=4 (29 of 31 GiB on v6e:2x4); v5e (16 GiB)
+        # mesh.context=8 (15.0 of 15.75 GiB on v5e:4x4).
+        mesh.fsdp = -1
+        mesh.context = 1
     return train, optimizer, mesh
 
 
@@ -202,7 +216,10 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     sample.high_noise_overlay = ()
     sample.low_noise_checkpoint = ""
     sample.low_noise_overlay = ()
+    # A folder of trained weights (facecam*.safetensors) to overlay when no --workdir is given.
+    sample.weights = ""
     if variant == "learn":
+        sample.weights = LEARNED_DIR  # shipped: python -m facecam_jax.sample re-renders with it
         sample.num_steps = 20
         sample.shift = 3.0
         sample.framing = "source"  # the proxy head starts where the source face is, as in its training maps

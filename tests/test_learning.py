@@ -58,3 +58,22 @@ def test_fixed_batch_loss_falls():
     print(f"\n[fixed batch] probe loss {before:.4f} -> {after:.4f} after {STEPS} steps "
           f"({after / before:.1%}); last step loss {float(metrics['loss']):.4f}")
     assert np.isfinite(after) and after < 0.5 * before
+
+
+def test_shipped_learn_weights_cover_the_model():
+    """`python -m facecam_jax.sample` with no flags uses the `learn` config's shipped weights:
+    the trained VAE loads with its statistics and the DiT file replaces every parameter."""
+    import glob
+    import os
+
+    from facecam_jax.checkpoints.dit import overlay_dit
+
+    config = load_config("learn")
+    (path,) = glob.glob(os.path.join(config.sample.weights, "facecam*.safetensors"))
+    mesh = trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    with trainer.sh.use_mesh(mesh, trainer.sh.DEFAULT_RULES):
+        model = trainer.build_dit(config, mesh, trainer.sh.DEFAULT_RULES)
+        report = overlay_dit(model, path)
+        vae = trainer.build_vae(config, mesh)
+    assert len(report.replaced) == report.total_model_tensors
+    assert vae.config.latents_mean is not None and len(vae.config.latents_mean) == vae.config.z_dim

@@ -123,20 +123,22 @@ def tpu_topology(name: str) -> tuple:
         raise BadTarget(f"unknown TPU topology {name!r}: {str(e).splitlines()[0][:300]}") from e
 
 
+def _bytes_in(text: str, *patterns: str) -> int | None:
+    """The first size ("12.5G", "800M", ...) that one of ``patterns`` (a number group and a
+    unit group) finds in a compiler message, in bytes."""
+    for pattern in patterns:
+        match = re.search(pattern, text)
+        if match:
+            return int(float(match.group(1)) * 1024 ** "BKMGT".index(match.group(2) or "B"))
+    return None
+
+
 def _hbm_from_message(text: str) -> int | None:
-    match = re.search(r"available HBM \(([\d.]+)([KMGT]?)\)", text) or re.search(
-        r"of ([\d.]+)([KMGT]?) hbm", text)
-    if not match:
-        return None
-    return int(float(match.group(1)) * 1024 ** "BKMGT".index(match.group(2) or "B"))
+    return _bytes_in(text, r"available HBM \(([\d.]+)([KMGT]?)\)", r"of ([\d.]+)([KMGT]?) hbm")
 
 
 def _required_from_message(text: str) -> int | None:
-    match = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\)", text) or re.search(
-        r"Used ([\d.]+)([KMGT]?) of", text)
-    if not match:
-        return None
-    return int(float(match.group(1)) * 1024 ** "BKMGT".index(match.group(2) or "B"))
+    return _bytes_in(text, r"required for HLO temporaries \(([\d.]+)([KMGT]?)\)", r"Used ([\d.]+)([KMGT]?) of")
 
 
 def hbm_bytes(device) -> tuple[int | None, str]:

@@ -196,8 +196,9 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
         # fsdp over every chip and no context parallelism, fits chips with ~96 GB (v5p: 88 of
         # 96 GiB on a 4-chip slice, less on larger ones; H200). Smaller chips split each
         # sample's sequence over a context group, batch 1 per group (data.batch_size = chips /
-        # context): v6e (32 GiB) mesh.context=4 (29 of 31 GiB on v6e:2x4); v5e (16 GiB)
-        # mesh.context=8 (15.0 of 15.75 GiB on v5e:4x4).
+        # context): v6e (32 GiB) mesh.context=4 (29 of 31 GiB on v6e:2x4, the smallest
+        # v6e slice); v5e (16 GiB) mesh.context=8 (15.0 of 15.75 GiB on v5e:4x4, the smallest
+        # v5e slice). The smallest v5p slice is 2 chips with mesh.context=2.
         mesh.fsdp = -1
         mesh.context = 1
     return train, optimizer, mesh

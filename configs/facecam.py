@@ -5,10 +5,10 @@
     python -m facecam_jax.train --config configs/facecam.py:nersemble --config.data.multiview_root=/data/nersemble
     python tools/train_mini_vae.py && python -m facecam_jax.train --config configs/facecam.py:learn --workdir runs/learn
 
-Variants:
-  mini       (default) tiny random DiT and VAE (FaceCam's exact input layout at toy width) on
-             the carphone mini multi-view dataset (built and cached on first use,
-             facecam_jax/data/mini_dataset.py) plus carphone as in-the-wild video;
+Variants (`VARIANTS`: each is the base below plus its own overrides, decided in one place):
+  mini       (default: the base itself) tiny random DiT and VAE (FaceCam's exact input layout
+             at toy width) on the carphone mini multi-view dataset (built and cached on first
+             use, facecam_jax/data/mini_dataset.py) plus carphone as in-the-wild video;
              17 frames at stride 3, 64x48, batch 2, 30 steps: runs on a laptop CPU.
   learn      the learning proof (bench/learn_mini.py, bench/RESULTS.md): the mini dataset at
              9 frames, stride 1, with time windows 4, 8 and -1 and camera 4 held out; the
@@ -34,7 +34,6 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-
 # The `learn` variant's trained weights, shipped: the mini VAE (tools/train_mini_vae.py) in
 # vae/ and the small DiT (python -m facecam_jax.train --config configs/facecam.py:learn) as
 # facecam.safetensors.
@@ -42,7 +41,7 @@ LEARNED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 LEARNED_VAE = os.path.join(LEARNED_DIR, "vae")
 
 
-def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
+def data_config() -> ml_collections.ConfigDict:
     """The `data` section: everything facecam_jax.data.pipeline needs."""
     data = ml_collections.ConfigDict()
     data.dataset = "mini"  # "mini": roots come from the mini-dataset build; "files": the roots below
@@ -89,31 +88,11 @@ def data_config(variant: str = "mini") -> ml_collections.ConfigDict:
     data.mini.height = 192
     data.mini.width = 128
     data.mini.num_cameras = 8
-
-    if variant == "mini":
-        pass
-    elif variant == "learn":
-        data.frames = 9  # half the VAE encoding per step of 17 frames: twice the steps in the hour
-        data.stride = 1  # 120 frames: 13 non-overlapping windows of 9
-        data.window_step = 4
-        data.holdout_windows = (4, 8, -1)  # frames 36-44, 72-80 and 108-116
-        data.holdout_cameras = (4,)  # (yaw 12, pitch -9): between cameras 0, 2, 6 and 7
-        data.batch_size = 4
-    elif variant == "nersemble":
-        data.dataset = "files"
-        data.frames = 81
-        data.height = 704
-        data.width = 480
-        data.batch_size = 24
-        data.workers = 8
-        data.prefetch = 2
-    else:
-        raise ValueError(f"unknown config variant {variant!r}; use 'mini', 'learn' or 'nersemble'")
     return data
 
 
-def model_config(variant: str) -> ml_collections.ConfigDict:
-    """The `model`, `vae` and `text` sections (what facecam_jax.trainer builds)."""
+def model_config() -> tuple[ml_collections.ConfigDict, ...]:
+    """The `model`, `vae` and `text` sections (what facecam_jax.build builds)."""
     model = ml_collections.ConfigDict()
     model.dit = "tiny"  # a preset of facecam_jax.models.wan_dit.PRESETS
     model.dit_checkpoint = ""  # "": random init (mini); else a path load_dit reads
@@ -125,6 +104,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     model.remat = "none"  # none | full | dots | dots_no_batch
     model.expert = ""  # Wan2.2 A14B: "high" or "low" restricts training to its timestep range
     model.expert_boundary = 0.9  # FaceCam's boundary (t >= 900: high-noise expert)
+    # The flow-matching time shift (SPEC 7): training draws levels on this shifted grid and
+    # sampling integrates on it.
+    model.shift = 5.0
 
     vae = ml_collections.ConfigDict()
     vae.config = "mini"  # mini | wan2.1 | wan2.2 (ignored when a checkpoint is given)
@@ -135,23 +117,11 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     # A prompt-embedding file written by tools/encode_prompt.py. "": a constant all-zero context
     # stands in for FaceCam's single fixed prompt (the mini config has no text encoder).
     text.embeddings = ""
-    text.prompt = "A portrait of a person"
-
-    if variant == "learn":
-        model.dit = "small"
-        vae.checkpoint = LEARNED_VAE
-    if variant == "nersemble":
-        model.dit = "wan2.2-i2v-a14b"
-        model.param_dtype = "bfloat16"
-        model.compute_dtype = "bfloat16"
-        model.attention = "auto"
-        model.remat = "full"
-        vae.config = "wan2.1"
-        vae.dtype = "bfloat16"
+    text.prompt = "A portrait of a person"  # the prompt FaceCam trains and samples with
     return model, vae, text
 
 
-def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
+def train_config() -> tuple[ml_collections.ConfigDict, ...]:
     """The `train`, `optimizer` and `mesh` sections."""
     train = ml_collections.ConfigDict()
     train.steps = 30
@@ -162,7 +132,6 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
     # Parameters that are trained (the rest is frozen): names matched against parameter paths;
     # the paper trains the self-attention (q, k, v, o, norm_q, norm_k) and the patch embedding.
     train.trainable = ("self_attn", "patch_embedding")
-    train.shift = 5.0  # flow-matching time shift (SPEC 7)
 
     optimizer = ml_collections.ConfigDict()
     optimizer.lr = 1e-4
@@ -177,39 +146,14 @@ def train_config(variant: str) -> tuple[ml_collections.ConfigDict, ...]:
     mesh.fsdp = -1
     mesh.context = 1
     mesh.tensor = 1
-    if variant == "learn":  # from scratch: every parameter, a higher constant lr
-        # 2400 steps: at 1200 the outputs barely follow the camera map (bench/RESULTS.md).
-        train.steps = 2400
-        train.log_every = 25
-        train.checkpoint_every = 200
-        train.preview_every = 200
-        train.trainable = ("all",)
-        train.shift = 3.0  # latents of 3 x 8 x 6: less shift than FaceCam's 5 (its latents are 21 x 88 x 60)
-        optimizer.lr = 3e-4
-    if variant == "nersemble":
-        train.steps = 3000
-        train.log_every = 10
-        train.checkpoint_every = 250
-        optimizer.lr = 5e-5
-        # Sized with `python -m facecam_jax.aot` (bench/RESULTS.md, "TPU fit"): one A14B expert
-        # at 81 x 704 x 480, batch 1 per chip, full remat, splash attention. The default,
-        # fsdp over every chip and no context parallelism, fits chips with ~96 GB (v5p: 88 of
-        # 96 GiB on a 4-chip slice, less on larger ones; H200). Smaller chips split each
-        # sample's sequence over a context group, batch 1 per group (data.batch_size = chips /
-        # context): v6e (32 GiB) mesh.context=4 (29 of 31 GiB on v6e:2x4, the smallest
-        # v6e slice); v5e (16 GiB) mesh.context=8 (15.0 of 15.75 GiB on v5e:4x4, the smallest
-        # v5e slice). The smallest v5p slice is 2 chips with mesh.context=2.
-        mesh.fsdp = -1
-        mesh.context = 1
     return train, optimizer, mesh
 
 
-def sample_config(variant: str) -> ml_collections.ConfigDict:
+def sample_config() -> ml_collections.ConfigDict:
     """The `sample` section (facecam_jax.sampler; the model sections are shared with training)."""
     sample = ml_collections.ConfigDict()
     sample.num_steps = 8  # Euler steps (the paper: 50)
     sample.cfg_scale = 5.0  # text guidance; skipped without text.embeddings (no negative prompt)
-    sample.shift = 5.0
     sample.negative_prompt = ""
     sample.framing = "official"  # official | source (camera.trajectories)
     # Wan2.2 A14B: both experts (and their FaceCam overlays); empty: model.dit_checkpoint alone.
@@ -219,13 +163,6 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
     sample.low_noise_overlay = ()
     # A folder of trained weights (facecam*.safetensors) to overlay when no --workdir is given.
     sample.weights = ""
-    if variant == "learn":
-        sample.weights = LEARNED_DIR  # shipped: python -m facecam_jax.sample re-renders with it
-        sample.num_steps = 20
-        sample.shift = 3.0
-        sample.framing = "source"  # the proxy head starts where the source face is, as in its training maps
-    if variant == "nersemble":
-        sample.num_steps = 50
     return sample
 
 
@@ -241,6 +178,79 @@ def distributed_config() -> ml_collections.ConfigDict:
     return d
 
 
+def base_config() -> ml_collections.ConfigDict:
+    """Every section at its default: the `mini` variant."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.variant = "mini"
+    config.distributed = distributed_config()
+    config.data = data_config()
+    config.model, config.vae, config.text = model_config()
+    config.train, config.optimizer, config.mesh = train_config()
+    config.sample = sample_config()
+    # Logical axis -> mesh axes (facecam_jax.sharding); None: the defaults there.
+    config.sharding_rules = config_dict.placeholder(tuple)
+    return config
+
+
+# Each variant is the base plus these overrides (dotted paths), and nothing else.
+VARIANTS: dict[str, dict[str, object]] = {
+    "mini": {},
+    "learn": {
+        "data.frames": 9,  # half the VAE encoding per step of 17 frames: twice the steps in the hour
+        "data.stride": 1,  # 120 frames: 13 non-overlapping windows of 9
+        "data.window_step": 4,
+        "data.holdout_windows": (4, 8, -1),  # frames 36-44, 72-80 and 108-116
+        "data.holdout_cameras": (4,),  # (yaw 12, pitch -9): between cameras 0, 2, 6 and 7
+        "data.batch_size": 4,
+        "model.dit": "small",
+        "model.shift": 3.0,  # latents of 3 x 8 x 6: less shift than FaceCam's 5 (its latents are 21 x 88 x 60)
+        "vae.checkpoint": LEARNED_VAE,
+        # From scratch: every parameter, a higher constant lr. 2400 steps: at 1200 the outputs
+        # barely follow the camera map (bench/RESULTS.md).
+        "train.steps": 2400,
+        "train.log_every": 25,
+        "train.checkpoint_every": 200,
+        "train.preview_every": 200,
+        "train.trainable": ("all",),
+        "optimizer.lr": 3e-4,
+        "sample.weights": LEARNED_DIR,  # shipped: python -m facecam_jax.sample re-renders with it
+        "sample.num_steps": 20,
+        "sample.framing": "source",  # the proxy head starts where the source face is, as in its training maps
+    },
+    "nersemble": {
+        "data.dataset": "files",
+        "data.frames": 81,
+        "data.height": 704,
+        "data.width": 480,
+        "data.batch_size": 24,
+        "data.workers": 8,
+        "model.dit": "wan2.2-i2v-a14b",
+        "model.param_dtype": "bfloat16",
+        "model.compute_dtype": "bfloat16",
+        "model.attention": "auto",
+        "model.remat": "full",
+        "vae.config": "wan2.1",
+        "vae.dtype": "bfloat16",
+        "train.steps": 3000,
+        "train.log_every": 10,
+        "train.checkpoint_every": 250,
+        "optimizer.lr": 5e-5,
+        # The mesh stays the base's (fsdp over every chip, no context parallelism), sized with
+        # `python -m facecam_jax.aot` (bench/RESULTS.md, "TPU fit"): one A14B expert at
+        # 81 x 704 x 480, batch 1 per chip, full remat, splash attention fits chips with ~96 GB
+        # (v5p: 88 of 96 GiB on a 4-chip slice, less on larger ones; H200). Smaller chips split
+        # each sample's sequence over a context group, batch 1 per group (data.batch_size =
+        # chips / context): v6e (32 GiB) mesh.context=4 (29 of 31 GiB on v6e:2x4, the smallest
+        # v6e slice); v5e (16 GiB) mesh.context=8 (15.0 of 15.75 GiB on v5e:4x4, the smallest
+        # v5e slice). The smallest v5p slice is 2 chips with mesh.context=2.
+        "sample.num_steps": 50,
+    },
+}
+
+_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh", "sample", "distributed")
+
+
 def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
@@ -248,7 +258,25 @@ def _parse_value(text: str):
         return text  # a bare string, e.g. a path
 
 
-_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh", "sample", "distributed")
+def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets ``key`` (a dotted path, or a field name that exactly one section has) to ``value``."""
+    path = key.split(".")
+    if len(path) == 1 and key not in config:
+        owners = [name for name in _SECTIONS if name in config and key in config[name]]
+        if len(owners) > 1:
+            raise KeyError(f"config override {key!r} is ambiguous ({owners}); use a dotted path")
+        path = [*owners, key]
+    node = config
+    for name in path[:-1]:
+        if name not in node:
+            raise KeyError(f"config override {key!r}: no section {name!r}")
+        node = node[name]
+    if path[-1] not in node:
+        raise KeyError(f"config override {key!r}: no field {path[-1]!r} in "
+                       f"{'config' if node is config else '.'.join(path[:-1])}")
+    if isinstance(node[path[-1]], tuple) and isinstance(value, list):
+        value = tuple(value)
+    node[path[-1]] = value
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -257,36 +285,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = "mini"
     if parts and "=" not in parts[0]:
         variant = parts.pop(0)
-    config = ml_collections.ConfigDict()
-    config.seed = 0
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; use one of {', '.join(map(repr, VARIANTS))}")
+    config = base_config()
     config.variant = variant
-    config.distributed = distributed_config()
-    config.data = data_config(variant)
-    config.model, config.vae, config.text = model_config(variant)
-    config.train, config.optimizer, config.mesh = train_config(variant)
-    config.sample = sample_config(variant)
-    # Logical axis -> mesh axes (facecam_jax.sharding); None: the defaults there.
-    config.sharding_rules = config_dict.placeholder(tuple)
+    for key, value in VARIANTS[variant].items():
+        set_field(config, key, value)
     for part in parts:
         if "=" not in part:
             raise ValueError(f"config override {part!r} is not key=value (in {arg!r})")
         key, text = (s.strip() for s in part.split("=", 1))
-        path = key.split(".")
-        if len(path) == 1 and key not in config:
-            owners = [name for name in _SECTIONS if key in config[name]]
-            if len(owners) > 1:
-                raise KeyError(f"config override {key!r} is ambiguous ({owners}); use a dotted path")
-            path = [*owners, key]
-        node = config
-        for name in path[:-1]:
-            if name not in node:
-                raise KeyError(f"config override {key!r}: no section {name!r}")
-            node = node[name]
-        if path[-1] not in node:
-            raise KeyError(f"config override {key!r}: no field {path[-1]!r} in "
-                           f"{'config' if node is config else '.'.join(path[:-1])}")
-        value = _parse_value(text)
-        if isinstance(node[path[-1]], tuple) and isinstance(value, list):
-            value = tuple(value)
-        node[path[-1]] = value
+        set_field(config, key, _parse_value(text))
     return config

@@ -25,28 +25,22 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from facecam_jax.camera.landmarks import NoFaceError
-from facecam_jax.checkpoints.io import CheckpointError
-from facecam_jax.data.video import VideoDecodeError
+from absl import app, flags
+from ml_collections import config_flags
+
+from facecam_jax.config_file import DEFAULT_CONFIG
+from facecam_jax.errors import CheckpointError, NoFaceError, TrainingDiverged, VideoDecodeError
 
 # ValueError and KeyError are broad, but they are how this project reports bad inputs
 # (trajectories, config values, shapes); NoFaceError and CheckpointError are ValueErrors too,
 # listed to say that they are expected. --verbose shows the traceback of any of them.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError, PermissionError, VideoDecodeError, NoFaceError, CheckpointError, ImportError,
-    ValueError, KeyError,
+    FileNotFoundError, PermissionError, VideoDecodeError, NoFaceError, CheckpointError, TrainingDiverged,
+    ImportError, ValueError, KeyError,
 )
 USAGE_EXIT = 2
 ERROR_EXIT = 1
 VERBOSE = "--verbose"
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """EXPECTED_ERRORS plus ``trainer.TrainingDiverged`` when the trainer is loaded (importing
-    it here would import JAX; if it is not loaded, it cannot have been raised)."""
-    trainer = sys.modules.get("facecam_jax.trainer")
-    diverged = getattr(trainer, "TrainingDiverged", None)
-    return EXPECTED_ERRORS + ((diverged,) if diverged is not None else ())
 
 
 def one_line(text: str) -> str:
@@ -103,7 +97,7 @@ def guard(main: Callable[..., Any], *args: Any, verbose: bool = False) -> Any:
         return main(*args)
     except KeyboardInterrupt as e:
         fail("interrupted", code=130, error=e, verbose=verbose)
-    except expected_errors() as e:
+    except EXPECTED_ERRORS as e:
         fail(message(e), error=e, verbose=verbose)
 
 
@@ -113,10 +107,6 @@ def define_config(help_string: str, name: str = "config", default: str | None = 
     """``config_flags.DEFINE_config_file(name, default, help, lock_config=True)`` whose bad
     ``--config.a.b=`` overrides end as one usage line (ml_collections checks them here, at
     import, when ``--config`` itself is not given)."""
-    from ml_collections import config_flags
-
-    from facecam_jax.config_file import DEFAULT_CONFIG
-
     try:
         return config_flags.DEFINE_config_file(name, default or DEFAULT_CONFIG, help_string, lock_config=True)
     except Exception as e:  # noqa: BLE001  only a command-line override can fail here
@@ -136,8 +126,6 @@ def define_config(help_string: str, name: str = "config", default: str | None = 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing whose errors are one line (absl prints the usage and, for a bad
     config file, the config's traceback inside the message)."""
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -154,8 +142,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[list[str]], Any]) -> None:
     """Runs an absl ``main(argv)`` as a command line, with ``--verbose`` and one-line errors."""
-    from absl import app, flags
-
     if VERBOSE[2:] not in flags.FLAGS:
         flags.DEFINE_bool(VERBOSE[2:], False, "on an error, print the Python traceback too")
 

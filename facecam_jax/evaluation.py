@@ -39,9 +39,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
+from facecam_jax.camera import landmarks as lm
 from facecam_jax.camera import pose
+from facecam_jax.camera import source as source_lib
 from facecam_jax.camera import trajectories as tr
+from facecam_jax.video_io import VideoDecodeError, read_video
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +189,6 @@ def ssim_frame(x: np.ndarray, y: np.ndarray) -> float:
     i.e. Wang et al. 2004 and `skimage.metrics.structural_similarity(gaussian_weights=True,
     use_sample_covariance=False, data_range=255)`.
     """
-    from scipy import ndimage  # a jax dependency
-
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim == 2:
         x, y = x[..., None], y[..., None]
@@ -288,15 +290,11 @@ def align_source(source_frames: np.ndarray, num_frames: int, height: int, width:
     source_frames = np.asarray(source_frames)
     if source_frames.shape[:3] == (num_frames, height, width):
         return source_frames
-    from facecam_jax.camera import source
-
-    return source.prepare_source(source_frames, num_frames, height, width)
+    return source_lib.prepare_source(source_frames, num_frames, height, width)
 
 
 def _detect(frames: np.ndarray, indices: Sequence[int]) -> dict[int, np.ndarray | None]:
     """Landmarks [478, 3] of the frames at `indices` (each a still), None where no face is found."""
-    from facecam_jax.camera import landmarks as lm
-
     indices = sorted(set(int(i) for i in indices))
     try:
         points, found = lm.detect(frames[indices], static=True)
@@ -559,9 +557,6 @@ def _measure_dict(m: pose.MotionMeasure) -> dict[str, float]:
 def evaluate_entry(entry: Entry, *, reference: str = "change", identity_frames: int = IDENTITY_FRAMES,
                    model: IdentityModel | None = None, identity: bool = True) -> Row:
     """Evaluates one video; every failure becomes part of the row's `error` text."""
-    from facecam_jax.camera import source as source_lib
-    from facecam_jax.data.video import VideoDecodeError, read_video
-
     row = Row(output=entry.output, source=entry.source, motion=entry.motion, target=entry.target)
     errors: list[str] = []
     try:

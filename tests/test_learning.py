@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facecam_jax import trainer
+from facecam_jax import build, train_step
+from facecam_jax import sharding as sh
 from facecam_jax.config_file import load_config
 from facecam_jax.data.pipeline import make_train_iterator
 
@@ -20,15 +21,15 @@ PROBES = 8  # fixed (level, noise) draws the loss is measured on, before and aft
 
 
 def _setup():
-    config = load_config("mini,frames=9,batch_size=2,optimizer.lr=2e-3,weight_decay=0.0,train.shift=1.0")
+    config = load_config("mini,frames=9,batch_size=2,optimizer.lr=2e-3,weight_decay=0.0,model.shift=1.0")
     config.train.trainable = ("all",)
-    mesh = trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-    rules = trainer.sh.DEFAULT_RULES
-    with trainer.sh.use_mesh(mesh, rules):
-        program = trainer.build_program(config, mesh, rules)
+    mesh = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    rules = sh.DEFAULT_RULES
+    with sh.use_mesh(mesh, rules):
+        program = train_step.build_program(config, mesh, rules)
         compiled = program.lower().compile()
     local = next(make_train_iterator(config))
-    batch = {k: jax.device_put(local[k], program.batch_sharding) for k in trainer.VIDEO_KEYS}
+    batch = {k: jax.device_put(local[k], program.batch_sharding) for k in train_step.VIDEO_KEYS}
     return config, mesh, rules, program, compiled, batch
 
 
@@ -70,10 +71,10 @@ def test_shipped_learn_weights_cover_the_model():
 
     config = load_config("learn")
     (path,) = glob.glob(os.path.join(config.sample.weights, "facecam*.safetensors"))
-    mesh = trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-    with trainer.sh.use_mesh(mesh, trainer.sh.DEFAULT_RULES):
-        model = trainer.build_dit(config, mesh, trainer.sh.DEFAULT_RULES)
+    mesh = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    with sh.use_mesh(mesh, sh.DEFAULT_RULES):
+        model = build.build_dit(config, mesh, sh.DEFAULT_RULES)
         report = overlay_dit(model, path)
-        vae = trainer.build_vae(config, mesh)
+        vae = build.build_vae(config, mesh)
     assert len(report.replaced) == report.total_model_tensors
     assert vae.config.latents_mean is not None and len(vae.config.latents_mean) == vae.config.z_dim

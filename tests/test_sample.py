@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import flow, sampler
+from facecam_jax import build, flow, sampler
+from facecam_jax import sharding as sh
 from facecam_jax.config_file import load_config as get_config
 from facecam_jax.models import wan_dit as W
 
@@ -26,7 +27,7 @@ def toy():
 
 def _run(models, boundary, guidance, steps, toy_inputs):
     source, camera, noise, ctx_c, ctx_u = toy_inputs
-    fn = jax.jit(sampler.make_sample_fn(nnx.graphdef(models[0]), len(models), boundary, guidance, steps, 5.0))
+    fn = jax.jit(sampler.make_sample_fn(nnx.graphdef(models[0]), sampler.SampleOptions(steps, 5.0, guidance, len(models), boundary)))
     return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
 
 
@@ -55,15 +56,14 @@ def test_expert_switching_follows_the_boundary(toy):
 
 
 def test_sampling_script_end_to_end_on_the_mini_config(tmp_path):
-    from facecam_jax import trainer
     from facecam_jax.camera import source, trajectories
 
     config = get_config("mini,frames=9,sample.num_steps=2")
-    mesh = trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    mesh = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     frames = source.load_source(sampler.default_source_video(), 9, 64, 48)
     path = trajectories.load_trajectory("arc_left", 9)
     experts = sampler.Experts([W.WanDiT(CFG, rngs=nnx.Rngs(0))])
-    vae = trainer.build_vae(config, mesh)
+    vae = build.build_vae(config, mesh)
     kw = dict(experts=experts, vae=vae, mesh=mesh)
     first = sampler.generate(config, frames, path, seed=0, **kw)
     again = sampler.generate(config, frames, path, seed=0, **kw)
@@ -76,24 +76,23 @@ def test_sampling_script_end_to_end_on_the_mini_config(tmp_path):
     with pytest.raises(ValueError, match="config expects"):
         sampler.generate(config, frames[:5], path, **kw)
     with pytest.raises(FileNotFoundError, match="no trained weights"):
-        sampler.load_experts(config, mesh, trainer.sh.DEFAULT_RULES, workdir=str(tmp_path))
+        sampler.load_experts(config, mesh, sh.DEFAULT_RULES, workdir=str(tmp_path))
 
 
 def test_sampling_on_8_devices_equals_one_device():
     """fsdp 8, and fsdp 4 x context 2 (the sequence split, chunked attention per device),
     render the same video as one device, within one grey level."""
-    from facecam_jax import trainer
     from facecam_jax.camera import source, trajectories
 
     config = get_config("mini,frames=9,sample.num_steps=2")
     frames = source.load_source(sampler.default_source_video(), 9, 64, 48)
     path = trajectories.load_trajectory("zoom_in", 9)
     experts = sampler.Experts([W.WanDiT(CFG, rngs=nnx.Rngs(0), attention="chunked")])
-    one = trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-    vae = trainer.build_vae(config, one)
+    one = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    vae = build.build_vae(config, one)
     videos = {}
     for name, sizes in (("1 device", (1, 1, 1, 1)), ("fsdp 8", (1, 8, 1, 1)), ("fsdp 4 x context 2", (1, 4, 2, 1))):
-        mesh = trainer.sh.make_mesh(*sizes, devices=jax.devices()[: int(np.prod(sizes))])
+        mesh = sh.make_mesh(*sizes, devices=jax.devices()[: int(np.prod(sizes))])
         videos[name] = sampler.generate(config, frames, path, seed=0, experts=experts, vae=vae, mesh=mesh).video
     for name in ("fsdp 8", "fsdp 4 x context 2"):
         diff = np.abs(videos[name].astype(int) - videos["1 device"].astype(int)).max()

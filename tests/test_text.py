@@ -12,6 +12,9 @@ import pytest
 from facecam_jax import text
 from facecam_jax.checkpoints.io import CheckpointError, write_safetensors
 from facecam_jax.checkpoints.umt5 import load_umt5
+from facecam_jax.config_file import load_config
+
+FACECAM = load_config()  # its text.prompt and sample.negative_prompt are FaceCam's prompts
 
 SENTENCES = [
     "A portrait of a person talking to the camera.",
@@ -22,7 +25,7 @@ SENTENCES = [
     "A man with short hair and a beard nods his head.",
     "Das Gesicht dreht sich langsam nach rechts.",
 ]
-PROMPTS = [text.FACECAM_PROMPT, "", "The camera &amp;amp; the  face:\tzoom in slowly, soft light."]
+PROMPTS = [FACECAM.text.prompt, "", "The camera &amp;amp; the  face:\tzoom in slowly, soft light."]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -185,7 +188,7 @@ def test_encode_prompt_tool(assets, tmp_path, capsys):
     written = tool.main(["--checkpoint", str(assets["root"]), "--out", str(out), "--dtype", "float32"])
     assert "wrote" in capsys.readouterr().out
     cached = text.load_prompt_embeddings(out)
-    assert cached.prompts == [text.FACECAM_PROMPT, text.FACECAM_NEGATIVE_PROMPT] == written.prompts
+    assert cached.prompts == [FACECAM.text.prompt, FACECAM.sample.negative_prompt] == written.prompts
     err = np.abs(cached.context(cached.prompts) - np.asarray(assets["context"])[:2]).max()
     print(f"tools/encode_prompt.py (sharded) vs encode_prompts: max abs diff {err:.2e}")
     assert err <= 1e-5

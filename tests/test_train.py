@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import flow, trainer
+from facecam_jax import build, flow, trainer
+from facecam_jax import sharding as sh
+from facecam_jax.errors import TrainingDiverged
 from facecam_jax.checkpoints.dit import overlay_dit
 from facecam_jax.config_file import load_config as get_config
 
@@ -19,7 +21,7 @@ BASE = "mini,frames=9,batch_size=2"
 
 def one_device_mesh():
     """These runs use one device (the suite has 8 fake ones; CPU collectives are slow)."""
-    return trainer.sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    return sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
 
 
 def train(config, workdir):
@@ -27,7 +29,7 @@ def train(config, workdir):
 
 
 def _trained_params(result):
-    _, params = nnx.split(result.model, nnx.All(nnx.Param, trainer.trainable_filter(("self_attn", "patch_embedding"))), ...)[:2]
+    _, params = nnx.split(result.model, nnx.All(nnx.Param, build.trainable_filter(("self_attn", "patch_embedding"))), ...)[:2]
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
@@ -52,7 +54,7 @@ def test_one_step_trains_and_exports_an_overlay(tmp_path):
     assert loss.step == 1 and loss.value == pytest.approx(m["loss"], rel=1e-6)
     assert "batch/source_target_camera" in events.Tags()["images"]
     # The export is a partial state dict that overlays the base model into the trained one.
-    base = trainer.build_dit(config, one_device_mesh(), trainer.sh.DEFAULT_RULES)
+    base = build.build_dit(config, one_device_mesh(), sh.DEFAULT_RULES)
     report = overlay_dit(base, result.exported)
     assert report.replaced and all(".self_attn." in k or k.startswith("patch_embedding") for k in report.replaced)
     got = jax.tree.leaves(nnx.state(base, nnx.Param))
@@ -80,7 +82,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_p
     good = train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
     real_loss = flow.flow_loss
     monkeypatch.setattr(flow, "flow_loss", lambda pred, target, weight: real_loss(pred, target, weight) * jnp.nan)
-    with pytest.raises(trainer.TrainingDiverged, match=r"step 1: loss nan .* not finite.*checkpointed"):
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss nan .* not finite.*checkpointed"):
         train(get_config(BASE + ",steps=3,checkpoint_every=1"), workdir)
     monkeypatch.setattr(flow, "flow_loss", real_loss)
     # The checkpoint holds the last finite state: resuming from it with 0 more steps returns it.

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import trainer
+from facecam_jax import build, trainer
+from facecam_jax import sharding as sh
+from facecam_jax.errors import DistributedSetupError
 from facecam_jax.checkpoints.io import open_checkpoint
 from facecam_jax.config_file import load_config as get_config
 
@@ -29,7 +31,7 @@ TOL = 1e-5
 
 def _mesh(data=1, fsdp=1, context=1, tensor=1):
     n = data * fsdp * context * tensor
-    return trainer.sh.make_mesh(data, fsdp, context, tensor, devices=jax.devices()[:n])
+    return sh.make_mesh(data, fsdp, context, tensor, devices=jax.devices()[:n])
 
 
 def _losses(workdir):
@@ -38,7 +40,7 @@ def _losses(workdir):
 
 
 def _trained(model):
-    _, params, _ = nnx.split(model, nnx.All(nnx.Param, trainer.trainable_filter(("self_attn", "patch_embedding"))), ...)
+    _, params, _ = nnx.split(model, nnx.All(nnx.Param, build.trainable_filter(("self_attn", "patch_embedding"))), ...)
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
@@ -119,7 +121,7 @@ def test_two_processes_train_like_one_and_resume_in_one(one_device, tmp_path):
     _assert_close(_trained(again.model), params, "2 processes vs 1 device")
     from facecam_jax.checkpoints.dit import keys_of_paths, named_variables  # the exported keys, re-derived
     assert set(exported) == set(keys_of_paths(again.model.config, [p for p, _ in named_variables(
-        nnx.split(again.model, nnx.All(nnx.Param, trainer.trainable_filter(("self_attn", "patch_embedding"))), ...)[1])]))
+        nnx.split(again.model, nnx.All(nnx.Param, build.trainable_filter(("self_attn", "patch_embedding"))), ...)[1])]))
 
 
 def test_a_process_count_that_does_not_match_the_coordinator_is_one_clear_error(tmp_path):
@@ -139,13 +141,13 @@ def test_a_process_count_that_does_not_match_the_coordinator_is_one_clear_error(
 
 def test_bad_meshes_and_batches_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="needs 6 devices, but 8 are visible"):
-        trainer.sh.make_mesh(1, 3, 2, 1)
+        sh.make_mesh(1, 3, 2, 1)
     with pytest.raises(ValueError, match="8 devices do not split into mesh"):
-        trainer.sh.make_mesh(1, -1, 3, 1)
+        sh.make_mesh(1, -1, 3, 1)
     with pytest.raises(ValueError, match=r"batch_size 3 does not divide over mesh.data=2"):
         trainer.train(get_config("mini,frames=9,batch_size=3"), str(tmp_path / "run"), mesh=_mesh(data=2, fsdp=4))
     config = get_config(BASE)
     config.distributed.coordinator_address = "localhost:1"
     config.distributed.num_processes, config.distributed.process_id = 2, 2
-    with pytest.raises(trainer.DistributedSetupError, match=r"process_id must be in \[0, num_processes=2\)"):
+    with pytest.raises(DistributedSetupError, match=r"process_id must be in \[0, num_processes=2\)"):
         trainer.train(config, str(tmp_path / "run"))

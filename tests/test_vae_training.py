@@ -2,16 +2,16 @@
 
 import itertools
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import trainer
+from facecam_jax import build
 from facecam_jax import vae_training as vt
 from facecam_jax.checkpoints.vae import load_vae, save_vae
-from facecam_jax.data import mini_dataset, transforms, video
-from facecam_jax.models.wan_vae import VAEConfig, WanVAE
+from facecam_jax import video_io as video
+from facecam_jax.data import mini_dataset, transforms
+from facecam_jax.models.wan_vae import VAEConfig, WanVAE, to_unit_range
 
 # Measured: 8 random-init frames reconstruct at ~8 dB; after the short run below at ~21 dB
 # (fixed frames, 80 steps at lr 1e-3 on 2 CPU cores, ~25 s with the compile).
@@ -31,7 +31,7 @@ def frames():
 
 
 def test_short_run_reconstructs_beyond_the_stated_psnr(frames):
-    vae = vt.zero_residual_branches(WanVAE(trainer.vae_config("mini"), rngs=nnx.Rngs(0)))
+    vae = vt.zero_residual_branches(WanVAE(build.vae_config("mini"), rngs=nnx.Rngs(0)))
     before = vt.reconstruction_psnr(vae, frames)
     settings = vt.VAETraining(steps=80, clips=len(frames), frames=1, lr=1e-3, log_every=20)
     run = vt.train(vae, itertools.repeat(frames), settings)
@@ -46,13 +46,13 @@ def test_latent_statistics_normalise_and_survive_a_save(tmp_path):
     videos = np.random.default_rng(0).integers(0, 256, (3, 5, 16, 16, 3), dtype=np.uint8)
     mean, std = vt.latent_stats(vae, videos, batch=2)
     vt.set_latent_stats(vae, mean, std)
-    z = np.asarray(vae.encode(jnp.asarray(vt.to_unit(videos)))).reshape(-1, 4)
+    z = np.asarray(vae.encode(to_unit_range(videos))).reshape(-1, 4)
     np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(z.std(0), 1.0, atol=1e-4)
     loaded = load_vae(save_vae(vae, str(tmp_path / "vae")))
     assert loaded.config == vae.config
-    np.testing.assert_array_equal(np.asarray(loaded.encode(jnp.asarray(vt.to_unit(videos)))),
-                                  np.asarray(vae.encode(jnp.asarray(vt.to_unit(videos)))))
+    np.testing.assert_array_equal(np.asarray(loaded.encode(to_unit_range(videos))),
+                                  np.asarray(vae.encode(to_unit_range(videos))))
 
 
 def test_clip_stream_cuts_clips_from_every_video_of_a_batch():

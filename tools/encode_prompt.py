@@ -3,7 +3,8 @@
     python tools/encode_prompt.py --checkpoint /ckpt/Wan2.2-I2V-A14B --out prompts/facecam.safetensors \
         "A portrait of a person" ""
 
-With no prompts, writes FaceCam's prompt and its empty negative prompt. ``--checkpoint``
+With no prompts, writes the prompt and negative prompt of ``--config`` (default: FaceCam's,
+"A portrait of a person" and the empty one). ``--checkpoint``
 takes Wan's ``models_t5_umt5-xxl-enc-bf16.pth``, a diffusers/transformers ``text_encoder``,
 or a checkpoint directory holding either; the tokenizer is looked up in the same directory
 unless ``--tokenizer`` is given. The file format is described in ``facecam_jax/text.py``.
@@ -21,13 +22,16 @@ import jax.numpy as jnp
 
 from facecam_jax import cli, sharding, text
 from facecam_jax.checkpoints.umt5 import load_umt5
+from facecam_jax.config_file import load_config
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("prompts", nargs="*", help="prompts to encode (default: FaceCam's prompt and empty negative prompt)")
+    p.add_argument("prompts", nargs="*", help="prompts to encode (default: the config's prompt and negative prompt)")
+    p.add_argument("--config", default=None, help="config whose text.prompt / sample.negative_prompt are the default "
+                   "prompts (configs/facecam.py[:variant])")
     p.add_argument("--checkpoint", required=True, help="umT5 weights: Wan .pth, HF safetensors, or a checkpoint dir")
     p.add_argument("--tokenizer", help="spiece.model or a directory holding it (default: looked up from --checkpoint)")
     p.add_argument("--out", required=True, help="output .safetensors prompt-embedding file")
@@ -39,7 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> text.PromptEmbeddings:
     args = parse_args(argv)
-    prompts = args.prompts or [text.FACECAM_PROMPT, text.FACECAM_NEGATIVE_PROMPT]
+    if args.prompts:
+        prompts = args.prompts
+    else:
+        config = load_config(args.config)
+        prompts = [config.text.prompt, config.sample.negative_prompt]
     if not args.out.endswith(".safetensors"):
         sys.exit(f"--out must be a .safetensors path, got {args.out!r}")
     checkpoint_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)

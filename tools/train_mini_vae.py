@@ -4,7 +4,7 @@
     python tools/train_mini_vae.py --steps 100 --decoder_steps 20 --out /tmp/vae
     python tools/train_mini_vae.py --finetune_decoder data/learned_mini/vae --frames 9 --steps 250 --lr 3e-4
 
-The Wan2.1 VAE architecture at toy width (dim 8, z 16; `trainer.vae_config("mini")`) learns
+The Wan2.1 VAE architecture at toy width (dim 8, z 16; `build.vae_config("mini")`) learns
 to reconstruct clips of the `learn` config's training stream (source, target and landmark-map
 videos with FaceCam's augmentation; held-out windows and cameras never enter it), then its
 latent statistics are measured and stored as its normalisation. The clips are short (5
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    from facecam_jax import trainer
+    from facecam_jax import build
     from facecam_jax import vae_training as vt
     from facecam_jax.checkpoints.vae import save_vae
     from facecam_jax.config_file import load_config
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
         vae = load_vae(args.finetune_decoder)
     else:
-        vae = vt.zero_residual_branches(WanVAE(trainer.vae_config("mini"), rngs=nnx.Rngs(args.seed)))
+        vae = vt.zero_residual_branches(WanVAE(build.vae_config("mini"), rngs=nnx.Rngs(args.seed)))
     batches = pipeline.make_train_iterator(config)
     clips = vt.clip_stream(batches, settings.clips, settings.frames, seed=settings.seed)
     print(f"training the mini VAE ({sum(x.size for x in jax.tree.leaves(nnx.state(vae))):,} "

@@ -12,6 +12,8 @@ import importlib
 
 import numpy as np
 
+from facecam_jax.errors import NoFaceError
+
 # mediapipe 0.10.21 declares a stale numpy<2 pin (it runs bit-identically on numpy 2), so it is
 # installed in a separate step without its dependencies; setup.py lists what it needs.
 MEDIAPIPE_INSTALL = "pip install --no-deps mediapipe==0.10.21"
@@ -20,10 +22,6 @@ NUM_LANDMARKS = 478
 NOSE_TIP = 4  # the landmark the official source crop centres on (SPEC 5)
 LEFT_IRIS_CENTER = 473  # subject's left eye (image right in a frontal view)
 RIGHT_IRIS_CENTER = 468
-
-
-class NoFaceError(ValueError):
-    """No frame of the input has a face MediaPipe can find."""
 
 
 def mediapipe_solution(name: str, purpose: str):

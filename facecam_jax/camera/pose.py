@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from facecam_jax.camera import trajectories
-from facecam_jax.camera.landmarks import NUM_LANDMARKS
+from facecam_jax.camera.geometry import checked_landmarks, solve_pnp
 
 # Decision thresholds, about a third of the canonical magnitudes (trajectories: arcs of 30 and
 # 20 degrees, a 1.4x zoom, a pan that moves the face ~1.4 face radii): big enough that landmark
@@ -27,45 +27,6 @@ from facecam_jax.camera.landmarks import NUM_LANDMARKS
 ANGLE_THRESHOLD = 7.0  # degrees of head yaw or pitch change
 SCALE_THRESHOLD = 1.12  # face-size ratio (or its inverse)
 SHIFT_THRESHOLD = 0.3  # face-centroid move, in units of the source face's RMS radius
-
-
-def camera_matrix(height: int, width: int, fov: float = trajectories.BASE_FOV) -> np.ndarray:
-    """Pinhole intrinsics [3, 3] for an H x W frame: hfov `fov` over the width, centred principal point."""
-    focal = width / (2 * math.tan(math.radians(fov) / 2))
-    return np.array([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]], np.float64)
-
-
-def _checked(landmarks: np.ndarray) -> np.ndarray:
-    landmarks = np.asarray(landmarks, np.float64)
-    if landmarks.shape[0] != NUM_LANDMARKS or landmarks.ndim != 2 or landmarks.shape[1] not in (2, 3):
-        raise ValueError(f"expected one face's landmarks [478, 2 or 3], got {landmarks.shape}")
-    if not np.isfinite(landmarks[:, :2]).all():
-        raise ValueError("landmarks contain NaN: that frame has no detected face, so its pose is undefined")
-    return landmarks
-
-
-def solve_pnp(landmarks: np.ndarray, height: int, width: int, *, intrinsics: np.ndarray | None = None,
-              head: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """World-to-camera rotation [3, 3] and translation [3] that best project `head` onto `landmarks`.
-
-    landmarks: [478, 2|3] normalized to the H x W frame. head: 3D points [478, 3] in the orbit
-    frame (default: the shipped proxy head). intrinsics: K [3, 3] (default `camera_matrix(H, W)`).
-    EPnP initialisation, then Levenberg-Marquardt refinement of the reprojection error.
-    """
-    from facecam_jax.camera import proxy_head
-
-    landmarks = _checked(landmarks)
-    head = proxy_head.load_proxy_head() if head is None else head
-    head = np.ascontiguousarray(head, np.float64)
-    k = camera_matrix(height, width) if intrinsics is None else np.asarray(intrinsics, np.float64)
-    pixels = np.ascontiguousarray(landmarks[:, :2] * np.array([width, height], np.float64))
-    ok, rvec, tvec = cv2.solvePnP(head, pixels, k, None, flags=cv2.SOLVEPNP_EPNP)
-    if not ok:
-        raise ValueError("PnP failed to find a head pose for these landmarks; check that they are one "
-                         "face's 478 MediaPipe landmarks normalized to the given frame size")
-    rvec, tvec = cv2.solvePnPRefineLM(head, pixels, k, None, rvec, tvec)
-    rotation, _ = cv2.Rodrigues(rvec)
-    return rotation, tvec.reshape(3)
 
 
 def head_angles(rotation: np.ndarray) -> tuple[float, float, float]:
@@ -117,7 +78,7 @@ def measure_motion(source: np.ndarray, output: np.ndarray, height: int, width: i
     Head angles are apparent ones (`apparent_rotation`), so a pan or zoom alone leaves them
     near zero and an arc alone shows up in them.
     """
-    source, output = _checked(source), _checked(output)
+    source, output = checked_landmarks(source), checked_landmarks(output)
     size = np.array([width, height], np.float64)
     src_px, out_px = source[:, :2] * size, output[:, :2] * size  # [478, 2]
     src_centroid, out_centroid = src_px.mean(0), out_px.mean(0)

@@ -19,27 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from facecam_jax import cli
-from facecam_jax.camera import draw, landmarks, source, trajectories
-from facecam_jax.data import video
+from facecam_jax import video_io as video
+from facecam_jax.camera import source, trajectories
+from facecam_jax.camera.condition import build_condition
 
 
 def overlay(frames: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """Landmark maps [T, H, W, 3] drawn over frames [T, H, W, 3]: every non-white map pixel replaces the frame's."""
     drawn = np.any(maps != 255, axis=-1, keepdims=True)  # [T, H, W, 1]
     return np.where(drawn, maps, frames)
-
-
-def build_condition(trajectory: trajectories.Trajectory, *, height: int, width: int, framing: str,
-                    source_frames: np.ndarray | None = None) -> np.ndarray:
-    """The condition video uint8 [T, H, W, 3] of a trajectory (source frames needed for framing='source')."""
-    source_landmarks = None
-    if framing == "source":
-        if source_frames is None:
-            raise ValueError("--framing source needs --video: the source camera is estimated from its first frame")
-        source_landmarks = landmarks.detect_one(source_frames[0])
-    points = trajectories.condition_landmarks(trajectory, height=height, width=width, framing=framing,
-                                              source_landmarks=source_landmarks)
-    return draw.draw_landmark_maps(points, height, width)
 
 
 def main(argv: list[str] | None = None) -> None:

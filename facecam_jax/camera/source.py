@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from facecam_jax.camera import landmarks as lm
-from facecam_jax.data.video import probe, read_video  # video I/O lives in data.video
+from facecam_jax.video_io import probe, read_video
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from facecam_jax.camera import geometry, proxy_head
+from facecam_jax.camera.geometry import BASE_FOV, project
+
 # Official orbit constants (`get_proxy_video_cameras` in the release).
 RADIUS = 2.7
 BASE_AZIMUTH = 270.0
 BASE_ELEVATION = 0.0
-BASE_FOV = 40.0
 UP = np.array([0.0, 0.0, 1.0])
 NUM_FRAMES = 81
 HEIGHT, WIDTH = 704, 480
@@ -148,22 +150,6 @@ def orbit_cameras(trajectory: Trajectory, render_size: int = min(HEIGHT, WIDTH))
     return c2w, intrinsics
 
 
-def project(points: np.ndarray, w2c: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pinhole projection (eq. 7) of world points [N, 3] by cameras w2c [T, 4, 4] (or [T, 3, 4]), K [T, 3, 3].
-
-    Returns pixel coordinates [T, N, 2] (NaN behind the camera) and camera depths z_c [T, N].
-    """
-    points = np.asarray(points, np.float64)
-    w2c = np.asarray(w2c, np.float64)
-    cam = np.einsum("tij,nj->tni", w2c[:, :3, :3], points) + w2c[:, None, :3, 3]  # [T, N, 3]
-    depth = cam[..., 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normalized = cam[..., :2] / np.where(depth > 0, depth, np.nan)[..., None]  # [T, N, 2]
-    pixels = (np.einsum("tij,tnj->tni", intrinsics[:, :2, :2], normalized)
-              + intrinsics[:, None, :2, 2])
-    return pixels, depth
-
-
 def _pixels_to_landmarks(pixels: np.ndarray, depth: np.ndarray, height: int, width: int,
                          focal: np.ndarray) -> np.ndarray:
     """Pixel projections -> MediaPipe-style normalized landmarks [T, N, 3] of an H x W frame.
@@ -195,8 +181,6 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
       lengths, and the principal point moves by the trajectory's pan in pixels.
     Feed the result to `draw.draw_landmark_maps(landmarks, height, width)`.
     """
-    from facecam_jax.camera import proxy_head  # local: keeps module import light
-
     head = proxy_head.load_proxy_head() if head is None else np.asarray(head, np.float64)
     if framing == "official":
         size = min(height, width)
@@ -208,10 +192,8 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
     if source_landmarks is None:
         raise ValueError("framing='source' needs source_landmarks: the frame-0 landmarks of the source "
                          "video (facecam_jax.camera.landmarks.detect), normalized to the condition size")
-    from facecam_jax.camera import pose  # local: pose imports this module
-
-    source_k = pose.camera_matrix(height, width, fov=source_fov)
-    rotation, translation = pose.solve_pnp(source_landmarks, height, width, intrinsics=source_k, head=head)
+    source_k = geometry.camera_matrix(height, width, fov=source_fov)
+    rotation, translation = geometry.solve_pnp(source_landmarks, height, width, intrinsics=source_k, head=head)
     source_w2c = np.eye(4)
     source_w2c[:3, :3], source_w2c[:3, 3] = rotation, translation
     c2w, intrinsics = orbit_cameras(trajectory, render_size=min(height, width))

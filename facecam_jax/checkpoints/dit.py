@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from facecam_jax import progress as progress_lib
@@ -486,8 +487,6 @@ def _pure(state) -> dict:
 
 def save_dit_orbax(model: WanDiT, path: str | os.PathLike) -> str:
     """Saves parameters with orbax plus a small JSON of the architecture and dtypes."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
@@ -500,8 +499,6 @@ def save_dit_orbax(model: WanDiT, path: str | os.PathLike) -> str:
 
 
 def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat) -> WanDiT:
-    import orbax.checkpoint as ocp
-
     with open(os.path.join(path, ORBAX_MARKER)) as f:
         meta = json.load(f)
     cfg = DiTConfig(**meta["config"])

@@ -22,14 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model it is loaded into."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickle that asks for something other than tensors and plain containers."""
-
+from facecam_jax.errors import CheckpointError, UnsafeCheckpointError
 
 _ST_DTYPES = {
     "F64": np.dtype(np.float64),

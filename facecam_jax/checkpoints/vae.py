@@ -29,6 +29,7 @@ from facecam_jax.checkpoints.io import (
     format_key_problems,
     open_checkpoint,
     strip_prefix,
+    write_safetensors,
 )
 from facecam_jax.models import wan_vae as wv
 
@@ -375,8 +376,6 @@ def save_vae(vae: wv.WanVAE, path: str | os.PathLike) -> str:
     statistics + ``diffusion_pytorch_model.safetensors``, fp32); ``load_vae(path)`` reads it
     back with the same architecture and statistics (any width: the config is inferred from
     the shapes). Returns the folder."""
-    from facecam_jax.checkpoints.io import write_safetensors
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     config = {"_class_name": "AutoencoderKLWan", **diffusers_config(vae.config)}

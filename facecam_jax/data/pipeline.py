@@ -36,9 +36,11 @@ from __future__ import annotations
 import logging
 import sys
 
+import cv2
 import grain
 import numpy as np
 
+from facecam_jax.data import mini_dataset
 from facecam_jax.data import sources as sources_lib
 from facecam_jax.data import transforms as tr
 
@@ -55,8 +57,6 @@ def _seed(*parts: int) -> int:
 def _data_roots(data) -> tuple[str, str, str]:
     """(multi-view root, in-the-wild root, multi-view layout) of `data`."""
     if data.dataset == "mini":
-        from facecam_jax.data import mini_dataset
-
         built = mini_dataset.build(data.mini.height, data.mini.width, data.mini.num_cameras)
         return built.nersemble_root, built.wild_root, "nersemble"
     if data.dataset != "files":
@@ -238,8 +238,6 @@ def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0
 def _init_worker(worker_index: int, worker_count: int) -> None:
     """Worker processes are the parallelism: one OpenCV thread each, not one per core each."""
     del worker_index, worker_count
-    import cv2
-
     cv2.setNumThreads(1)
 
 

@@ -20,12 +20,14 @@ import os
 import threading
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 from facecam_jax import progress as progress_lib
+from facecam_jax import video_io
+from facecam_jax.camera import landmarks as landmarks_lib
 from facecam_jax.data import sources
 from facecam_jax.data import store as store_lib
-from facecam_jax.data import video as video_io
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,6 @@ def wild_jobs(streams: Sequence[sources.Stream], *, all_frames: bool) -> list[Jo
 
 
 def _downscale(frames: np.ndarray, long_side: int) -> np.ndarray:
-    import cv2
-
     height, width = frames.shape[1:3]
     scale = long_side / max(height, width)
     if scale >= 1.0:
@@ -108,9 +108,7 @@ class _Segmenter:
     def masks(cls, frames: np.ndarray) -> np.ndarray:
         with cls._lock:
             if cls._graph is None:
-                from facecam_jax.camera.landmarks import mediapipe_solution
-
-                selfie_segmentation = mediapipe_solution("selfie_segmentation", "background masks")
+                selfie_segmentation = landmarks_lib.mediapipe_solution("selfie_segmentation", "background masks")
                 # model 0: the general 256x256 model (portrait crops are not landscape).
                 cls._graph = selfie_segmentation.SelfieSegmentation(model_selection=0)
             return np.stack([
@@ -126,8 +124,6 @@ def segment(frames: np.ndarray, long_side: int = MASK_LONG_SIDE) -> np.ndarray:
 
 def run_job(job: Job) -> Summary:
     """Computes what `job` still lacks and stores it; safe to rerun after an interruption."""
-    from facecam_jax.camera import landmarks as landmarks_lib
-
     summary = Summary(streams=1)
     store = store_lib.StreamStore(job.prepared)
     try:

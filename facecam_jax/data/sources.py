@@ -32,8 +32,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from facecam_jax import video_io
 from facecam_jax.data import store as store_lib
-from facecam_jax.data import video as video_io
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import functools
 import os
 
 import numpy as np
+import tensorstore as ts
 
 NUM_LANDMARKS = 478
 NOT_COMPUTED, FOUND, NO_FACE = 0, 1, 2
@@ -31,15 +32,11 @@ class MissingAnnotationError(LookupError):
 
 @functools.lru_cache(maxsize=4096)
 def _open(path: str):
-    import tensorstore as ts  # lazy: only needed where prepared data is read or written
-
     return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path}},
                    open=True, read=True, write=True).result()
 
 
 def _create(path: str, shape, chunks, dtype: str, fill_value):
-    import tensorstore as ts
-
     _open.cache_clear()  # a handle cached for an earlier array at this path is stale now
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": path},
             "metadata": {"dtype": dtype, "shape": list(shape), "chunks": list(chunks),

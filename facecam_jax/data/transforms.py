@@ -34,9 +34,11 @@ import cv2
 import grain
 import numpy as np
 
-from facecam_jax.data import sources
+from facecam_jax import video_io
+from facecam_jax.camera import draw
+from facecam_jax.camera import landmarks as landmarks_lib
+from facecam_jax.data import prepare, sources
 from facecam_jax.data import store as store_lib
-from facecam_jax.data import video as video_io
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +234,6 @@ def _anchor_landmarks(stream: sources.Stream, frame: int, detect_missing: bool) 
         raise SkipSample("missing landmarks",
                          f"frame {frame} of {stream.path} has no prepared landmarks; run "
                          "tools/prepare_dataset.py or set data.detect_missing=True")
-    from facecam_jax.camera import landmarks as landmarks_lib
-
     try:
         points, _ = landmarks_lib.detect(_read(stream, [frame]), static=True)
     except landmarks_lib.NoFaceError:
@@ -248,8 +248,6 @@ def _masks(stream: sources.Stream, frames, images: np.ndarray | None, detect_mis
     except store_lib.MissingAnnotationError as e:
         if not detect_missing or images is None:
             raise SkipSample("missing masks", str(e)) from None
-    from facecam_jax.data import prepare
-
     return prepare.segment(images)
 
 
@@ -312,8 +310,6 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
         return self._guarded(self._stitch, record, rng)
 
     def _stitch(self, record: dict, rng: np.random.Generator) -> dict:
-        from facecam_jax.camera import draw
-
         seq: sources.MultiViewSequence = record["sequence"]
         num_frames, start, stride = record["frames"], record["start"], record["stride"]
         times = start + stride * np.arange(num_frames)
@@ -404,8 +400,6 @@ class InTheWildPairing(grain.transforms.Map, _SkipOnFailure):
         return self._guarded(self._pair, record)
 
     def _pair(self, record: dict) -> dict:
-        from facecam_jax.camera import draw
-
         stream: sources.Stream = record["stream"]
         num_frames = record["frames"]
         times = record["start"] + record["stride"] * np.arange(num_frames)

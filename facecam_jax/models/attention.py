@@ -132,11 +132,27 @@ def _splash(q, k, v, scale):
 
 
 def _cudnn_ok(q) -> bool:
-    return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+    return _cudnn_supports(q.dtype, q.shape[-1])
+
+
+def _cudnn_supports(dtype, head_dim: int) -> bool:
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
 
 
 def _splash_ok(q) -> bool:
     return q.dtype in (jnp.float32, jnp.bfloat16)
+
+
+def resolve(implementation: str, platform: str, dtype, head_dim: int) -> str:
+    """The implementation ``attention`` runs: ``auto`` is splash on TPU (fp32 / bf16), cuDNN on
+    GPU (bf16 / fp16, head_dim a multiple of 8 up to 256), XLA otherwise; others as given."""
+    if implementation != "auto":
+        return implementation
+    if platform == "tpu" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16):  # what _splash_ok takes
+        return "splash"
+    if platform == "gpu" and _cudnn_supports(dtype, head_dim):
+        return "cudnn"
+    return "xla"
 
 
 def _platform() -> str:
@@ -151,13 +167,7 @@ def attention(q, k, v, *, implementation: str = "xla", scale: float | None = Non
     """Softmax(q k^T * scale) v over BTNH tensors; no mask (Wan attends to everything)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     platform = _platform()
-    if implementation == "auto":
-        if platform == "tpu" and _splash_ok(q):
-            implementation = "splash"
-        elif platform == "gpu" and _cudnn_ok(q):
-            implementation = "cudnn"
-        else:
-            implementation = "xla"
+    implementation = resolve(implementation, platform, q.dtype, q.shape[-1])
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if implementation == "splash" and platform != "tpu" and not SPLASH_INTERPRET:

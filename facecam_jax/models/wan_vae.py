@@ -865,6 +865,16 @@ def _decode_jit(graphdef, state, latents, normalize, clamp, opts):
     return nnx.merge(graphdef, state)._decode_impl(latents, normalize, clamp, opts)
 
 
+def to_unit_range(video) -> jax.Array:
+    """uint8 pixels [..., 3] in [0, 255] -> float32 in [-1, 1], the VAE's input range."""
+    return jnp.asarray(video).astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(video: jax.Array) -> np.ndarray:
+    """The VAE's output range [-1, 1] -> uint8 pixels (rounded, clipped), on the host."""
+    return np.asarray(jnp.clip((video + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
+
+
 def count_params(module: nnx.Module) -> int:
     """Number of parameters (works on abstract modules from ``nnx.eval_shape``)."""
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -1,4 +1,4 @@
-"""Video and image-sequence I/O for the data pipeline: probe, decode selected frames, write.
+"""Video and image-sequence I/O: probe, decode selected frames, write (data pipeline, sampler, tools).
 
 Training samples use a few dozen frames of long multi-view captures (81 frames at stride 3,
 and each stitched shot only its own time window), so decoding reads only the frames asked
@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from facecam_jax.errors import VideoDecodeError
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 # Seeking costs a keyframe search and a decode up to the target; below this many frames it is
 # cheaper (and exact on every container) to decode from the start.
@@ -26,10 +28,6 @@ _SEEK_THRESHOLD = 32
 # smaller than OpenCV's mp4v at its default quality.
 _CRF = 18
 _AVCOL_SPC_SMPTE170M = 6  # FFmpeg's AVColorSpace for the BT.601 matrix
-
-
-class VideoDecodeError(RuntimeError):
-    """A video (or a frame of it) could not be read: missing, corrupt, or shorter than claimed."""
 
 
 @dataclasses.dataclass(frozen=True)

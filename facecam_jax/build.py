@@ -1,0 +1,189 @@
+"""Configs -> models, text contexts, meshes and shapes: the one factory.
+
+Training, sampling, the ahead-of-time fit tool, tools and benchmarks all need "config ->
+DiT / VAE / context on a mesh"; they take it from here (STYLE: a factory is its own room).
+Every builder has an abstract twin (shapes with their shardings, nothing allocated or read)
+so that a program compiled ahead of time is the program a run builds from weights.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from facecam_jax import sharding as sh
+from facecam_jax import text
+from facecam_jax.checkpoints.dit import load_dit
+from facecam_jax.checkpoints.vae import load_vae
+from facecam_jax.models import wan_dit
+from facecam_jax.models.wan_dit import WanDiT
+from facecam_jax.models.wan_vae import VAEConfig, WanVAE
+
+# ------------------------------------------------------------------ mesh
+
+
+def mesh_and_rules(config, devices=None) -> tuple[jax.sharding.Mesh, sh.Rules]:
+    """The ``(data, fsdp, context, tensor)`` mesh of ``config.mesh`` over ``devices`` (default:
+    every global device) and the logical-axis rule table of ``config.sharding_rules``."""
+    m = config.mesh
+    mesh = sh.make_mesh(m.data, m.fsdp, m.context, m.tensor, devices=devices)
+    return mesh, sh.rules_from_config(config.get("sharding_rules"))
+
+
+# ------------------------------------------------------------------ shapes
+
+
+def vae_config(name: str) -> VAEConfig:
+    """The VAE architecture named by ``config.vae.config`` (for random init without a checkpoint)."""
+    if name == "mini":  # Wan2.1 topology and latent statistics (z 16), toy width
+        return VAEConfig(dim=8, z_dim=16)
+    if name == "wan2.1":
+        return VAEConfig.wan21()
+    if name == "wan2.2":
+        return VAEConfig.wan22()
+    raise ValueError(f"vae.config must be 'mini', 'wan2.1' or 'wan2.2', got {name!r}")
+
+
+def dit_config(config) -> wan_dit.DiTConfig:
+    """The DiT preset of ``config.model.dit`` with FaceCam's input width (``model.in_dim``)."""
+    cfg = wan_dit.get_config(config.model.dit)
+    return cfg.replace(in_dim=max(config.model.in_dim, cfg.in_dim))
+
+
+def latent_shape(vae: VAEConfig, frames: int, height: int, width: int, batch: int = 1) -> tuple[int, ...]:
+    """``[B, F, H, W, z]`` latents of ``batch`` videos of ``frames x height x width``."""
+    s = vae.spatial_stride
+    return (batch, 1 + (frames - 1) // vae.temporal_stride, height // s, width // s, vae.z_dim)
+
+
+def token_counts(dit: wan_dit.DiTConfig, vae: VAEConfig, frames: int, height: int, width: int) -> tuple[int, int]:
+    """(tokens of FaceCam's two halves, tokens of the target half) for one video size."""
+    _, f, h, w, _ = latent_shape(vae, frames, height, width)
+    pt, ph, pw = dit.patch_size
+    half = (f // pt) * (h // ph) * (w // pw)
+    return 2 * half, half
+
+
+def num_experts(config) -> int:
+    """Two for Wan2.2 A14B (an ``a14b`` preset, or both sample.*_noise_checkpoint set), else one."""
+    s = config.sample
+    return 2 if ("a14b" in config.model.dit or (s.high_noise_checkpoint and s.low_noise_checkpoint)) else 1
+
+
+# ------------------------------------------------------------------ trainable parameters
+
+
+def is_trainable(path: Sequence[str], names: Sequence[str]) -> bool:
+    """``train.trainable``'s rule: a parameter is trained when an element of its path is one of
+    ``names`` (``("all",)``: every parameter)."""
+    names = tuple(names)
+    return names == ("all",) or any(str(p) in names for p in path)
+
+
+def trainable_filter(names: Sequence[str]):
+    """The nnx filter of ``is_trainable``: parameters whose path names one of ``names``."""
+    names = tuple(names)
+    if names == ("all",):
+        return nnx.Param
+
+    def match(path, value):
+        return isinstance(value, nnx.Param) and is_trainable(path, names)
+
+    return match
+
+
+# ------------------------------------------------------------------ DiT
+
+
+def _dit_kwargs(config) -> dict:
+    m = config.model
+    return dict(param_dtype=jnp.dtype(m.param_dtype), dtype=jnp.dtype(m.compute_dtype), attention=m.attention,
+                remat=m.remat)
+
+
+def build_dit(config, mesh, rules, *, seed: int | None = None) -> WanDiT:
+    """The DiT of ``config.model`` on ``mesh``: loaded (and overlaid) or random (``seed``,
+    default ``config.seed``), widened to ``model.in_dim``, placed by its logical axes."""
+    m = config.model
+    if m.dit_checkpoint:
+        dit = load_dit(m.dit_checkpoint, config=m.dit, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                       overlay=list(m.dit_overlay) or None, mesh=mesh, rules=rules, attention=m.attention,
+                       remat=m.remat)
+    else:
+        dit = WanDiT(m.dit, rngs=nnx.Rngs(config.seed if seed is None else seed), **_dit_kwargs(config))
+    if m.in_dim > dit.config.in_dim:
+        wan_dit.widen_patch_embedding(dit, m.in_dim)
+    return sh.shard_module(dit, mesh, rules)
+
+
+def abstract_dit(config, mesh, rules) -> WanDiT:
+    """``build_dit``'s model as shapes with their shardings (the preset; nothing is read)."""
+
+    def make():
+        dit = WanDiT(config.model.dit, rngs=nnx.Rngs(0), **_dit_kwargs(config))
+        return wan_dit.widen_patch_embedding(dit, max(config.model.in_dim, dit.config.in_dim))
+
+    dit = nnx.eval_shape(make)
+    return _with_shardings(dit, sh.state_shardings(nnx.state(dit), mesh, rules))
+
+
+# ------------------------------------------------------------------ VAE
+
+
+def build_vae(config, mesh) -> WanVAE:
+    """The frozen VAE, replicated: its 127 M (Wan2.1) parameters are cheap to hold on every
+    device, while its activations shard spatially under the mesh (``ACT_HEIGHT``)."""
+    v = config.vae
+    if v.checkpoint:
+        vae = load_vae(v.checkpoint, dtype=jnp.dtype(v.dtype))
+    else:
+        vae = WanVAE(vae_config(v.config), dtype=jnp.dtype(v.dtype), rngs=nnx.Rngs(config.seed + 1))
+    return replicate(vae, mesh)
+
+
+def abstract_vae(config, mesh) -> WanVAE:
+    """``build_vae``'s model (random-init architecture) as replicated shapes."""
+    v = config.vae
+    vae = nnx.eval_shape(lambda: WanVAE(vae_config(v.config), dtype=jnp.dtype(v.dtype), rngs=nnx.Rngs(0)))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return _with_shardings(vae, jax.tree.map(lambda _: replicated, nnx.state(vae)))
+
+
+def replicate(module: nnx.Module, mesh) -> nnx.Module:
+    """A module's variables replicated over ``mesh`` (in place); returns it."""
+    nnx.update(module, jax.device_put(nnx.state(module), NamedSharding(mesh, PartitionSpec())))
+    return module
+
+
+def _with_shardings(module: nnx.Module, shardings) -> nnx.Module:
+    state = nnx.state(module)
+    nnx.update(module, jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings))
+    return module
+
+
+# ------------------------------------------------------------------ text
+
+
+def text_contexts(config, dit: wan_dit.DiTConfig, *, negative: bool = False):
+    """The text context ``[1, text_len, text_dim]`` of ``text.prompt`` (and, with ``negative``,
+    of ``sample.negative_prompt`` as a second array), from one read of ``text.embeddings``;
+    zeros without a file (the mini configs have no text encoder)."""
+    if not config.text.embeddings:
+        zeros = np.zeros((1, dit.text_len, dit.text_dim), np.float32)
+        return (zeros, zeros) if negative else zeros
+    embeddings = text.load_prompt_embeddings(config.text.embeddings)
+    prompts = [config.text.prompt] + ([config.sample.negative_prompt] if negative else [])
+    contexts = []
+    for prompt in prompts:
+        ctx = embeddings.context([prompt])
+        if ctx.shape[-1] != dit.text_dim:
+            raise ValueError(
+                f"{config.text.embeddings} holds {ctx.shape[-1]}-d embeddings, the DiT expects text_dim "
+                f"{dit.text_dim}; encode the prompt with the matching text encoder")
+        contexts.append(np.asarray(ctx, np.float32))
+    return tuple(contexts) if negative else contexts[0]

@@ -1,0 +1,32 @@
+"""The errors a user can cause, in one low module: every layer raises them, and the command
+lines (``facecam_jax.cli``) turn them into one ``error:`` line without importing the layers.
+
+Each is also importable from the module that raises it (``facecam_jax.video_io.VideoDecodeError``,
+``facecam_jax.camera.landmarks.NoFaceError``, ``facecam_jax.checkpoints.io.CheckpointError``).
+"""
+
+from __future__ import annotations
+
+
+class VideoDecodeError(RuntimeError):
+    """A video (or a frame of it) could not be read: missing, corrupt, or shorter than claimed."""
+
+
+class NoFaceError(ValueError):
+    """No frame of the input has a face MediaPipe can find."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model it is loaded into."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that asks for something other than tensors and plain containers."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/Inf; the last finite state was kept."""
+
+
+class DistributedSetupError(ValueError):
+    """The processes of a multi-process run could not join (mismatched settings, a missing peer)."""

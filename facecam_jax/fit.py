@@ -1,0 +1,195 @@
+"""Does it fit? The real training or sampling program, compiled ahead of time from shapes.
+
+``analyze(config, program, topology)`` builds the training step (``train_step.build_program(...,
+abstract=True)``: the preset DiT, trainable subset, optimizer state, frozen VAE encode, batch
+over (data, fsdp)) or the sampling program (``sampler.sample_program``: both Wan2.2 A14B
+experts in one jitted Euler loop with CFG, plus the VAE encode and decode that run beside
+them) from the factory's abstract models, on the config's mesh over the devices of a named
+TPU topology (``chips.tpu_topology``) or the local devices. It compiles them and reports
+(``fit_report.Report``) per-device memory from XLA's buffer plan, the device's memory, the
+analytic FLOPs (``flops.step_flops``), the time at the bf16 peak, and a verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from facecam_jax import build, chips, sampler
+from facecam_jax import sharding as sh
+from facecam_jax.chips import BadTarget, GiB, Target
+from facecam_jax.fit_report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Report
+from facecam_jax.flops import step_flops
+from facecam_jax.models import attention, wan_dit
+from facecam_jax.train_step import build_program
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BAD_ARGUMENTS", "DOES_NOT_FIT", "FITS", "BadTarget", "Compiled", "OutOfMemory", "analyze"]
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One compiled program's per-device memory (bytes) and compile time."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+    seconds: float
+    resident_elsewhere: int = 0  # arrays on the device that this program does not take
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident_elsewhere
+
+    @classmethod
+    def of(cls, name: str, compiled, seconds: float, resident_elsewhere: int = 0) -> "Compiled":
+        mem = compiled.memory_analysis()
+        get = lambda f: int(getattr(mem, f, 0) or 0)  # noqa: E731
+        return cls(name, get("argument_size_in_bytes"), get("output_size_in_bytes"), get("alias_size_in_bytes"),
+                   get("temp_size_in_bytes"), get("generated_code_size_in_bytes"), seconds, resident_elsewhere)
+
+
+class OutOfMemory(Exception):
+    """The program needs more than the device's memory: XLA refused it at compile, or its
+    arguments alone exceed the HBM (then it is not compiled at all)."""
+
+    def __init__(self, name: str, message: str, seconds: float, required: int | None = None,
+                 available: int | None = None):
+        super().__init__(message)
+        self.name, self.seconds = name, seconds
+        self.required = required or chips.required_from_message(message)
+        self.available = available or chips.hbm_from_message(message)
+
+
+def _check_arguments(name: str, arguments: int, hbm: int | None) -> None:
+    """Skips a compile that cannot fit: the per-device arguments alone exceed the HBM."""
+    if hbm is not None and arguments > hbm:
+        raise OutOfMemory(name, f"the arguments alone need {arguments / GiB:.2f} GiB per device, more than the "
+                          f"{hbm / GiB:.2f} GiB of HBM; not compiled", 0.0, arguments, hbm)
+
+
+def _compile(name: str, lowered_fn, resident_elsewhere: int = 0) -> Compiled:
+    start = time.perf_counter()
+    try:
+        compiled = lowered_fn().compile()
+    except Exception as e:  # noqa: BLE001  XLA raises a generic runtime error
+        if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+            raise OutOfMemory(name, str(e).splitlines()[0], time.perf_counter() - start) from e
+        raise
+    result = Compiled.of(name, compiled, time.perf_counter() - start, resident_elsewhere)
+    log.info("%s compiled in %.1f s", name, result.seconds)
+    return result
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _under_mesh(mesh, rules, jitted, *args):
+    """A thunk lowering ``jitted(*args)`` under the mesh, where activations are pinned."""
+    def lower():
+        with sh.use_mesh(mesh, rules):
+            return jitted.lower(*args)
+    return lower
+
+
+def _train_programs(config, mesh, rules, hbm: int | None) -> tuple[list[Compiled], dict]:
+    # Built outside the mesh context (optax's state-sharding helper runs an init eagerly, which a
+    # compile-only device cannot execute); traced inside it, where activations are pinned.
+    program = build_program(config, mesh, rules, abstract=True)
+    info = {"params": program.num_params, "trainable": program.num_trainable, "experts": 1}
+    args = (program.state, program.frozen, program.vae_state, program.context, program.batch)
+    _check_arguments("train step", device_bytes(args), hbm)
+    return [_compile("train step", _under_mesh(mesh, rules, program.step, *args))], info
+
+
+def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = True) -> tuple[list[Compiled], dict]:
+    """The Euler loop (both experts resident) and, beside it, the VAE encode and decode."""
+    d = config.data
+    replicated = NamedSharding(mesh, PartitionSpec())
+    dit = build.abstract_dit(config, mesh, rules)
+    n = build.num_experts(config)
+    states = tuple(nnx.state(dit) for _ in range(n))
+    vae_graphdef, vae_state = nnx.split(build.abstract_vae(config, mesh))
+    lat = jax.ShapeDtypeStruct(build.latent_shape(build.vae_config(config.vae.config), d.frames, d.height, d.width),
+                               jnp.float32, sharding=replicated)
+    ctx = jax.ShapeDtypeStruct((1, dit.config.text_len, dit.config.text_dim), jnp.float32, sharding=replicated)
+    program = sampler.sample_program(nnx.graphdef(dit), sampler.SampleOptions.of(config, n))
+    dit_bytes, vae_bytes = device_bytes(states), device_bytes(vae_state)
+    _check_arguments("sample loop", dit_bytes + vae_bytes, hbm)
+    out = [_compile("sample loop", _under_mesh(mesh, rules, program.fn, states, lat, lat, ctx, ctx, lat), vae_bytes)]
+    if with_vae:
+        video = jax.ShapeDtypeStruct((2, d.frames, d.height, d.width, 3), jnp.float32, sharding=replicated)
+        encode = jax.jit(lambda st, v: nnx.merge(vae_graphdef, st).encode(v))
+        decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(z))
+        out.append(_compile("VAE encode", _under_mesh(mesh, rules, encode, vae_state, video), dit_bytes))
+        out.append(_compile("VAE decode", _under_mesh(mesh, rules, decode, vae_state, lat), dit_bytes))
+    params = sum(x.size for x in jax.tree.leaves(states))
+    return out, {"params": params, "trainable": 0, "experts": n}
+
+
+def attention_used(config, target: Target) -> str:
+    """What ``model.attention`` resolves to on the target (the model's own dispatch rule)."""
+    impl = config.model.attention
+    if impl != "auto":
+        return impl
+    dit = build.dit_config(config)
+    return "auto -> " + attention.resolve(impl, target.platform, jnp.dtype(config.model.compute_dtype), dit.head_dim)
+
+
+def analyze(config, program: str, topology: str | None = None, *, config_name: str = "", with_vae: bool = True,
+            target: Target | None = None) -> Report:
+    """Builds ``program`` ("train" or "sample") of ``config`` on the target's devices from shapes
+    only, compiles it, and reports memory, FLOPs and whether it fits. BadTarget: the topology
+    or mesh cannot be built."""
+    if program not in ("train", "sample"):
+        raise BadTarget(f"--program must be 'train' or 'sample', got {program!r}")
+    target = target or chips.make_target(topology)
+    if target.is_tpu:
+        chips.no_persistent_cache()
+    try:
+        mesh, rules = build.mesh_and_rules(config, devices=target.devices)
+    except ValueError as e:
+        raise BadTarget(f"{e} (the {target.name} target); set --config.mesh.* so that the mesh divides it") from e
+    d = config.data
+    dit_config = build.dit_config(config)
+    tokens, _ = build.token_counts(dit_config, build.vae_config(config.vae.config), d.frames, d.height, d.width)
+    report = Report(
+        program=program, config=config_name, target=target.name, chip=target.chip, devices=len(target.devices),
+        chips=target.chips, mesh=dict(mesh.shape), model=config.model.dit, remat=config.model.remat,
+        attention=attention_used(config, target), tokens=tokens,
+        batch=d.batch_size if program == "train" else 1, params=0, trainable=0, experts=1,
+        hbm=target.hbm_per_device, hbm_source=target.hbm_source, flops=step_flops(config, program),
+        peak_flops=target.peak_flops,
+    )
+    start = time.perf_counter()
+    try:
+        if program == "train":
+            report.compiled, info = _train_programs(config, mesh, rules, target.hbm_per_device)
+        else:
+            report.compiled, info = _sample_programs(config, mesh, rules, target.hbm_per_device, with_vae=with_vae)
+        report.params, report.trainable, report.experts = info["params"], info["trainable"], info["experts"]
+    except OutOfMemory as e:
+        report.out_of_memory = {"program": e.name, "required": e.required, "available": e.available,
+                                "message": str(e), "seconds": e.seconds}
+        n = build.num_experts(config) if program == "sample" else 1
+        report.experts = n
+        report.params = n * wan_dit.param_count(wan_dit.abstract_model(dit_config))
+    report.seconds = time.perf_counter() - start
+    return report

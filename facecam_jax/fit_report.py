@@ -1,0 +1,109 @@
+"""The fit tool's report: what a compiled program needs per device against what the chip has,
+its analytic FLOPs and time at the peak, and the verdict (text and JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+FITS, DOES_NOT_FIT, BAD_ARGUMENTS = 0, 3, 2
+GiB = 2**30
+
+
+@dataclasses.dataclass
+class Report:
+    program: str
+    config: str
+    target: str
+    chip: str
+    devices: int
+    chips: int
+    mesh: dict
+    model: str
+    remat: str
+    attention: str
+    tokens: int
+    batch: int
+    params: int
+    trainable: int
+    experts: int
+    hbm: int | None
+    hbm_source: str
+    flops: dict
+    peak_flops: float | None
+    compiled: list = dataclasses.field(default_factory=list)  # fit.Compiled
+    out_of_memory: dict | None = None  # {"program", "required", "available", "message"}
+    seconds: float = 0.0  # all compiles
+
+    @property
+    def peak(self):
+        return max(self.compiled, key=lambda c: c.total) if self.compiled else None
+
+    @property
+    def memory(self) -> int | None:
+        """Per-device bytes at the peak (the largest program plus what stays resident beside it)."""
+        if self.out_of_memory:
+            return self.out_of_memory.get("required")
+        return self.peak.total if self.peak else None
+
+    @property
+    def step_seconds(self) -> float | None:
+        return None if not self.peak_flops else self.flops["total"] / self.peak_flops
+
+    @property
+    def fits(self) -> bool | None:
+        if self.out_of_memory:
+            return False
+        if self.hbm is None:
+            return None
+        return self.memory <= self.hbm
+
+    @property
+    def exit_code(self) -> int:
+        return DOES_NOT_FIT if self.fits is False else FITS
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["compiled"] = [dict(dataclasses.asdict(c), total=c.total) for c in self.compiled]
+        out.update(memory=self.memory, step_seconds=self.step_seconds, fits=self.fits)
+        return out
+
+    def text(self) -> str:
+        gib = lambda n: "?" if n is None else f"{n / GiB:.2f} GiB"  # noqa: E731
+        mesh = " ".join(f"{k} {v}" for k, v in self.mesh.items())
+        lines = [
+            f"program    {self.program} ({self.config})",
+            f"target     {self.target}: {self.devices} x {self.chip} devices ({self.chips} chip"
+            f"{'s' if self.chips > 1 else ''}), mesh {mesh}",
+            f"model      {self.model}, {self.experts} x {_count(self.params / self.experts)} parameters"
+            + (f", {_count(self.trainable)} trainable" if self.trainable else "")
+            + (f", remat {self.remat}" if self.program == "train" else "") + f", attention {self.attention}",
+            f"input      batch {self.batch}, {self.tokens:,} tokens per sample",
+        ]
+        for c in self.compiled:
+            extra = f" + {gib(c.resident_elsewhere)} resident beside it" if c.resident_elsewhere else ""
+            lines.append(
+                f"{c.name:<10} per device: arguments {gib(c.arguments)}, outputs {gib(c.outputs)} "
+                f"(aliased {gib(c.aliased)}), temporaries {gib(c.temporaries)}, code {c.code / 2**20:.1f} MiB"
+                f"{extra} = {gib(c.total)}; compiled in {c.seconds:.1f} s")
+        if self.out_of_memory:
+            o = self.out_of_memory
+            lines.append(f"{o['program']:<10} does not fit ({o['seconds']:.1f} s): needs {gib(o['required'])} of "
+                         f"{gib(o['available'])}: {o['message'][:300]}")
+        lines.append(f"HBM        {gib(self.hbm)} per device ({self.hbm_source})")
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in self.flops.items() if k != "total")
+        lines.append(f"FLOPs      {self.flops['total']:.4g} per step ({parts})")
+        if self.step_seconds is not None:
+            lines.append(f"time       {self.step_seconds:.3g} s per step at the bf16 peak "
+                         f"({self.chips} x {self.peak_flops / self.chips / 1e12:.0f} TFLOP/s)")
+        if self.fits is None:
+            verdict = f"unknown: no memory limit known for {self.chip}; needs {gib(self.memory)} per device"
+        elif self.fits:
+            verdict = f"fits: {gib(self.memory)} of {gib(self.hbm)} per device ({100 * self.memory / self.hbm:.0f}%)"
+        else:
+            verdict = f"does not fit: needs {gib(self.memory)} per device, {gib(self.hbm)} available"
+        lines.append(f"verdict    {verdict}")
+        return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"

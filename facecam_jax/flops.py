@@ -1,0 +1,167 @@
+"""Analytic FLOPs of the DiT and the programs built on it: what a step costs at the chip's peak.
+
+XLA's ``cost_analysis`` counts a scan body once and Pallas kernels not at all, so FLOPs are
+counted here: the DiT from its shapes (``dit_flops``, equal to the dots JAX traces, see
+tests/test_aot.py), the VAE from its traced convolutions (``vae_flops``). The fit tool and
+training's TFLOP/s and MFU both use ``step_flops``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.extend import core as jex_core
+
+from facecam_jax import build
+from facecam_jax.models.wan_vae import WanVAE
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the dots and convolutions in a (closed) jaxpr: scan
+    bodies times their length, the larger branch of a cond, a while body once. Pallas kernels
+    and elementwise work are not counted. Used for the VAE, whose convs are its cost."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[i] for i in contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, spatial...)
+            total += 2.0 * math.prod(out) * rhs[spec[1]] * math.prod(rhs[i] for i in spec[2:])
+        jaxprs = (jex_core.Jaxpr, jex_core.ClosedJaxpr)
+        subs = [v for v in eqn.params.values() if isinstance(v, jaxprs)]
+        subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if isinstance(b, jaxprs)]
+        if not subs:
+            continue
+        counts = [jaxpr_flops(s) for s in subs]
+        if name == "cond":
+            total += max(counts)
+        elif name == "scan":
+            total += eqn.params["length"] * sum(counts)
+        else:
+            total += sum(counts)
+    return total
+
+
+def vae_flops(vae_config, video_shape: tuple, *, decode: bool = False) -> float:
+    """FLOPs of one Wan VAE encode of ``video_shape [B, T, H, W, 3]`` (or the decode back to it),
+    counted from its traced convs (``jaxpr_flops``; shapes only, nothing is compiled)."""
+    vae = nnx.eval_shape(lambda: WanVAE(vae_config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(vae)
+    b, t, h, w, _ = video_shape
+    if decode:
+        shape = build.latent_shape(vae_config, t, h, w, b)
+        fn = lambda st, z: nnx.merge(graphdef, st).decode(z)  # noqa: E731
+    else:
+        shape = video_shape
+        fn = lambda st, v: nnx.merge(graphdef, st).encode(v)  # noqa: E731
+    return jaxpr_flops(jax.make_jaxpr(fn)(state, jax.ShapeDtypeStruct(shape, jnp.float32)))
+
+
+def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence[str] | None = None,
+              remat: str = "none") -> dict[str, float]:
+    """FLOPs (2 per multiply-add) of one Wan DiT call on ``batch`` samples of ``tokens`` tokens
+    whose head runs on the first ``out_tokens``: ``{"forward", "backward", "remat"}``.
+
+    Forward: every matmul (patch embedding, text and time embeddings, per layer self-attn
+    q/k/v/o, cross-attn q/o over the image tokens and k/v over the ``text_len`` text tokens,
+    FFN, head) plus attention, 4 L^2 D per layer (QK^T and PV) and 4 L Lt D for cross
+    attention. ``trainable`` (``config.train.trainable``; None: no backward) gives the
+    backward: a matmul's input gradient costs its forward FLOPs when the input needs a
+    gradient (the token stream does whenever the patch embedding or a block is trained; the
+    text and time branches only when their embeddings are), and its weight gradient the same
+    when that weight is trained; self-attention's backward is twice its forward (dQ, dK, dV,
+    dP). ``remat="full"`` recomputes each block's forward in the backward (less FFN fc2,
+    whose output is the saved block output); the "dots" policies keep the matmuls, so nothing
+    is counted for them. With FaceCam's trainable subset these counts equal the dots JAX
+    traces for the step (tests/test_aot.py).
+    """
+    d, f, lt, layers = cfg.dim, cfg.ffn_dim, cfg.text_len, cfg.num_layers
+    patch = math.prod(cfg.patch_size)
+    b, l = batch, tokens
+    names = tuple(trainable or ())
+    train = trainable is not None
+    tokens_grad = train and (build.is_trainable(("patch_embedding",), names) or build.is_trainable(("blocks",), names)
+                             or any(build.is_trainable(("blocks", m, p), names) for m in ("self_attn", "cross_attn", "ffn")
+                                    for p in ("q", "k", "v", "o", "fc1", "fc2", "norm_q", "norm_k")))
+    text_grad = train and build.is_trainable(("text_embedding",), names)
+    time_grad = train and (build.is_trainable(("time_embedding",), names) or build.is_trainable(("time_projection",), names))
+
+    # (path, forward FLOPs, the input needs a gradient, number of calls)
+    linears = [
+        (("patch_embedding",), 2 * b * l * patch * cfg.in_dim * d, False, 1),
+        (("text_embedding", "fc1"), 2 * b * lt * cfg.text_dim * d, False, 1),
+        (("text_embedding", "fc2"), 2 * b * lt * d * d, text_grad, 1),
+        (("time_embedding", "fc1"), 2 * b * cfg.freq_dim * d, False, 1),
+        (("time_embedding", "fc2"), 2 * b * d * d, time_grad, 1),
+        (("time_projection",), 2 * b * d * 6 * d, time_grad, 1),
+        (("head", "head"), 2 * b * out_tokens * d * cfg.out_dim * patch, tokens_grad, 1),
+    ]
+    block = [
+        (("blocks", "self_attn", "q"), 2 * b * l * d * d, tokens_grad),
+        (("blocks", "self_attn", "k"), 2 * b * l * d * d, tokens_grad),
+        (("blocks", "self_attn", "v"), 2 * b * l * d * d, tokens_grad),
+        (("blocks", "self_attn", "o"), 2 * b * l * d * d, tokens_grad),
+        (("blocks", "cross_attn", "q"), 2 * b * l * d * d, tokens_grad),
+        (("blocks", "cross_attn", "k"), 2 * b * lt * d * d, text_grad),
+        (("blocks", "cross_attn", "v"), 2 * b * lt * d * d, text_grad),
+        (("blocks", "cross_attn", "o"), 2 * b * l * d * d, tokens_grad),
+        (("blocks", "ffn", "fc1"), 2 * b * l * d * f, tokens_grad),
+        (("blocks", "ffn", "fc2"), 2 * b * l * f * d, tokens_grad),
+    ]
+    linears += [(path, flops, grad, layers) for path, flops, grad in block]
+    self_attn = 4 * b * l * l * d
+    cross_attn = 4 * b * l * lt * d
+
+    block_forward = layers * (sum(fl for _, fl, _ in block) + self_attn + cross_attn)
+    forward = sum(fl * n for _, fl, _, n in linears) + layers * (self_attn + cross_attn)
+    backward = 0.0
+    if train:
+        for path, fl, grad, n in linears:
+            backward += n * fl * (int(grad) + int(build.is_trainable(path, names)))
+        if tokens_grad:  # self: dP, dV, dS->dQ, dK; cross: dP, dQ (+ dK, dV when the text needs grads)
+            backward += layers * (2 * self_attn + cross_attn * (2 if text_grad else 1))
+    # Full remat recomputes a block's forward except its last matmul (FFN fc2): that output only
+    # feeds the block's output, which the scan keeps as the next block's input.
+    recompute = block_forward - layers * 2 * b * l * f * d if train and remat == "full" else 0.0
+    return {"forward": float(forward), "backward": float(backward), "remat": float(recompute)}
+
+
+def step_flops(config, program: str) -> dict[str, float]:
+    """Analytic FLOPs of one step of ``program`` ("train" or "sample") for ``config``.
+
+    train: the DiT forward + backward (+ remat) on ``data.batch_size`` samples (``dit_flops``
+    with ``train.trainable`` and ``model.remat``) and the frozen VAE encode of source, target
+    and camera videos (3 x batch). sample: ``sample.num_steps`` DiT forwards on a batch of 2
+    with CFG (1 without: ``sample.cfg_scale == 1``), one expert per step, plus the VAE encode
+    of source and camera and the decode of the output. VAE FLOPs are its convs counted from
+    the traced program (``vae_flops``). Returns the parts and their ``"total"``.
+    """
+    m, d = config.model, config.data
+    dit_config = build.dit_config(config)
+    vae_config = build.vae_config(config.vae.config)
+    tokens, out_tokens = build.token_counts(dit_config, vae_config, d.frames, d.height, d.width)
+    video = (d.frames, d.height, d.width, 3)
+    if program == "train":
+        b = d.batch_size
+        parts = dit_flops(dit_config, b, tokens, out_tokens, tuple(config.train.trainable), m.remat)
+        parts["vae"] = vae_flops(vae_config, (3 * b, *video))
+    elif program == "sample":
+        s = config.sample
+        cfg_batch = 2 if s.cfg_scale != 1.0 else 1
+        one = dit_flops(dit_config, cfg_batch, tokens, out_tokens)
+        parts = {"forward": s.num_steps * one["forward"]}
+        parts["vae"] = vae_flops(vae_config, (2, *video)) + vae_flops(vae_config, (1, *video), decode=True)
+    else:
+        raise ValueError(f"program must be 'train' or 'sample', got {program!r}")
+    parts["total"] = sum(parts.values())
+    return parts

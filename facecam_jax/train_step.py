@@ -1,0 +1,183 @@
+"""The training program: the jitted flow-matching step with explicit shardings, and its state.
+
+One jitted ``step(state, frozen, vae, context, batch)`` per run, donating the train state.
+Each step encodes source, target and landmark-map videos with the frozen VAE, draws a
+flow-matching level from the fixed shifted grid (restricted to the trained Wan2.2 expert's
+range), and updates only the trainable parameters (the paper: self-attention and the patch
+embedding). A NaN/Inf step changes nothing (``metrics["finite"]`` says so). Every leaf of
+the state (parameters, optimizer moments and counters, step, rng) has an explicit sharding.
+
+``build_program(config, mesh, rules)`` builds it from the factory's models (``build``);
+``abstract=True`` builds the same program from shapes only, which is what the fit tool
+(``facecam_jax.fit``) compiles ahead of time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from facecam_jax import build, flow
+from facecam_jax import sharding as sh
+from facecam_jax.models import wan_dit
+from facecam_jax.models.wan_dit import facecam_velocity
+from facecam_jax.models.wan_vae import to_unit_range
+
+VIDEO_KEYS = ("source", "target", "camera")  # the batch entries that go to the device
+
+
+class TrainState(NamedTuple):
+    params: nnx.State  # trainable parameters
+    opt_state: Any
+    step: jax.Array  # int32 [], completed steps
+    rng: jax.Array  # uint32 raw key data (checkpointable); the step's key is fold_in(rng, step)
+
+
+def make_optimizer(opt) -> optax.GradientTransformation:
+    chain = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
+    chain.append(optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay))
+    return optax.chain(*chain)
+
+
+def make_train_step(graphdef, vae_graphdef, optimizer, config):
+    """The pure step function (to be jitted): encodes, samples a level, updates."""
+    grid = flow.TrainGrid.make(config.model.shift)
+    index_range = grid.index_range(*flow.expert_timestep_range(config.model.expert or None, config.model.expert_boundary))
+
+    def step(state: TrainState, frozen, vae_state, context, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        level_rng, noise_rng = jax.random.split(rng)
+        vae = nnx.merge(vae_graphdef, vae_state)
+        b = batch["target"].shape[0]
+        videos = jnp.concatenate([to_unit_range(batch[k]) for k in VIDEO_KEYS], axis=0)  # [3B, T, H, W, 3]
+        latents = jax.lax.stop_gradient(vae.encode(videos))
+        source, target, camera = latents[:b], latents[b : 2 * b], latents[2 * b :]
+        sigma, timestep, weight = flow.sample_training_levels(level_rng, b, grid, index_range)
+        eps = jax.random.normal(noise_rng, target.shape, jnp.float32)
+        noisy = flow.add_noise(target, eps, sigma)
+        ctx = jnp.broadcast_to(context, (b, *context.shape[1:]))
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, frozen)
+            v = facecam_velocity(model, noisy, camera, source, timestep, ctx)
+            return flow.flow_loss(v, flow.velocity_target(target, eps), weight)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Keep the last finite state: a NaN step changes nothing and the loop stops.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
+                               state.step + finite.astype(state.step.dtype), state.rng)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": optax.tree.norm(state.params),
+            "update_norm": optax.tree.norm(updates),
+            "timestep": jnp.mean(timestep),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _shapes(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def opt_state_shardings(optimizer, params, param_shardings, replicated: NamedSharding):
+    """Every optimizer-state leaf's sharding: moments like their parameter, scalars replicated."""
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """The jitted step with explicit shardings, and what it is called with.
+
+    Built from real arrays (training) or from shapes only (``abstract=True``: ahead-of-time
+    compilation); both carry the same shardings.
+    """
+
+    step: Any  # jax.jit(step_fn, in_shardings, out_shardings, donate_argnums=0)
+    graphdef: Any
+    state: TrainState
+    frozen: nnx.State
+    vae_state: nnx.State
+    context: Any
+    batch: dict  # ShapeDtypeStruct per VIDEO_KEYS entry: the global batch
+    batch_sharding: NamedSharding
+    dit_config: wan_dit.DiTConfig
+    vae_config: Any
+    num_trainable: int
+    num_params: int
+
+    def lower(self):
+        return self.step.lower(self.state, self.frozen, self.vae_state, self.context, self.batch)
+
+    def global_batch(self, local: dict) -> dict:
+        """This process's rows of a batch (numpy, ``VIDEO_KEYS``) -> the global device batch."""
+        size = self.batch["target"].shape[0]
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k]),
+                                                          (size, *local[k].shape[1:])) for k in VIDEO_KEYS}
+
+
+def build_program(config, mesh: jax.sharding.Mesh, rules, *, abstract: bool = False) -> TrainProgram:
+    """The training program of ``config`` on ``mesh``: models, state and the jitted step.
+
+    ``abstract``: shapes only (the DiT preset ``config.model.dit``, random-init shapes for
+    the VAE), for compiling ahead of time; nothing is allocated or read."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = sh.batch_sharding(mesh, config.data.batch_size, rules)
+    dit = build.abstract_dit(config, mesh, rules) if abstract else build.build_dit(config, mesh, rules)
+    vae = build.abstract_vae(config, mesh) if abstract else build.build_vae(config, mesh)
+    graphdef, params, frozen = nnx.split(dit, nnx.All(nnx.Param, build.trainable_filter(config.train.trainable)), ...)
+    num_trainable = sum(x.size for x in jax.tree.leaves(params))
+    if num_trainable == 0:
+        raise ValueError(f"train.trainable={tuple(config.train.trainable)} matches no DiT parameter")
+    vae_graphdef, vae_state = nnx.split(vae)
+    optimizer = make_optimizer(config.optimizer)
+    param_sh = _shardings(params)
+    opt_sh = opt_state_shardings(optimizer, params, param_sh, replicated)
+    state_sh = TrainState(param_sh, opt_sh, replicated, replicated)
+    context = build.text_contexts(config, dit.config)
+    key = jax.random.key_data(jax.random.key(config.seed))
+    if abstract:
+        opt_state = _shapes(jax.eval_shape(optimizer.init, params), opt_sh)
+        state = TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                           jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+        context = jax.ShapeDtypeStruct(context.shape, jnp.float32, sharding=replicated)
+    else:
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+        state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                           jax.device_put(key, replicated))
+        context = jax.device_put(context, replicated)
+    d = config.data
+    batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.frames, d.height, d.width, 3), jnp.uint8,
+                                     sharding=batch_sharding) for k in VIDEO_KEYS}
+    jitted = jax.jit(
+        make_train_step(graphdef, vae_graphdef, optimizer, config),
+        in_shardings=(state_sh, _shardings(frozen), _shardings(vae_state), replicated,
+                      {k: batch_sharding for k in VIDEO_KEYS}),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+    return TrainProgram(jitted, graphdef, state, frozen, vae_state, context, batch, batch_sharding,
+                        dit.config, vae.config, num_trainable,
+                        num_trainable + sum(x.size for x in jax.tree.leaves(frozen)))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import ml_dtypes
 import numpy as np
@@ -111,3 +112,75 @@ def test_strip_prefix_only_when_every_key_has_it():
     assert io.strip_prefix(refs, ["model.diffusion_model."]) == {"a": 1, "b": 2}
     mixed = {"model.diffusion_model.a": 1, "b": 2}
     assert io.strip_prefix(mixed, ["model.diffusion_model."]) == mixed
+
+
+# ---------------------------------------------------------------------------- hostile safetensors files
+
+_KEY = "blocks.0.attn.q.weight"
+
+
+_VALID = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}  # fits the 16 data bytes each test writes
+
+
+def _entry(**changes):
+    return {**_VALID, **changes}
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ({_KEY: _entry(data_offsets=[16, 32])}, "past the end of the 16-byte data section"),
+        ({_KEY: _entry(data_offsets=[-4, 12])}, "negative or reversed data_offsets"),
+        ({_KEY: _entry(data_offsets=[16, 0])}, "negative or reversed data_offsets"),
+        ({_KEY: _entry(shape=[3])}, "spans 16 bytes, but shape (3,) of F32 needs 12"),
+        ({_KEY: _entry(shape=[-4])}, "not a list of non-negative integers"),
+        ({_KEY: _entry(shape=[2.5])}, "not a list of non-negative integers"),
+        ({_KEY: _entry(shape=[True, 4])}, "not a list of non-negative integers"),
+        ({_KEY: _entry(shape="4")}, "not a list of non-negative integers"),
+        ({_KEY: _entry(shape=[0, 2**62, 2**62], data_offsets=[0, 0])}, "larger than numpy can address"),
+        ({_KEY: _entry(shape=[1] * 65)}, "more than numpy's 64"),
+        ({_KEY: _entry(dtype="F128")}, "unsupported dtype 'F128'"),
+        ({_KEY: _entry(dtype=["F32"])}, "unsupported dtype ['F32']"),
+        ({_KEY: _entry(data_offsets=[0])}, "expected [begin, end] byte offsets"),
+        ({_KEY: _entry(data_offsets=[0, 16.0])}, "expected [begin, end] byte offsets"),
+        ({_KEY: {k: v for k, v in _VALID.items() if k != "data_offsets"}}, "lacks ['data_offsets']"),
+        ({_KEY: [1, 2]}, "not an object with dtype, shape and data_offsets"),
+        ({_KEY: _entry(), "__metadata__": {"format": 1}}, "'__metadata__'"),
+        ({_KEY: _entry(), "__metadata__": ["pt"]}, "'__metadata__'"),
+    ],
+    ids=[
+        "offsets-past-end", "negative-offset", "reversed-offsets", "size-mismatch", "negative-shape",
+        "float-shape", "bool-shape", "string-shape", "huge-shape", "too-many-dims", "unknown-dtype",
+        "unhashable-dtype", "one-offset", "float-offset", "no-offsets", "entry-not-object",
+        "metadata-value", "metadata-list",
+    ],
+)
+def test_hostile_safetensors_entry_names_file_and_key(tmp_path, header, expected):
+    path = str(tmp_path / "h.safetensors")
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + bytes(16))
+    with pytest.raises(io.CheckpointError) as e:
+        io.open_checkpoint(path)
+    msg = str(e.value)
+    key = "__metadata__" if "__metadata__" in header else _KEY
+    assert path in msg and repr(key) in msg and expected in msg, msg
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (struct.pack("<Q", 10**6) + b"{}", "header length 1000000 runs past the end of the 10-byte file"),
+        (struct.pack("<Q", 9) + b"{not json", "corrupt safetensors header"),
+        (struct.pack("<Q", 2) + b"\xff\xfe", "corrupt safetensors header"),
+        (struct.pack("<Q", 6) + b"[1, 2]", "a JSON list, not an object"),
+    ],
+    ids=["header-length-past-file", "malformed-json", "not-utf8", "header-not-object"],
+)
+def test_hostile_safetensors_header_names_file(tmp_path, raw, expected):
+    path = str(tmp_path / "h.safetensors")
+    with open(path, "wb") as f:
+        f.write(raw)
+    with pytest.raises(io.CheckpointError) as e:
+        io.open_checkpoint(path)
+    assert path in str(e.value) and expected in str(e.value), str(e.value)

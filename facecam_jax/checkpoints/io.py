@@ -12,8 +12,10 @@ import dataclasses
 import glob
 import io
 import json
+import math
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
 from collections import OrderedDict
@@ -46,6 +48,23 @@ _ST_DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+_MAX_BYTES = np.iinfo(np.intp).max  # numpy counts an array's bytes and strides in a signed machine word
+_MAX_NDIM = 64  # numpy's limit on dimensions
+
+
+def _shape_problem(shape: Any, itemsize: int) -> str | None:
+    """Why ``shape`` (read from a file) cannot be an array's shape, or None when it can."""
+    # type() rather than isinstance(): JSON true and pickled True are bools, and no size is a bool.
+    if not isinstance(shape, (list, tuple)) or not all(type(n) is int and n >= 0 for n in shape):
+        return "is not a list of non-negative integers"
+    if len(shape) > _MAX_NDIM:
+        return f"has {len(shape)} dimensions, more than numpy's {_MAX_NDIM}"
+    # numpy refuses shapes whose non-zero sizes multiply past its byte range even when another size is 0,
+    # and a size check alone cannot catch those (their byte count is 0).
+    if math.prod(n for n in shape if n) * itemsize > _MAX_BYTES:
+        return "is larger than numpy can address"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,32 +103,76 @@ class TensorRef:
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    """Parses a safetensors header into refs (no tensor bytes are read)."""
+    """Parses a safetensors header into refs (no tensor bytes are read), checking every entry against the file."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(
+                f"{path}: header length {n} runs past the end of the {size}-byte file "
+                "(truncated, or not a safetensors file)"
+            )
         if n > 100_000_000:
             raise CheckpointError(f"{path}: not a safetensors file (header length {n} is implausible)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    base = 8 + n
-    size = os.path.getsize(path)
-    metadata = header.pop("__metadata__", None) or {}
-    refs = {}
-    for name, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        shape = tuple(int(s) for s in info["shape"])
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or base + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets (truncated file?)")
-        refs[name] = TensorRef(path, shape, dtype, base + begin)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{path}: header key '__metadata__' is {reprlib.repr(metadata)}; it must map strings to strings"
+        )
+    refs = {name: _safetensors_ref(path, name, info, 8 + n, size - 8 - n) for name, info in header.items()}
     return refs, metadata
+
+
+def _safetensors_ref(path: str, name: str, info: Any, base: int, data_size: int) -> TensorRef:
+    """The ref for one header entry, once its dtype, shape and byte range are known to fit the file."""
+    if not isinstance(info, dict):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {reprlib.repr(info)} in the header, not an object with "
+            "dtype, shape and data_offsets"
+        )
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {name!r} lacks {missing} in the header")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has unsupported dtype {reprlib.repr(dtype_name)} "
+            f"(readable: {', '.join(_ST_DTYPES)})"
+        )
+    dtype = _ST_DTYPES[dtype_name]
+    problem = _shape_problem(shape, dtype.itemsize)
+    if problem:
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {reprlib.repr(shape)}, which {problem}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets {reprlib.repr(offsets)}; expected [begin, end] byte offsets"
+        )
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointError(f"{path}: tensor {name!r} has negative or reversed data_offsets [{begin}, {end}]")
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] past the end of the "
+            f"{data_size}-byte data section (truncated file?)"
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {end - begin} bytes, but shape {tuple(shape)} of {dtype_name} "
+            f"needs {nbytes}"
+        )
+    return TensorRef(path, tuple(shape), dtype, base + begin)
 
 
 def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:

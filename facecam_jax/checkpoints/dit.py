@@ -380,9 +380,9 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
             scale_shape = shapes[(*p[:-1], "scale")]
             host_scale = np.empty(scale_shape, np.float32) if whole else np.array(scale.get_value(), np.float32)
         for k, slot in items:
-            at = ... if slot.layer is None else slot.layer
+            at = Ellipsis if slot.layer is None else slot.layer
             value = _to_jax(slot.kind, refs[k].load())
-            if scale is not None:
+            if scale is not None:  # quantized here, one tensor at a time: only int8/fp8 reaches the devices
                 value, host_scale[at] = quant.quantize_kernel(value, mode)
             host[at] = value.astype(dtype)
             bar.update()
@@ -390,8 +390,9 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
         if mesh is not None:
             sharding = sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
         var.set_value(_place(host, sharding))
-        if scale is not None:
-            scale.set_value(_place(host_scale, None if sharding is None else quant.scale_sharding(sharding, len(shape))))
+        if scale is not None:  # split as the kernel's output channels
+            scale_sharding = None if sharding is None else quant.scale_sharding(sharding, len(shape))
+            scale.set_value(_place(host_scale, scale_sharding))
     bar.close()
     nnx.update(model, state)
     return [k for items in by_path.values() for k, _ in items]

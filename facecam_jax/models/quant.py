@@ -76,7 +76,7 @@ def scale_paths() -> list[tuple[str, ...]]:
 
 
 @functools.cache
-def _fp8_problem(device) -> str | None:
+def fp8_problem(device) -> str | None:
     """None when ``device`` stores e4m3 arrays and runs ``Linear``'s convert + dot on them, else why not."""
     try:
         q = jax.device_put(np.array([[1.0, -2.0], [0.5, 448.0]], STORAGE_DTYPES["fp8"]), device)
@@ -90,6 +90,11 @@ def _fp8_problem(device) -> str | None:
     return None
 
 
+def _check_name(mode):
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"unknown quantize mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
+
+
 def check_mode(mode: str, devices: Sequence[jax.Device] | None = None) -> str:
     """Returns ``mode`` if the devices that will hold the model can run it; else a ValueError.
 
@@ -97,15 +102,14 @@ def check_mode(mode: str, devices: Sequence[jax.Device] | None = None) -> str:
     device, converted and used in a dot, as ``Linear`` does) errors or is wrong on any
     platform among ``devices`` (default: the first default device).
     """
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"unknown quantize mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
+    _check_name(mode)
     if mode == "fp8":
         devices = list(devices) if devices is not None else jax.devices()[:1]
         seen = {}
         for d in devices:
             seen.setdefault((d.platform, d.device_kind), d)
         for (platform, kind), d in seen.items():
-            problem = _fp8_problem(d)
+            problem = fp8_problem(d)
             if problem is not None:
                 raise ValueError(
                     f"quantize='fp8' (float8_e4m3fn weights) does not run on the {platform} backend ({kind}): "
@@ -212,16 +216,16 @@ def quantize_dit(model, mode: str):
     ``quantize_kernel`` and placed back on the kernel's sharding (the scale on the same
     mesh, split as the output channels are). Abstract kernels (``jax.ShapeDtypeStruct``, a
     model from ``nnx.eval_shape``) become abstract int8/fp8 kernels and fp32 scales, the
-    layout ``load_dit`` fills. ``nnx.clone`` the model first to keep the float one. Single
+    layout ``load_dit`` fills (and the AOT tool compiles); only the mode's name is checked
+    then, as no device holds them. ``nnx.clone`` the model first to keep the float one. Single
     process only for concrete models (the kernel is read whole); ``load_dit(..., quantize=)``
     is the multi-host path.
     """
     abstract = isinstance(model.blocks.self_attn.q.kernel.get_value(), jax.ShapeDtypeStruct)
-    if not abstract:
-        devices = model.blocks.self_attn.q.kernel.get_value().sharding.device_set
-        check_mode(mode, sorted(devices, key=lambda d: d.id))
+    if abstract:  # no device holds it (yet): the name only; load_dit checks the mesh's devices
+        _check_name(mode)
     else:
-        check_mode(mode)
+        check_mode(mode, sorted(model.blocks.self_attn.q.kernel.get_value().sharding.device_set, key=lambda d: d.id))
     if mode == "none":
         return model
     if quantization_mode(model) != "none":
@@ -233,7 +237,8 @@ def quantize_dit(model, mode: str):
         scale_shape = (*w.shape[:-2], w.shape[-1])
         if abstract:
             q = jax.ShapeDtypeStruct(w.shape, qdtype, sharding=w.sharding)
-            s = jax.ShapeDtypeStruct(scale_shape, jnp.float32)
+            s_sharding = None if w.sharding is None else scale_sharding(w.sharding, w.ndim)
+            s = jax.ShapeDtypeStruct(scale_shape, jnp.float32, sharding=s_sharding)
         else:
             q_host, s_host = quantize_layers(w, mode)
             q = _place(q_host, w.sharding)

@@ -6,6 +6,8 @@ each parameter directly on its sharding when a mesh is given. ``overlay=`` appli
 state dicts (the released FaceCam expert weights) over the loaded base. ``save_dit`` writes
 diffusers-format safetensors (with a diffusers ``config.json`` when given a directory).
 A directory written by ``save_dit_orbax`` (``tools/convert_wan_checkpoint.py``) reloads fast.
+``quantize="int8" | "fp8"`` stores the blocks' linear kernels weight-only quantized
+(``facecam_jax.models.quant``), each quantized on the host as it is read.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from facecam_jax.checkpoints.io import (
     strip_prefix,
     write_safetensors,
 )
+from facecam_jax.models import quant
 from facecam_jax.models.wan_dit import PRESETS, DiTConfig, WanDiT, get_config
 
 log = logging.getLogger(__name__)
@@ -306,6 +309,7 @@ def load_dit(
     attention: str = "xla",
     remat: str = "none",
     progress: bool = True,
+    quantize: str = "none",
 ) -> WanDiT:
     """Loads a Wan DiT from a .safetensors file, a sharded index, a directory, or an orbax export.
 
@@ -314,16 +318,24 @@ def load_dit(
     are created directly sharded by their logical axes. Strict: any missing, unexpected or
     mis-shaped key raises one ``CheckpointError`` that lists them all. ``progress``: a bar over
     the tensors read (process 0, and only once loading takes over a second).
+
+    ``quantize``: ``"none"``, or ``"int8"`` / ``"fp8"`` (e4m3) weight-only quantization of every
+    block linear (``models/quant.py``): each block kernel is quantized on the host as its
+    tensor is read and only the int8/fp8 values and their per-output-channel scales go to
+    the devices. From an orbax export the float block kernels are restored to host memory
+    first. An unknown mode, or fp8 on a backend that cannot run it, is a ValueError before
+    anything is read.
     """
+    quant.check_mode(quantize, None if mesh is None else list(mesh.devices.flat))
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, ORBAX_MARKER)):
-        model = _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat)
+        model = _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat, quantize)
     else:
         refs = to_original_naming(open_checkpoint(path))
         cfg = get_config(config) if config is not None else infer_config(refs)
         if dtype is None:
             dtype = refs["blocks.0.self_attn.q.weight"].dtype if "blocks.0.self_attn.q.weight" in refs else jnp.float32
-        model = _build(cfg, dtype, compute_dtype, attention, remat)
+        model = quant.quantize_dit(_build(cfg, dtype, compute_dtype, attention, remat), quantize)
         _fill(model, refs, strict=True, mesh=mesh, rules=rules, progress=progress, source=path)
     for item in [] if overlay is None else [overlay] if isinstance(overlay, (str, os.PathLike)) else overlay:
         report = overlay_dit(model, item)
@@ -360,21 +372,28 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
     for p, items in by_path.items():
         var = variables[p]
         shape, dtype = shapes[p], np.dtype(var.get_value().dtype)
-        if strict or len(items) == (shape[0] if items[0][1].layer is not None else 1):
-            host = np.empty(shape, dtype)
-        else:  # partial overlay: start from the current values
-            host = np.array(var.get_value(), dtype=dtype)
+        mode = quant.storage_mode(dtype)  # a quantized kernel: int8/fp8 values plus a scale variable
+        scale = variables[(*p[:-1], "scale")] if mode != "none" else None
+        whole = strict or len(items) == (shape[0] if items[0][1].layer is not None else 1)
+        # a partial overlay starts from the current values
+        host = np.empty(shape, dtype) if whole else np.array(var.get_value(), dtype=dtype)
+        if scale is not None:
+            scale_shape = shapes[(*p[:-1], "scale")]
+            host_scale = np.empty(scale_shape, np.float32) if whole else np.array(scale.get_value(), np.float32)
         for k, slot in items:
-            value = _to_jax(slot.kind, refs[k].load()).astype(dtype)
-            if slot.layer is None:
-                host[...] = value
-            else:
-                host[slot.layer] = value
+            at = Ellipsis if slot.layer is None else slot.layer
+            value = _to_jax(slot.kind, refs[k].load())
+            if scale is not None:  # quantized here, one tensor at a time: only int8/fp8 reaches the devices
+                value, host_scale[at] = quant.quantize_kernel(value, mode)
+            host[at] = value.astype(dtype)
             bar.update()
         sharding = None
         if mesh is not None:
             sharding = sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
         var.set_value(_place(host, sharding))
+        if scale is not None:  # split as the kernel's output channels
+            scale_sharding = None if sharding is None else quant.scale_sharding(sharding, len(shape))
+            scale.set_value(_place(host_scale, scale_sharding))
     bar.close()
     nnx.update(model, state)
     return [k for items in by_path.values() for k, _ in items]
@@ -412,6 +431,7 @@ def overlay_dit(model: WanDiT, path: str | os.PathLike | Mapping[str, TensorRef]
 
 def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[[], np.ndarray]]:
     """name -> callable producing the torch-layout tensor (streams one tensor at a time)."""
+    _refuse_quantized(model)
     variables = dict(named_variables(nnx.state(model)))
     slots = model_slots(model.config)
     if keys is not None:
@@ -429,6 +449,15 @@ def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[
 
         out[original_to_diffusers(name) if naming == "diffusers" else name] = get
     return out
+
+
+def _refuse_quantized(model: WanDiT):
+    mode = quant.quantization_mode(model)
+    if mode != "none":
+        raise ValueError(
+            f"this model's block linears are {mode}-quantized, which no Wan checkpoint format holds; save the "
+            "float model and quantize when loading it (load_dit(..., quantize=...))"
+        )
 
 
 def diffusers_config(cfg: DiTConfig) -> dict:
@@ -487,6 +516,7 @@ def _pure(state) -> dict:
 
 def save_dit_orbax(model: WanDiT, path: str | os.PathLike) -> str:
     """Saves parameters with orbax plus a small JSON of the architecture and dtypes."""
+    _refuse_quantized(model)
     path = os.path.abspath(os.fspath(path))
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
@@ -498,36 +528,49 @@ def save_dit_orbax(model: WanDiT, path: str | os.PathLike) -> str:
     return path
 
 
-def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat) -> WanDiT:
+def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat, quantize="none") -> WanDiT:
     with open(os.path.join(path, ORBAX_MARKER)) as f:
         meta = json.load(f)
     cfg = DiTConfig(**meta["config"])
     dtype = meta["param_dtype"] if dtype is None else dtype
-    model = _build(cfg, dtype, compute_dtype, attention, remat)
+    model = quant.quantize_dit(_build(cfg, dtype, compute_dtype, attention, remat), quantize)
     state = nnx.state(model)
     variables = named_variables(state)
+    # Quantized kernels are restored to the host as floats and quantized there; scales are not saved.
+    scales = set(quant.scale_paths()) if quantize != "none" else set()
+    restored_vars = [(p, var) for p, var in variables if p not in scales]
+
+    def sharding_of(var):
+        shape = np.shape(var.get_value())
+        if mesh is not None:
+            return sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def target(var):
         shape, vdtype = np.shape(var.get_value()), var.get_value().dtype
-        sharding = None
-        if mesh is not None:
-            sharding = sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
-        else:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.ShapeDtypeStruct(shape, vdtype, sharding=sharding)
+        if quant.storage_mode(vdtype) != "none":
+            return np.empty(shape, jnp.dtype(dtype))  # a numpy target: orbax restores it on the host
+        return jax.ShapeDtypeStruct(shape, vdtype, sharding=sharding_of(var))
 
     abstract: dict = {}
-    for p, var in variables:
+    for p, var in restored_vars:
         node = abstract
         for k in p[:-1]:
             node = node.setdefault(k, {})
         node[p[-1]] = target(var)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(os.path.join(path, "state"), abstract)
-    for p, var in variables:
+    by_path = dict(variables)
+    for p, var in restored_vars:
         node = restored
         for k in p:
             node = node[k]
-        var.set_value(node)
+        if quant.storage_mode(var.get_value().dtype) != "none":
+            q, s = quant.quantize_layers(node, quantize)
+            sharding = sharding_of(var)
+            var.set_value(_place(q, sharding))
+            by_path[(*p[:-1], "scale")].set_value(_place(s, quant.scale_sharding(sharding, q.ndim)))
+        else:
+            var.set_value(node)
     nnx.update(model, state)
     return model

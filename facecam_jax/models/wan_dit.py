@@ -108,7 +108,11 @@ def _xavier(key, shape, dtype, fan_in, fan_out):
 
 
 class Linear(nnx.Module):
-    """``x @ kernel + bias`` in the compute dtype; kernel [din, dout] with logical axes."""
+    """``x @ kernel + bias`` in the compute dtype; kernel [din, dout] with logical axes.
+
+    A weight-only quantized kernel (int8 / fp8, ``models/quant.py``) comes with ``scale [dout]``:
+    ``(x @ kernel) * scale + bias``.
+    """
 
     def __init__(self, din, dout, axes, *, rngs, param_dtype=jnp.float32, dtype=None, std=None):
         key = rngs.params()
@@ -118,11 +122,14 @@ class Linear(nnx.Module):
             w = (std * jax.random.normal(key, (din, dout), jnp.float32)).astype(param_dtype)
         self.kernel = nnx.Param(w, axes=tuple(axes))
         self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[1],))
+        self.scale = nnx.data(None)  # set by quant.quantize_dit / load_dit(quantize=...)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
         y = jnp.dot(x.astype(dtype), self.kernel.get_value().astype(dtype), preferred_element_type=jnp.float32)
+        if self.scale is not None:
+            y = y * self.scale.get_value()
         return (y + self.bias.get_value().astype(jnp.float32)).astype(dtype)
 
 

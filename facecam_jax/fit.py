@@ -12,7 +12,6 @@ analytic FLOPs (``flops.step_flops``), the time at the bf16 peak, and a verdict.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from facecam_jax import build, chips, sampler
 from facecam_jax import sharding as sh
 from facecam_jax.chips import BadTarget, GiB, Target
-from facecam_jax.fit_report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Report
+from facecam_jax.fit_report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
 from facecam_jax.flops import step_flops
 from facecam_jax.models import attention, wan_dit
 from facecam_jax.train_step import build_program
@@ -33,31 +32,6 @@ from facecam_jax.train_step import build_program
 log = logging.getLogger(__name__)
 
 __all__ = ["BAD_ARGUMENTS", "DOES_NOT_FIT", "FITS", "BadTarget", "Compiled", "OutOfMemory", "analyze"]
-
-
-@dataclasses.dataclass
-class Compiled:
-    """One compiled program's per-device memory (bytes) and compile time."""
-
-    name: str
-    arguments: int
-    outputs: int
-    aliased: int
-    temporaries: int
-    code: int
-    seconds: float
-    resident_elsewhere: int = 0  # arrays on the device that this program does not take
-
-    @property
-    def total(self) -> int:
-        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident_elsewhere
-
-    @classmethod
-    def of(cls, name: str, compiled, seconds: float, resident_elsewhere: int = 0) -> "Compiled":
-        mem = compiled.memory_analysis()
-        get = lambda f: int(getattr(mem, f, 0) or 0)  # noqa: E731
-        return cls(name, get("argument_size_in_bytes"), get("output_size_in_bytes"), get("alias_size_in_bytes"),
-                   get("temp_size_in_bytes"), get("generated_code_size_in_bytes"), seconds, resident_elsewhere)
 
 
 class OutOfMemory(Exception):

@@ -9,6 +9,45 @@ FITS, DOES_NOT_FIT, BAD_ARGUMENTS = 0, 3, 2
 GiB = 2**30
 
 
+def gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GiB:.2f} GiB"
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One compiled program's per-device memory (bytes) and compile time."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+    seconds: float
+    resident_elsewhere: int = 0  # arrays on the device that this program does not take
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident_elsewhere
+
+    def line(self, hbm: int | None = None) -> str:
+        """The per-device plan in one line (and against ``hbm``, the device's memory, if known)."""
+        extra = f" + {gib(self.resident_elsewhere)} resident beside it" if self.resident_elsewhere else ""
+        text = (f"{self.name:<10} per device: arguments {gib(self.arguments)}, outputs {gib(self.outputs)} "
+                f"(aliased {gib(self.aliased)}), temporaries {gib(self.temporaries)}, code {self.code / 2**20:.1f} MiB"
+                f"{extra} = {gib(self.total)}")
+        if hbm:
+            text += f" of {gib(hbm)} ({100 * self.total / hbm:.0f}%)"
+        return text + f"; compiled in {self.seconds:.1f} s"
+
+    @classmethod
+    def of(cls, name: str, compiled, seconds: float, resident_elsewhere: int = 0) -> "Compiled":
+        mem = compiled.memory_analysis()
+        get = lambda f: int(getattr(mem, f, 0) or 0)  # noqa: E731
+        return cls(name, get("argument_size_in_bytes"), get("output_size_in_bytes"), get("alias_size_in_bytes"),
+                   get("temp_size_in_bytes"), get("generated_code_size_in_bytes"), seconds, resident_elsewhere)
+
+
 @dataclasses.dataclass
 class Report:
     program: str
@@ -30,12 +69,12 @@ class Report:
     hbm_source: str
     flops: dict
     peak_flops: float | None
-    compiled: list = dataclasses.field(default_factory=list)  # fit.Compiled
+    compiled: list = dataclasses.field(default_factory=list)  # Compiled
     out_of_memory: dict | None = None  # {"program", "required", "available", "message"}
     seconds: float = 0.0  # all compiles
 
     @property
-    def peak(self):
+    def peak(self) -> Compiled | None:
         return max(self.compiled, key=lambda c: c.total) if self.compiled else None
 
     @property
@@ -68,7 +107,6 @@ class Report:
         return out
 
     def text(self) -> str:
-        gib = lambda n: "?" if n is None else f"{n / GiB:.2f} GiB"  # noqa: E731
         mesh = " ".join(f"{k} {v}" for k, v in self.mesh.items())
         lines = [
             f"program    {self.program} ({self.config})",
@@ -79,12 +117,7 @@ class Report:
             + (f", remat {self.remat}" if self.program == "train" else "") + f", attention {self.attention}",
             f"input      batch {self.batch}, {self.tokens:,} tokens per sample",
         ]
-        for c in self.compiled:
-            extra = f" + {gib(c.resident_elsewhere)} resident beside it" if c.resident_elsewhere else ""
-            lines.append(
-                f"{c.name:<10} per device: arguments {gib(c.arguments)}, outputs {gib(c.outputs)} "
-                f"(aliased {gib(c.aliased)}), temporaries {gib(c.temporaries)}, code {c.code / 2**20:.1f} MiB"
-                f"{extra} = {gib(c.total)}; compiled in {c.seconds:.1f} s")
+        lines += [c.line() for c in self.compiled]
         if self.out_of_memory:
             o = self.out_of_memory
             lines.append(f"{o['program']:<10} does not fit ({o['seconds']:.1f} s): needs {gib(o['required'])} of "

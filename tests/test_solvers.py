@@ -25,7 +25,7 @@ def old_euler_sample(velocity, x, sigmas):
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
     def step(x, inputs):
-        i, s, s_next = inputs
+        _, s, s_next = inputs
         t = jnp.full((x.shape[0],), s * 1000, jnp.float32)
         v = velocity(x, t).astype(jnp.float32)
         return x + v * (s_next - s), None
@@ -89,8 +89,11 @@ def test_solvers_converge_at_their_order_on_a_gaussian_flow():
     errors = {}
     for n in counts:
         sig = flow.inference_sigmas(n, SHIFT)
-        run = jax.jit(lambda x: [jnp.max(jnp.abs(flow.sample(velocity, x, sig, solver=s) - exact)) for s in flow.SOLVERS])
-        errors[n] = np.asarray(run(noise), np.float64)
+
+        def errors_at(x, sig=sig):
+            return [jnp.max(jnp.abs(flow.sample(velocity, x, sig, solver=s) - exact)) for s in flow.SOLVERS]
+
+        errors[n] = np.asarray(jax.jit(errors_at)(noise), np.float64)
     err = np.stack([errors[n] for n in counts], axis=1)  # [solver, count]
     fit = slice(counts.index(32), None)
     slopes = {}
@@ -117,7 +120,7 @@ def test_first_multistep_step_is_the_euler_step():
     x = x1()
     euler_step = np.asarray(x + nonlinear_velocity(x, jnp.full((3,), 1000.0)) * (sig[1] - sig[0]))
     for solver in ("unipc", "dpmpp_2m"):
-        _, (count, xs, _) = jax.jit(lambda x: flow.sample(fn, x, sig, solver=solver, state=init(x)))(x)
+        _, (count, xs, _) = jax.jit(lambda x, solver=solver: flow.sample(fn, x, sig, solver=solver, state=init(x)))(x)
         assert int(count) == n
         np.testing.assert_array_equal(np.asarray(xs[0]), np.asarray(x))
         np.testing.assert_allclose(np.asarray(xs[1]), euler_step, rtol=1e-6, atol=1e-6)
@@ -183,7 +186,7 @@ def test_multistep_solvers_match_the_reference_recursions(grid):
         sig = np.append(flow.shift_sigmas(np.linspace(0.999, 0.0, n + 1)[:-1], SHIFT), 0.0).astype(np.float32)
     x = x1()
     for solver in ("unipc", "dpmpp_2m"):
-        got = np.asarray(jax.jit(lambda x: flow.sample(nonlinear_velocity, x, sig, solver=solver))(x))
+        got = np.asarray(jax.jit(lambda x, solver=solver: flow.sample(nonlinear_velocity, x, sig, solver=solver))(x))
         want = reference_sample(nonlinear_velocity_np, np.asarray(x, np.float64), sig, solver)
         assert np.all(np.isfinite(want))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=solver)
@@ -211,7 +214,11 @@ def test_edge_levels_stay_finite_and_the_last_step_is_the_data_prediction():
     for n in (1, 2, 3, 8):
         sig = flow.inference_sigmas(n, SHIFT)
         fn, init = recording(nonlinear_velocity, n)
-        runs = jax.jit(lambda x: [flow.sample(fn, x, sig, solver=s, state=init(x)) for s in flow.SOLVERS])(x1())
+
+        def all_solvers(x, fn=fn, init=init, sig=sig):
+            return [flow.sample(fn, x, sig, solver=s, state=init(x)) for s in flow.SOLVERS]
+
+        runs = jax.jit(all_solvers)(x1())
         for solver, (out, (count, xs, vs)) in zip(flow.SOLVERS, runs):
             assert int(count) == n and np.all(np.isfinite(np.asarray(out))), (n, solver)
             if solver != "euler":
@@ -223,10 +230,11 @@ def test_stateful_velocity_carries_its_state_and_changes_nothing():
     fn, init = recording(nonlinear_velocity, 5)
     seen = []
     for solver in flow.SOLVERS:
-        both = jax.jit(lambda x: (flow.sample(nonlinear_velocity, x, sig, solver=solver),
-                                  flow.sample(fn, x, sig, solver=solver, state=init(x),
-                                              on_step=lambda i, _: seen.append(int(i)))))
-        plain, (out, (count, xs, _)) = jax.block_until_ready(both(x1()))
+        def both(x, solver=solver):
+            return (flow.sample(nonlinear_velocity, x, sig, solver=solver),
+                    flow.sample(fn, x, sig, solver=solver, state=init(x), on_step=lambda i, _: seen.append(int(i))))
+
+        plain, (out, (count, xs, _)) = jax.block_until_ready(jax.jit(both)(x1()))
         np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
         assert int(count) == 5
         np.testing.assert_array_equal(np.asarray(xs[0]), np.asarray(x1()))

@@ -11,6 +11,7 @@ with depth. Every parameter carries logical sharding axes (``facecam_jax.shardin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -392,9 +393,15 @@ class WanDiT(nnx.Module):
 
         ``context [B, Lt, text_dim]`` is zero-padded to ``text_len``. ``out_frames`` keeps
         only the first latent frames of the output (FaceCam discards the source half).
+        ``embed`` -> ``run_blocks`` -> ``unembed``; a step cache calls the parts itself.
         """
+        tokens, cond = self.embed(x, t, context)
+        return self.unembed(self.run_blocks(tokens, cond), cond, out_frames=out_frames)
+
+    def embed(self, x: Array, t: Array, context: Array) -> tuple[Array, "BlockInputs"]:
+        """Checks the inputs; returns the block stack's input tokens ``[B, L, D]`` (fp32) and its conditioning."""
         cfg = self.config
-        b, f, h, w, c = x.shape
+        _, f, h, w, c = x.shape
         pt, ph, pw = cfg.patch_size
         if c != cfg.in_dim:
             raise ValueError(f"latents have {c} channels, the model expects in_dim={cfg.in_dim}")
@@ -422,21 +429,13 @@ class WanDiT(nnx.Module):
         ctx = self.text_embedding(ctx.astype(dtype))  # [B, text_len, D]
 
         cos, sin = rope_tables(grid, cfg.head_dim)
-        rope = (jnp.asarray(cos), jnp.asarray(sin))
-        x_tok = self._run_blocks(x_tok, e0, ctx, rope)
+        return x_tok, BlockInputs(e, e0, ctx, (jnp.asarray(cos), jnp.asarray(sin)), grid)
 
-        keep = grid[0] if out_frames is None else out_frames // pt
-        n_keep = keep * grid[1] * grid[2]
-        x_tok = x_tok[:, :n_keep]
-        e_head = e if e.ndim == 2 else e[:, :n_keep]
-        out = self.head(x_tok, e_head)  # [B, L', pt*ph*pw*Cout]
-        out = out.reshape(b, keep, grid[1], grid[2], pt, ph, pw, cfg.out_dim)
-        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', pt, H', ph, W', pw, C]
-        return out.reshape(b, keep * pt, grid[1] * ph, grid[2] * pw, cfg.out_dim).astype(jnp.float32)
-
-    def _run_blocks(self, x, e0, ctx, rope):
+    def run_blocks(self, x: Array, cond: "BlockInputs") -> Array:
+        """The block stack (one ``lax.scan`` over the stacked layers): tokens ``[B, L, D]`` -> tokens."""
         graphdef, state = nnx.split(self.blocks)
         impl = self.attention
+        e0, ctx, rope = cond.e0, cond.context, cond.rope
 
         def body(carry, layer_state):
             return nnx.merge(graphdef, layer_state)(carry, e0, ctx, rope, impl), None
@@ -446,6 +445,33 @@ class WanDiT(nnx.Module):
             body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
         x, _ = jax.lax.scan(body, x, state)
         return x
+
+    def unembed(self, x_tok: Array, cond: "BlockInputs", *, out_frames: int | None = None) -> Array:
+        """The head on the block stack's output tokens: ``[B, F', H, W, Cout]`` (fp32), ``F' = out_frames or F``."""
+        cfg = self.config
+        pt, ph, pw = cfg.patch_size
+        grid, e = cond.grid, cond.e
+        b = x_tok.shape[0]
+        keep = grid[0] if out_frames is None else out_frames // pt
+        n_keep = keep * grid[1] * grid[2]
+        x_tok = x_tok[:, :n_keep]
+        e_head = e if e.ndim == 2 else e[:, :n_keep]
+        out = self.head(x_tok, e_head)  # [B, L', pt*ph*pw*Cout]
+        out = out.reshape(b, keep, grid[1], grid[2], pt, ph, pw, cfg.out_dim)
+        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', pt, H', ph, W', pw, C]
+        return out.reshape(b, keep * pt, grid[1] * ph, grid[2] * pw, cfg.out_dim).astype(jnp.float32)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("e", "e0", "context", "rope"), meta_fields=("grid",))
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+    """One forward's conditioning of the block stack and the head (``WanDiT.embed``)."""
+
+    e: Array  # [B, D] or [B, L, D] time embedding (modulates the head)
+    e0: Array  # [B, 6, D] or [B, L, 6, D] block modulation
+    context: Array  # [B, text_len, D] embedded text
+    rope: tuple[Array, Array]  # cos, sin [L, head_dim // 2]
+    grid: tuple[int, int, int]  # post-patch (F, H, W)
 
 
 # --------------------------------------------------------------------------- FaceCam
@@ -460,6 +486,44 @@ def facecam_velocity(
     concatenated along frames (RoPE frame indices 0..2F-1) with one timestep per sample;
     the velocity is the first F frames of the output. All latents are ``[B, F, H, W, 16]``.
     """
+    x = facecam_input(model, noisy, camera_latents, source_latents)
+    return model(x, t, context, out_frames=noisy.shape[1])
+
+
+def facecam_velocity_cached(
+    model: WanDiT, noisy: Array, camera_latents: Array, source_latents: Array, t: Array, context: Array, *,
+    skip: bool | Array, residual: Array
+) -> tuple[Array, Array]:
+    """``facecam_velocity`` with the block stack replaceable by a cached residual (a step cache's hook).
+
+    ``skip`` (a traced bool: ``lax.cond``; Python ``False``: no branch in the program) adds
+    ``residual [B, L, D]`` (``facecam_token_shape``) to the stack's input tokens instead of
+    running the blocks. Returns the velocity and the residual to cache: the blocks' output
+    minus input when they ran (in ``residual``'s dtype), else ``residual`` itself.
+    """
+    x = facecam_input(model, noisy, camera_latents, source_latents)
+    tokens, cond = model.embed(x, t, context)
+
+    def run():
+        out = model.run_blocks(tokens, cond)
+        return out, (out - tokens).astype(residual.dtype)
+
+    def reuse():
+        return tokens + residual.astype(tokens.dtype), residual
+
+    out, residual = run() if skip is False else jax.lax.cond(skip, reuse, run)
+    return model.unembed(out, cond, out_frames=noisy.shape[1]), residual
+
+
+def facecam_token_shape(config: DiTConfig, noisy_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``[B, L, D]`` of the block stack's tokens for FaceCam latents ``noisy_shape [B, F, H, W, C]`` (both halves)."""
+    b, f, h, w = noisy_shape[:4]
+    pt, ph, pw = config.patch_size
+    return b, (2 * f // pt) * (h // ph) * (w // pw), config.dim
+
+
+def facecam_input(model: WanDiT, noisy: Array, camera_latents: Array, source_latents: Array) -> Array:
+    """FaceCam's DiT input ``[B, 2F, H, W, in_dim]``: target half then source half along frames."""
     if not (noisy.shape == camera_latents.shape == source_latents.shape):
         raise ValueError(
             f"noisy {noisy.shape}, camera {camera_latents.shape} and source {source_latents.shape} latents must match"
@@ -471,8 +535,7 @@ def facecam_velocity(
     zeros = jnp.zeros((*noisy.shape[:-1], pad), noisy.dtype)
     target = jnp.concatenate([noisy, camera_latents.astype(noisy.dtype), zeros], axis=-1)
     source = jnp.concatenate([source_latents.astype(noisy.dtype), camera_latents.astype(noisy.dtype), zeros], -1)
-    x = jnp.concatenate([target, source], axis=1)  # [B, 2F, H, W, in_dim]
-    return model(x, t, context, out_frames=noisy.shape[1])
+    return jnp.concatenate([target, source], axis=1)  # [B, 2F, H, W, in_dim]
 
 
 def widen_patch_embedding(model: WanDiT, in_dim: int = 36) -> WanDiT:

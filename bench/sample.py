@@ -1,16 +1,14 @@
-"""FaceCam sampling on random weights: seconds per Euler step against the analytic FLOP time,
-the VAE encode / decode around it, and peak memory.
+"""FaceCam sampling on random weights: seconds per step against the analytic FLOP time, the VAE
+encode / decode around the loop, and the compiled plan next to the measured peak memory.
 
     python bench/sample.py                     # GPU: wan2.1-t2v-1.3b, 81 x 704 x 480, 50 steps, CFG 5
     python bench/sample.py --a14b --steps 2    # H200: two Wan2.2-A14B-shaped random experts, both resident
     python bench/sample.py --tiny              # CPU smoke run: the mini config, 3 steps
 
-The loop is ``sampler.sample_program`` (one jitted Euler scan, cond and uncond in one batch of
-2, ``lax.cond`` between the experts), the VAE calls are those of ``sampler.generate``. FLOPs are
-``facecam_jax.flops.step_flops(config, "sample")``; the analytic time is FLOPs over the devices'
-dense bf16 peak (H100/H200 989 TFLOP/s). Peak memory is ``memory_stats()["peak_bytes_in_use"]``
-next to the compiled loop's own plan (``memory_analysis()``, what ``python -m facecam_jax.aot
---program sample`` reports).
+The loop is ``sampler.sample_program`` (one jitted scan over the steps, cond and uncond in one
+batch of 2, ``lax.cond`` between the experts); the VAE calls are those of ``sampler.render``.
+FLOPs are ``flops.step_flops(config, "sample")``; MFU is against the chip's dense bf16 peak.
+Imports only what bench/gpu_suite.py may import (no Grain, no video I/O).
 """
 
 from __future__ import annotations
@@ -20,13 +18,103 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from common import machine  # noqa: E402  (bench/ is the script directory)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from bench.common import machine, peak_bytes, si  # noqa: E402
+from facecam_jax import build, chips, sampler  # noqa: E402
+from facecam_jax import sharding as sh  # noqa: E402
+from facecam_jax.config_file import load_config  # noqa: E402
+from facecam_jax.fit_report import Compiled  # noqa: E402
+from facecam_jax.flops import step_flops  # noqa: E402
+from facecam_jax.models import wan_dit  # noqa: E402
 
 FULL = "nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=50"
 A14B = "nersemble,num_steps=50"  # wan2.2-i2v-a14b: two experts
-TINY = "mini,num_steps=3"
+TINY = "mini,frames=9,num_steps=3"
+
+
+def run(config, *, with_vae: bool = True, experts: int | None = None) -> dict:
+    """Builds random experts (``experts``, default two for A14B), compiles the loop of
+    ``sample.num_steps`` steps, runs it once (and the VAE around it); returns the numbers."""
+    mesh, rules = build.mesh_and_rules(config)
+    d, s = config.data, config.sample
+    n_experts = experts or build.num_experts(config)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out: dict = {"config": f"{n_experts} x {config.model.dit}, {d.frames} x {d.height} x {d.width}, {s.num_steps} "
+                           f"steps, CFG {s.cfg_scale}, {config.model.compute_dtype}, attention {config.model.attention}",
+                 "mesh": dict(mesh.shape), "experts": n_experts}
+    with sh.use_mesh(mesh, rules):
+        start = time.perf_counter()
+        models = [build.build_dit(config, mesh, rules, seed=config.seed + 1000 * i) for i in range(n_experts)]
+        jax.block_until_ready(nnx.state(models[-1]))
+        out["build_s"] = time.perf_counter() - start
+        out["params"] = n_experts * wan_dit.param_count(models[0])
+        states = tuple(nnx.state(m) for m in models)
+        vae = build.build_vae(config, mesh)
+        rng = np.random.default_rng(0)
+        if with_vae:
+            video = jnp.asarray(rng.uniform(-1, 1, (2, d.frames, d.height, d.width, 3)), jnp.float32)  # source, camera
+            start = time.perf_counter()
+            latents = vae.encode(video).block_until_ready()
+            out["vae_encode_first_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            latents = vae.encode(video).block_until_ready()
+            out["vae_encode_s"] = time.perf_counter() - start
+        else:
+            shape = build.latent_shape(vae.config, d.frames, d.height, d.width, batch=2)
+            latents = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        dit_cfg = models[0].config
+        ctx = jnp.asarray(0.1 * rng.standard_normal((2, 1, dit_cfg.text_len, dit_cfg.text_dim)), jnp.float32)
+        noise = sampler.noise_for(0, latents[:1].shape)
+        call = jax.device_put((latents[:1], latents[1:], ctx[0], ctx[1], noise), replicated)
+        fn = sampler.sample_program(nnx.graphdef(models[0]), sampler.SampleOptions.of(config, n_experts)).fn
+        start = time.perf_counter()
+        compiled = fn.lower(states, *call).compile()
+        plan = Compiled.of("sample loop", compiled, time.perf_counter() - start)
+        start = time.perf_counter()
+        result = compiled(states, *call).block_until_ready()
+        out["loop_s"] = time.perf_counter() - start
+        if with_vae:
+            vae.decode(result).block_until_ready()  # compile
+            start = time.perf_counter()
+            vae.decode(result).block_until_ready()
+            out["vae_decode_s"] = time.perf_counter() - start
+    flops = step_flops(config, "sample")
+    per_step = out["loop_s"] / s.num_steps
+    peak = chips.peak_flops(mesh.devices.flat[0], config.train.peak_tflops)
+    out.update(flops=flops, steps=s.num_steps, step_s=per_step, compile_s=plan.seconds, plan_bytes=plan.total,
+               plan=plan.line(), peak_bytes=peak_bytes(),
+               tflops_per_device=flops["forward"] / out["loop_s"] / mesh.size / 1e12)
+    if peak:
+        out["mfu"] = flops["forward"] / out["loop_s"] / mesh.size / peak
+    out["video_50_steps_s"] = 50 * per_step + out.get("vae_encode_s", 0.0) + out.get("vae_decode_s", 0.0)
+    return out
+
+
+def report(r: dict) -> str:
+    f = r["flops"]
+    lines = [f"config: {r['config']}; mesh {r['mesh']}; {r['experts']} x {r['params'] / r['experts'] / 1e9:.2f} B "
+             f"parameters (built in {r['build_s']:.1f} s)",
+             f"FLOPs: {si(f['forward'])} for the loop ({si(f['forward'] / r['steps'])} per step), VAE encode + decode "
+             f"{si(f['vae'])}"]
+    line = (f"loop: {r['loop_s']:.2f} s, {r['step_s']:.3f} s per step (compile {r['compile_s']:.1f} s), "
+            f"{r['tflops_per_device']:.1f} TFLOP/s per device")
+    if "mfu" in r:
+        line += f", MFU {100 * r['mfu']:.1f}%"
+    lines.append(line)
+    if "vae_encode_s" in r:
+        lines.append(f"VAE: encode {r['vae_encode_s']:.2f} s (first call {r['vae_encode_first_s']:.1f} s), "
+                     f"decode {r['vae_decode_s']:.2f} s")
+    lines.append(f"a 50-step video: {r['video_50_steps_s']:.1f} s (the loop's time per step x 50, plus the VAE)")
+    peak = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "n/a on " + jax.default_backend()
+    lines.append(f"memory per device: {r['plan']}; measured peak {peak}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -34,111 +122,15 @@ def main(argv=None):
     p.add_argument("--config", default=None, help=f"config variant and overrides (default {FULL!r})")
     p.add_argument("--a14b", action="store_true", help=f"both Wan2.2-A14B-shaped experts ({A14B!r})")
     p.add_argument("--tiny", action="store_true", help=f"the CPU smoke config ({TINY!r})")
-    p.add_argument("--steps", type=int, default=None,
-                   help="Euler steps to time (default: sample.num_steps); the loop is one scan, so the time per "
-                        "step does not depend on the count")
+    p.add_argument("--steps", type=int, default=None, help="steps to time (default: sample.num_steps); the loop "
+                   "is one scan, so the time per step does not depend on the count")
     p.add_argument("--no-vae", action="store_true", help="skip the VAE encode/decode timing (latents are random)")
     args = p.parse_args(argv)
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from facecam_jax import build, chips, fit, sampler
-    from facecam_jax import flops as flops_lib
-    from facecam_jax import sharding as sh
-    from facecam_jax.config_file import load_config
-
-    spec = args.config or (TINY if args.tiny else A14B if args.a14b else FULL)
-    config = load_config(spec)
+    config = load_config(args.config or (TINY if args.tiny else A14B if args.a14b else FULL))
     if args.steps:
         config.sample.num_steps = args.steps
-    target = chips.make_target(None)
-    mesh, rules = build.mesh_and_rules(config)
-    d, s = config.data, config.sample
-    flops = flops_lib.step_flops(config, "sample")
-    n_experts = build.num_experts(config)
     print(f"machine: {machine()}")
-    print(f"config: {spec}: {n_experts} x {config.model.dit}, {d.frames} x {d.height} x {d.width}, "
-          f"{s.num_steps} steps, CFG {s.cfg_scale}, {config.model.compute_dtype}, attention {config.model.attention}; "
-          f"mesh {dict(mesh.shape)}")
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    with sh.use_mesh(mesh, rules):
-        models = [build.build_dit(config, mesh, rules, seed=config.seed + 1000 * i) for i in range(n_experts)]
-        states = tuple(nnx.state(m) for m in models)  # placed by build_dit
-        vae = build.build_vae(config, mesh)
-        rng = np.random.default_rng(0)
-        encode_s = encode_first = decode_s = None
-        if args.no_vae:
-            shape = build.latent_shape(vae.config, d.frames, d.height, d.width, batch=2)
-            latents = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-        else:
-            video = jnp.asarray(rng.uniform(-1, 1, (2, d.frames, d.height, d.width, 3)), jnp.float32)  # source, camera
-            start = time.perf_counter()
-            latents = vae.encode(video).block_until_ready()
-            encode_first = time.perf_counter() - start
-            start = time.perf_counter()
-            latents = vae.encode(video).block_until_ready()
-            encode_s = time.perf_counter() - start
-        print(f"models built ({n_experts} x {_si_params(models[0])} parameters)", flush=True)
-
-        dit_cfg = models[0].config
-        ctx = jnp.asarray(0.1 * rng.standard_normal((2, 1, dit_cfg.text_len, dit_cfg.text_dim)), jnp.float32)
-        noise = jax.random.normal(jax.random.key(0), latents[:1].shape, jnp.float32)
-        call = jax.device_put((latents[:1], latents[1:], ctx[0], ctx[1], noise), replicated)
-        fn = sampler.sample_program(nnx.graphdef(models[0]), sampler.SampleOptions.of(config, n_experts)).fn
-        start = time.perf_counter()
-        compiled = fn.lower(states, *call).compile()
-        compile_s = time.perf_counter() - start
-        plan = fit.Compiled.of("sample loop", compiled, compile_s)
-        print(f"loop compiled in {compile_s:.1f} s", flush=True)
-        start = time.perf_counter()
-        out = compiled(states, *call).block_until_ready()  # compiled already: no warm-up needed
-        loop_s = time.perf_counter() - start
-
-        if not args.no_vae:
-            vae.decode(out).block_until_ready()  # compile
-            start = time.perf_counter()
-            vae.decode(out).block_until_ready()
-            decode_s = time.perf_counter() - start
-
-    per_step = loop_s / s.num_steps
-    step_flops = flops["forward"] / s.num_steps
-    print(f"FLOPs: {_si(flops['forward'])} for the loop ({_si(step_flops)} per step), VAE encode + decode "
-          f"{_si(flops['vae'])}")
-    line = (f"loop: {loop_s:.2f} s, {per_step:.3f} s per step (compile {compile_s:.1f} s), "
-            f"{_si(step_flops / per_step / len(jax.devices()))}/s per device")
-    if target.peak_flops:
-        ideal = step_flops / target.peak_flops
-        line += f"; analytic at the bf16 peak {ideal:.3f} s per step (MFU {100 * ideal / per_step:.1f}%)"
-    print(line)
-    print(f"50 Euler steps: {50 * per_step:.1f} s")
-    if encode_s is not None:
-        print(f"VAE: encode {encode_s:.2f} s (first call {encode_first:.1f} s), decode {decode_s:.2f} s")
-    try:
-        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    except Exception:  # noqa: BLE001
-        peak = None
-    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    print(f"memory per device: compiled loop plan {gib(plan.total)} (arguments {gib(plan.arguments)}, temporaries "
-          f"{gib(plan.temporaries)}); measured peak {gib(peak) if peak else 'n/a on ' + jax.default_backend()}")
-
-
-def _si(flops: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
-        if flops >= scale:
-            return f"{flops / scale:.2f} {unit}"
-    return f"{flops / 1e6:.2f} MFLOP"
-
-
-def _si_params(model) -> str:
-    from facecam_jax.models.wan_dit import param_count
-
-    n = param_count(model)
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+    print(report(run(config, with_vae=not args.no_vae)))
 
 
 if __name__ == "__main__":

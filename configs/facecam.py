@@ -132,6 +132,13 @@ def train_config() -> tuple[ml_collections.ConfigDict, ...]:
     # Parameters that are trained (the rest is frozen): names matched against parameter paths;
     # the paper trains the self-attention (q, k, v, o, norm_q, norm_k) and the patch embedding.
     train.trainable = ("self_attn", "patch_embedding")
+    # Chip utilisation: every step logs tflops_per_device and, against the device's dense bf16
+    # peak (facecam_jax.chips), mfu; peak_tflops > 0 overrides the peak (TFLOP/s per device).
+    train.peak_tflops = 0.0
+    # A jax.profiler trace of profile_steps steps from profile_start_step (1-based) into
+    # <workdir>/profile (xprof --logdir <workdir>/profile); 0 steps: no trace.
+    train.profile_start_step = 2
+    train.profile_steps = 0
 
     optimizer = ml_collections.ConfigDict()
     optimizer.lr = 1e-4

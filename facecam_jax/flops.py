@@ -8,6 +8,7 @@ training's TFLOP/s and MFU both use ``step_flops``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend import core as jex_core
 
-from facecam_jax import build
+from facecam_jax import build, chips
 from facecam_jax.models.wan_vae import WanVAE
 
 
@@ -165,3 +166,34 @@ def step_flops(config, program: str) -> dict[str, float]:
         raise ValueError(f"program must be 'train' or 'sample', got {program!r}")
     parts["total"] = sum(parts.values())
     return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """TFLOP/s per device and MFU of a step: the analytic FLOPs of the step
+    (``step_flops``, the fit tool's count) over its time and the mesh's devices, against
+    the device's dense bf16 peak (``chips.CHIPS``, or ``train.peak_tflops``; no MFU without one)."""
+
+    flops_per_step: float
+    devices: int
+    peak_per_device: float | None
+
+    @classmethod
+    def of(cls, config, mesh, program: str = "train") -> "Throughput":
+        """Of one step of ``program`` ("train": a training step, "sample": one sampling run)."""
+        peak = chips.peak_flops(mesh.devices.flat[0], config.train.peak_tflops)
+        return cls(step_flops(config, program)["total"], mesh.size, peak)
+
+    def __call__(self, seconds: float) -> dict[str, float]:
+        per_device = self.flops_per_step / seconds / self.devices
+        out = {"tflops_per_device": per_device / 1e12}
+        if self.peak_per_device:
+            out["mfu"] = per_device / self.peak_per_device
+        return out
+
+    @staticmethod
+    def postfix(metrics: dict) -> dict[str, str]:
+        out = {"tflops": f"{metrics['tflops_per_device']:.3g}"}
+        if "mfu" in metrics:
+            out["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        return out

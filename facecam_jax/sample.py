@@ -31,6 +31,8 @@ _TRAJECTORY = flags.DEFINE_string("trajectory", "arc_left", "canonical motion na
 _OUT = flags.DEFINE_string("out", "facecam.mp4", "output video")
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run whose exported weights to overlay")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
+_PROFILE = flags.DEFINE_string("profile", None, "write a jax.profiler trace of the sampling program here "
+                                "(view with xprof --logdir DIR)")
 _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
                                   "fail when the source's first frame has no detectable face "
                                   "(default: warn and crop the centre)")
@@ -42,7 +44,8 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     written = sampler.run(_CONFIG.value, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
-                          workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value)
+                          workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value,
+                          profile=_PROFILE.value)
     logging.getLogger("facecam_jax").info("wrote %s", ", ".join(written))
 
 

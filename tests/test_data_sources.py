@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
+from facecam_jax import video_io
 from facecam_jax.data import mini_dataset, prepare, sources
 from facecam_jax.data import store as store_lib
 from facecam_jax.data import transforms as tr
-from facecam_jax import video_io
 
 
 @pytest.fixture(scope="module")

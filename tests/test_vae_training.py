@@ -8,8 +8,8 @@ from flax import nnx
 
 from facecam_jax import build
 from facecam_jax import vae_training as vt
-from facecam_jax.checkpoints.vae import load_vae, save_vae
 from facecam_jax import video_io as video
+from facecam_jax.checkpoints.vae import load_vae, save_vae
 from facecam_jax.data import mini_dataset, transforms
 from facecam_jax.models.wan_vae import VAEConfig, WanVAE, to_unit_range
 

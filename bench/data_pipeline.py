@@ -55,8 +55,7 @@ def main():
     import cv2
 
     from facecam_jax.camera import draw
-    from facecam_jax.data import mini_dataset, sources
-    from facecam_jax.data import transforms as tr
+    from facecam_jax.data import augment, mini_dataset, sources
 
     config_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
                                "facecam.py")
@@ -80,7 +79,7 @@ def main():
     seq, start = mv[0]["sequence"], mv[0]["start"]
     times = start + np.arange(num_frames)
     cam = seq.cameras[0]
-    crop = tr.cover_crop_params(cam.height, cam.width, height, width)
+    crop = augment.cover_crop_params(cam.height, cam.width, height, width)
     rows = []
     t_decode, raw = _timed(lambda: cam.read(times), args.repeats)
     rows.append(("decode + RGB, source", t_decode))
@@ -97,22 +96,22 @@ def main():
     t_masks, masks = _timed(lambda: cam.read_masks(times), args.repeats)
     rows.append(("masks read (zarr), source + target", 2 * t_masks))
     rows.append(("cover crop, frames + masks, source + target", 2 * _timed(lambda: (
-        tr.apply_cover_crop(raw, crop, height, width),
-        tr.apply_cover_crop(masks, crop, height, width)), args.repeats)[0]))
-    anchor = tr.cover_crop_points(cam.store.read_landmarks([start])[0][0], crop, height, width)
+        augment.apply_cover_crop(raw, crop, height, width),
+        augment.apply_cover_crop(masks, crop, height, width)), args.repeats)[0]))
+    anchor = augment.cover_crop_points(cam.store.read_landmarks([start])[0][0], crop, height, width)
     rows.append(("landmark maps, 4 anchors drawn + held", _timed(lambda: [
         draw.draw_landmark_map(anchor, height, width) for _ in range(4)], args.repeats)[0]))
-    frames = tr.apply_cover_crop(raw, crop, height, width)
-    masks = tr.apply_cover_crop(masks, crop, height, width)
+    frames = augment.apply_cover_crop(raw, crop, height, width)
+    masks = augment.apply_cover_crop(masks, crop, height, width)
     rows.append(("Alg. 1: composite background, source + target", 2 * _timed(
-        lambda: tr.composite(frames, masks, (10, 200, 30)), args.repeats)[0]))
+        lambda: augment.composite(frames, masks, (10, 200, 30)), args.repeats)[0]))
     scales, positions = np.full((num_frames,), 0.8), np.full((num_frames, 2), 0.3)
     rows.append(("Alg. 1: source still scale", _timed(
-        lambda: tr.apply_zoom_pan(frames, scales, positions), args.repeats)[0]))
-    scales = tr.linear_motion(1.05, 1.2, num_frames)
-    positions = tr.linear_motion([0.2, 0.8], [0.7, 0.1], num_frames)
+        lambda: augment.apply_zoom_pan(frames, scales, positions), args.repeats)[0]))
+    scales = augment.linear_motion(1.05, 1.2, num_frames)
+    positions = augment.linear_motion([0.2, 0.8], [0.7, 0.1], num_frames)
     rows.append(("Alg. 2: zoom/pan, target + landmark maps", 2 * _timed(
-        lambda: tr.apply_zoom_pan(frames, scales, positions), args.repeats)[0]))
+        lambda: augment.apply_zoom_pan(frames, scales, positions), args.repeats)[0]))
     width_col = max(len(name) for name, _ in rows)
     print(f"\nper-stage, one multi-view sample ({num_frames} frames, 1 core):")
     for name, seconds in rows:

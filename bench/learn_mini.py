@@ -67,13 +67,13 @@ def write_lossless(path: str, frames: np.ndarray, fps: float = 24.0) -> str:
 
 def evaluate(rows: list[dict], out: str, name: str, identity: bool) -> dict:
     """Writes the manifest <out>/<name>.json and evaluates it as `python -m facecam_jax.evaluate` does."""
-    from facecam_jax import evaluation
+    from facecam_jax.evaluation.report import default_outputs, evaluate_manifest
 
     manifest = os.path.join(out, f"{name}.json")
     with open(manifest, "w") as f:
         json.dump(rows, f, indent=1)
-    report = evaluation.evaluate_manifest(manifest, identity=identity)
-    report.write(*evaluation.default_outputs(manifest))
+    report = evaluate_manifest(manifest, identity=identity)
+    report.write(*default_outputs(manifest))
     return report.overall() | {"manifest": os.path.relpath(manifest)}
 
 
@@ -117,7 +117,7 @@ def camera_ablation(with_target_map: np.ndarray, with_source_map: np.ndarray, tr
     """Paired comparison, per held-out pair: PSNR to the truth of the trained model's output
     under the target camera's map minus under the source camera's map (same source, same
     noise). Positive: the camera condition moved the output towards the target view."""
-    from facecam_jax.evaluation import psnr
+    from facecam_jax.evaluation.scores import psnr
 
     gain = np.array([psnr(a, t) - psnr(b, t) for a, b, t in zip(with_target_map, with_source_map, truth)])
     lines = ["Camera ablation (trained model, same source and noise; PSNR to the truth with the target "

@@ -16,16 +16,20 @@ import logging
 
 from absl import app, flags
 
-from facecam_jax import cli, evaluation
+from facecam_jax import cli
+from facecam_jax.evaluation.camera_correctness import REFERENCES
+from facecam_jax.evaluation.identity import IDENTITY_FRAMES
+from facecam_jax.evaluation.manifest import ManifestError
+from facecam_jax.evaluation.report import default_outputs, evaluate_manifest
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "JSON list or CSV of output, source, motion[, target] rows")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "report JSON (default: <manifest>_eval.json)")
 _OUT_MD = flags.DEFINE_string("out_md", None, "markdown table (default: <manifest>_eval.md)")
-_REFERENCE = flags.DEFINE_enum("reference", "change", evaluation.REFERENCES,
+_REFERENCE = flags.DEFINE_enum("reference", "change", REFERENCES,
                                "camera correctness from the first->last change of output vs source, or the "
                                "paper's last-frame comparison")
 _IDENTITY = flags.DEFINE_bool("identity", True, "compute identity similarity (needs the eval extra)")
-_IDENTITY_FRAMES = flags.DEFINE_integer("identity_frames", evaluation.IDENTITY_FRAMES,
+_IDENTITY_FRAMES = flags.DEFINE_integer("identity_frames", IDENTITY_FRAMES,
                                         "evenly spaced frames per video for the identity score")
 flags.mark_flag_as_required("manifest")
 
@@ -36,11 +40,11 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     try:
-        report = evaluation.evaluate_manifest(_MANIFEST.value, reference=_REFERENCE.value,
-                                              identity=_IDENTITY.value, identity_frames=_IDENTITY_FRAMES.value)
-    except evaluation.ManifestError as e:
-        raise evaluation.ManifestError(f"bad manifest: {e}") from e
-    default_json, default_md = evaluation.default_outputs(_MANIFEST.value)
+        report = evaluate_manifest(_MANIFEST.value, reference=_REFERENCE.value, identity=_IDENTITY.value,
+                                   identity_frames=_IDENTITY_FRAMES.value)
+    except ManifestError as e:
+        raise ManifestError(f"bad manifest: {e}") from e
+    default_json, default_md = default_outputs(_MANIFEST.value)
     out_json, out_md = _OUT_JSON.value or default_json, _OUT_MD.value or default_md
     report.write(out_json, out_md)
     print(report.to_markdown())

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from facecam_jax import evaluation
+from facecam_jax.evaluation import scores
 from facecam_jax.models import wan_vae as wv
 from facecam_jax.models.wan_vae import WanVAE, to_uint8, to_unit_range
 
@@ -199,7 +199,7 @@ def reconstruct(vae: WanVAE, videos: np.ndarray, batch: int = 4) -> np.ndarray:
 
 
 def reconstruction_psnr(vae: WanVAE, videos: np.ndarray) -> float:
-    """Mean PSNR (dB, ``facecam_jax.evaluation.psnr``) of uint8 videos [N, T, H, W, 3] against
+    """Mean PSNR (dB, ``facecam_jax.evaluation.scores.psnr``) of uint8 videos [N, T, H, W, 3] against
     their reconstructions."""
     recon = reconstruct(vae, videos)
-    return float(np.mean([evaluation.psnr(r, v) for r, v in zip(recon, videos)]))
+    return float(np.mean([scores.psnr(r, v) for r, v in zip(recon, videos)]))

@@ -14,7 +14,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from facecam_jax.checkpoints import io
+from facecam_jax.checkpoints import io, pth
+from facecam_jax.errors import UnsafeCheckpointError
 
 
 def test_safetensors_round_trip_streams_callables(tmp_path):
@@ -68,7 +69,7 @@ def test_pth_reader_rebuilds_views_dtypes_and_nesting_without_torch_code(tmp_pat
     }
     path = str(tmp_path / "m.pth")
     torch.save({"state_dict": sd, "epoch": 7}, path)
-    refs = io.pth_state_dict(path)
+    refs = pth.pth_state_dict(path)
     assert set(refs) == set(sd)
     for k, t in sd.items():
         got = refs[k].load()
@@ -85,7 +86,7 @@ def test_malicious_pth_is_refused_and_runs_nothing(tmp_path, torch):
 
     path = str(tmp_path / "evil.pth")
     torch.save({"weight": torch.zeros(2), "payload": Evil()}, path)
-    with pytest.raises(io.UnsafeCheckpointError, match="refusing to unpickle .*system"):
+    with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle .*system"):
         io.open_checkpoint(path)
     assert not marker.exists()
 

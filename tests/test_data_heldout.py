@@ -5,7 +5,7 @@ import pytest
 
 from facecam_jax.camera import draw
 from facecam_jax.config_file import load_config
-from facecam_jax.data import heldout, pipeline, sources, transforms
+from facecam_jax.data import augment, heldout, pipeline, sources
 
 
 def _data(**overrides):
@@ -59,18 +59,18 @@ def test_heldout_pairs_are_one_shot_training_samples_with_their_truth():
     shape = (9, data.height, data.width, 3)
     assert p.source.shape == p.target.shape == p.condition.shape == shape
     # Source and truth share the background colour: where both masks are empty, both show it.
-    crop = transforms.cover_crop_params(seq.cameras[0].height, seq.cameras[0].width, data.height, data.width)
-    empty = (transforms.apply_cover_crop(seq.cameras[0].read_masks(times), crop, data.height, data.width) == 0) & (
-        transforms.apply_cover_crop(seq.cameras[2].read_masks(times), crop, data.height, data.width) == 0)
+    crop = augment.cover_crop_params(seq.cameras[0].height, seq.cameras[0].width, data.height, data.width)
+    empty = (augment.apply_cover_crop(seq.cameras[0].read_masks(times), crop, data.height, data.width) == 0) & (
+        augment.apply_cover_crop(seq.cameras[2].read_masks(times), crop, data.height, data.width) == 0)
     assert empty.any()
     assert (p.source[empty] == p.background).all() and (p.target[empty] == p.background).all()
     # Truth = camera 2's frames of the window; condition = its frame-36 landmarks, drawn and held.
-    raw = transforms.apply_cover_crop(seq.cameras[2].read(times), crop, data.height, data.width)
-    full = ~empty & (transforms.apply_cover_crop(seq.cameras[2].read_masks(times), crop, data.height,
-                                                 data.width) == 255)
+    raw = augment.apply_cover_crop(seq.cameras[2].read(times), crop, data.height, data.width)
+    full = ~empty & (augment.apply_cover_crop(seq.cameras[2].read_masks(times), crop, data.height,
+                                              data.width) == 255)
     assert (p.target[full] == raw[full]).all()
     points, _ = seq.cameras[2].store.read_landmarks([36])
-    anchor = transforms.cover_crop_points(points[0], crop, data.height, data.width)
+    anchor = augment.cover_crop_points(points[0], crop, data.height, data.width)
     np.testing.assert_array_equal(p.condition, np.repeat(draw.draw_landmark_map(anchor, data.height, data.width)[None], 9, 0))
     # The colour depends on (seed, window, pair) only.
     again = heldout.heldout_pairs(held, [(2, 0), (0, 2)], data.height, data.width, seed=3)

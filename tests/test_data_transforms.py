@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from facecam_jax.camera import draw
-from facecam_jax.data import mini_dataset, sources
+from facecam_jax.data import augment, mini_dataset, sources
 from facecam_jax.data import transforms as tr
 
 
@@ -33,11 +33,11 @@ def test_zoom_moves_known_point():
     height, width, num_frames = 96, 64, 5
     x, y = 40, 30  # pixel centre -> normalized (x + 0.5) / W
     frames = np.stack([_dot_frame(height, width, x, y)] * num_frames)
-    scales = tr.linear_motion(1.0, 1.25, num_frames)
-    positions = tr.linear_motion([0.0, 0.0], [1.0, 0.5], num_frames)
-    out = tr.apply_zoom_pan(frames, scales, positions, pad_color=(0, 0, 0))
+    scales = augment.linear_motion(1.0, 1.25, num_frames)
+    positions = augment.linear_motion([0.0, 0.0], [1.0, 0.5], num_frames)
+    out = augment.apply_zoom_pan(frames, scales, positions, pad_color=(0, 0, 0))
     point = np.array([[[(x + 0.5) / width, (y + 0.5) / height]]] * num_frames)  # [T, 1, 2]
-    expected = tr.zoom_pan_points(point, scales, positions)[:, 0] * [width, height] - 0.5
+    expected = augment.zoom_pan_points(point, scales, positions)[:, 0] * [width, height] - 0.5
     errors = [np.abs(_centroid(out[t]) - expected[t]).max() for t in range(num_frames)]
     print(f"zoom/pan point error max {max(errors):.3f} px")
     assert max(errors) < 0.15
@@ -47,7 +47,7 @@ def test_zoom_moves_known_point():
                                               1.25 * 30.5 - 0.125 * 96 - 0.5], atol=1e-4)
     # The intrinsics follow the same motion: project a point, zoom, compare.
     intrinsics = np.array([[100.0, 0, 31.5], [0, 100.0, 47.5], [0, 0, 1]])
-    moved = tr.zoom_pan_intrinsics(intrinsics, 1.25, (1.0, 0.5), height, width)
+    moved = augment.zoom_pan_intrinsics(intrinsics, 1.25, (1.0, 0.5), height, width)
     uv = moved @ np.array([0.1, -0.05, 1.0])
     base = intrinsics @ np.array([0.1, -0.05, 1.0])
     norm = (base[:2] + 0.5) / [width, height]
@@ -88,8 +88,8 @@ def test_pad_colour_from_top_corners():
     frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     frame[:10, :10] = (200, 10, 40)
     frame[:10, -10:] = (100, 50, 0)
-    np.testing.assert_array_equal(tr.corner_color(frame), [150, 30, 20])
-    out = tr.apply_zoom_pan(frame[None], [0.75], [[0.5, 0.5]])[0]
+    np.testing.assert_array_equal(augment.corner_color(frame), [150, 30, 20])
+    out = augment.apply_zoom_pan(frame[None], [0.75], [[0.5, 0.5]])[0]
     # s = 0.75 centred: the image spans [6, 42) x [8, 56); outside it is padding.
     np.testing.assert_array_equal(out[2, 2], [150, 30, 20])
     np.testing.assert_array_equal(out[-2, -2], [150, 30, 20])
@@ -108,19 +108,19 @@ def test_cover_crop_points_and_intrinsics():
     src_h, src_w, out_h, out_w = 180, 240, 64, 48
     x, y = 150, 100
     frame = _dot_frame(src_h, src_w, x, y)
-    crop = tr.cover_crop_params(src_h, src_w, out_h, out_w, center=(0.6, 0.55))
-    out = tr.apply_cover_crop(frame[None], crop, out_h, out_w)[0]
-    point = tr.cover_crop_points(np.array([[(x + 0.5) / src_w, (y + 0.5) / src_h, 0.0]]), crop,
-                                 out_h, out_w)[0]
+    crop = augment.cover_crop_params(src_h, src_w, out_h, out_w, center=(0.6, 0.55))
+    out = augment.apply_cover_crop(frame[None], crop, out_h, out_w)[0]
+    point = augment.cover_crop_points(np.array([[(x + 0.5) / src_w, (y + 0.5) / src_h, 0.0]]), crop,
+                                      out_h, out_w)[0]
     err = np.abs(_centroid(out) - (point[:2] * [out_w, out_h] - 0.5)).max()
     print(f"cover-crop point error {err:.3f} px")
     assert err < 0.15
     intrinsics = np.array([[300.0, 0, 119.5], [0, 300.0, 89.5], [0, 0, 1]])
     ray = np.array([(x - 119.5) / 300.0, (y - 89.5) / 300.0, 1.0])
-    uv = tr.cover_crop_intrinsics(intrinsics, src_h, src_w, crop) @ ray
+    uv = augment.cover_crop_intrinsics(intrinsics, src_h, src_w, crop) @ ray
     np.testing.assert_allclose((uv[:2] + 0.5) / [out_w, out_h], point[:2], atol=1e-6)
     # The official nose-centred crop clamps inside the image.
-    edge = tr.cover_crop_params(src_h, src_w, out_h, out_w, center=(0.99, 0.5))
+    edge = augment.cover_crop_params(src_h, src_w, out_h, out_w, center=(0.99, 0.5))
     assert edge.left == edge.new_w - out_w
 
 
@@ -129,7 +129,7 @@ def test_composite():
     masks = np.zeros((2, 4, 4), np.uint8)
     masks[:, :2] = 255
     masks[:, 2, 0] = 128
-    out = tr.composite(frames, masks, (10, 20, 30))
+    out = augment.composite(frames, masks, (10, 20, 30))
     np.testing.assert_array_equal(out[:, :2], 200)
     np.testing.assert_array_equal(out[:, 3], np.broadcast_to([10, 20, 30], (2, 4, 3)))
     expected = 128 / 255 * 200 + 127 / 255 * np.array([10, 20, 30])
@@ -138,13 +138,13 @@ def test_composite():
 
 def test_shot_starts():
     """Shot k covers [k L, (k+1) L), L = T // K + 1, truncated to T (SPEC 6)."""
-    assert tr.shot_starts(81, 1).tolist() == [0]
-    assert tr.shot_starts(81, 2).tolist() == [0, 41]
-    assert tr.shot_starts(81, 3).tolist() == [0, 28, 56]
-    assert tr.shot_starts(81, 4).tolist() == [0, 21, 42, 63]
-    assert tr.shot_starts(17, 4).tolist() == [0, 5, 10, 15]
-    assert tr.shot_starts(5, 4).tolist() == [0, 2, 4]  # a 4th shot would start past the end
-    assert tr.shot_of_frame(17, np.array([0, 5, 10, 15])).tolist() == \
+    assert augment.shot_starts(81, 1).tolist() == [0]
+    assert augment.shot_starts(81, 2).tolist() == [0, 41]
+    assert augment.shot_starts(81, 3).tolist() == [0, 28, 56]
+    assert augment.shot_starts(81, 4).tolist() == [0, 21, 42, 63]
+    assert augment.shot_starts(17, 4).tolist() == [0, 5, 10, 15]
+    assert augment.shot_starts(5, 4).tolist() == [0, 2, 4]  # a 4th shot would start past the end
+    assert augment.shot_of_frame(17, np.array([0, 5, 10, 15])).tolist() == \
         [0] * 5 + [1] * 5 + [2] * 5 + [3] * 2
 
 
@@ -172,7 +172,7 @@ def test_multishot_stitch(mini_source):
         num_shots = len(starts)
         seen_counts.add(num_shots)
         assert 1 <= num_shots <= 4
-        np.testing.assert_array_equal(starts, tr.shot_starts(num_frames, num_shots))
+        np.testing.assert_array_equal(starts, augment.shot_starts(num_frames, num_shots))
         targets = clip["cameras"][1:]
         assert len(set(targets.tolist())) == num_shots  # distinct target cameras
         # Time alignment: output frame t is video frame start + 3 t in source and target.
@@ -180,20 +180,20 @@ def test_multishot_stitch(mini_source):
         for k, cam in enumerate(targets):
             idx = np.flatnonzero(shot == k)
             stream = seq.cameras[cam]
-            crop = tr.cover_crop_params(stream.height, stream.width, height, width)
-            expected = tr.apply_cover_crop(stream.read(clip["frame_index"][idx]), crop, height, width)
+            crop = augment.cover_crop_params(stream.height, stream.width, height, width)
+            expected = augment.apply_cover_crop(stream.read(clip["frame_index"][idx]), crop, height, width)
             np.testing.assert_array_equal(clip["target"][idx], expected)
             # The condition of a shot is its camera's landmarks at the clip start, held.
             anchor, _status = stream.store.read_landmarks([start])
-            anchor = tr.cover_crop_points(anchor[0], crop, height, width)
+            anchor = augment.cover_crop_points(anchor[0], crop, height, width)
             np.testing.assert_allclose(clip["target_landmarks"][idx], np.broadcast_to(
                 anchor, (len(idx),) + anchor.shape), atol=1e-6)
             np.testing.assert_array_equal(clip["camera"][idx], np.broadcast_to(
                 draw.draw_landmark_map(anchor, height, width), (len(idx), height, width, 3)))
         source = seq.cameras[clip["cameras"][0]]
-        crop = tr.cover_crop_params(source.height, source.width, height, width)
+        crop = augment.cover_crop_params(source.height, source.width, height, width)
         np.testing.assert_array_equal(
-            clip["source"], tr.apply_cover_crop(source.read(clip["frame_index"]), crop, height, width))
+            clip["source"], augment.apply_cover_crop(source.read(clip["frame_index"]), crop, height, width))
         # Cameras: per-frame target extrinsics are those of the shot's camera.
         np.testing.assert_array_equal(clip["target_world_2_cam"], seq.world_2_cam[targets][shot])
     print(f"shot counts seen: {sorted(seen_counts)}")

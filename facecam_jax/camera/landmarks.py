@@ -9,6 +9,7 @@ mediapipe is imported inside the functions so this module imports without it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -105,3 +106,13 @@ def detect_one(image: np.ndarray) -> np.ndarray:
     """Landmarks [478, 3] of a single still image (static mode); NoFaceError if none."""
     landmarks, _ = detect(image, static=True)
     return landmarks[0]
+
+
+def detect_stills(frames: np.ndarray, indices: Sequence[int]) -> dict[int, np.ndarray | None]:
+    """Landmarks [478, 3] of the frames at `indices` (each a still), None where no face is found."""
+    indices = sorted(set(int(i) for i in indices))
+    try:
+        points, found = detect(frames[indices], static=True)
+    except NoFaceError:
+        return dict.fromkeys(indices)
+    return {i: (points[k] if found[k] else None) for k, i in enumerate(indices)}

@@ -6,7 +6,8 @@ checkpoint does not import the other model definitions.
 
 import importlib
 
-from facecam_jax.checkpoints.io import CheckpointError, UnsafeCheckpointError, open_checkpoint
+from facecam_jax.checkpoints.io import open_checkpoint
+from facecam_jax.errors import CheckpointError, UnsafeCheckpointError
 
 _LAZY = {
     "load_dit": "facecam_jax.checkpoints.dit",

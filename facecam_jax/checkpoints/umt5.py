@@ -3,7 +3,7 @@
 Two namings are read, detected from the keys:
 
 - original Wan ``models_t5_umt5-xxl-enc-bf16.pth`` (a torch pickle, read by the restricted
-  unpickler in ``io.py``): ``token_embedding.weight``, ``blocks.N.attn.q.weight``,
+  unpickler in ``pth.py``): ``token_embedding.weight``, ``blocks.N.attn.q.weight``,
   ``blocks.N.pos_embedding.embedding.weight``, ``blocks.N.ffn.gate.0.weight``, ``norm.weight``;
 - transformers / diffusers ``text_encoder`` safetensors (single or sharded):
   ``shared.weight``, ``encoder.block.N.layer.0.SelfAttention.q.weight``,
@@ -31,7 +31,8 @@ from jax.sharding import Mesh
 
 from facecam_jax import progress as progress_lib
 from facecam_jax import sharding
-from facecam_jax.checkpoints.io import CheckpointError, TensorRef, format_key_problems, open_checkpoint, strip_prefix
+from facecam_jax.checkpoints.io import CheckpointError, format_key_problems, open_checkpoint, strip_prefix
+from facecam_jax.checkpoints.tensor_ref import TensorRef
 from facecam_jax.models.umt5 import UMT5Config, UMT5Encoder
 
 log = logging.getLogger(__name__)

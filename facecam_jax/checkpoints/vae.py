@@ -1,7 +1,7 @@
 """Wan VAE checkpoints -> :class:`facecam_jax.models.wan_vae.WanVAE`.
 
 Reads the original files (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``: torch pickles, read by
-the restricted unpickler in :mod:`facecam_jax.checkpoints.io`, no torch needed) and
+the restricted unpickler in :mod:`facecam_jax.checkpoints.pth`, no torch needed) and
 diffusers ``AutoencoderKLWan`` safetensors (file or ``save_pretrained`` directory).
 
 Both namings are generated from the JAX module tree itself (``checkpoint_names``), so a

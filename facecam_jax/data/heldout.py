@@ -19,9 +19,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from facecam_jax.camera import draw
+from facecam_jax.data import augment
 from facecam_jax.data import sources as sources_lib
 from facecam_jax.data import store as store_lib
-from facecam_jax.data import transforms as tr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +38,8 @@ class Pair:
     target: np.ndarray  # the true view
 
 
-def _crop(stream: sources_lib.Stream, height: int, width: int) -> tr.CoverCrop:
-    return tr.cover_crop_params(stream.height, stream.width, height, width)
+def _crop(stream: sources_lib.Stream, height: int, width: int) -> augment.CoverCrop:
+    return augment.cover_crop_params(stream.height, stream.width, height, width)
 
 
 def window_video(stream: sources_lib.Stream, times: np.ndarray, height: int, width: int,
@@ -47,11 +47,11 @@ def window_video(stream: sources_lib.Stream, times: np.ndarray, height: int, wid
     """A camera's frames at `times`, cover-cropped to [height, width] as in training, composited
     onto `background` (RGB) with its prepared masks when given."""
     crop = _crop(stream, height, width)
-    frames = tr.apply_cover_crop(stream.read(times), crop, height, width)
+    frames = augment.apply_cover_crop(stream.read(times), crop, height, width)
     if background is None:
         return frames
-    masks = tr.apply_cover_crop(stream.read_masks(times), crop, height, width)
-    return tr.composite(frames, masks, background)
+    masks = augment.apply_cover_crop(stream.read_masks(times), crop, height, width)
+    return augment.composite(frames, masks, background)
 
 
 def anchor_condition(stream: sources_lib.Stream, start: int, num_frames: int, height: int,
@@ -62,7 +62,7 @@ def anchor_condition(stream: sources_lib.Stream, start: int, num_frames: int, he
     if status[0] != store_lib.FOUND:
         raise ValueError(f"{stream.path}: no prepared face landmarks at frame {start}; run "
                          "tools/prepare_dataset.py (the mini dataset prepares every frame)")
-    anchor = tr.cover_crop_points(points[0], _crop(stream, height, width), height, width)
+    anchor = augment.cover_crop_points(points[0], _crop(stream, height, width), height, width)
     return np.repeat(draw.draw_landmark_map(anchor, height, width)[None], num_frames, axis=0)
 
 

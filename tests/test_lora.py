@@ -20,7 +20,7 @@ from facecam_jax.models import wan_dit as W
 REL_TOL = 1e-5  # fp32 parity bound: max abs error relative to the output's max abs value
 CFG = W.PRESETS["tiny"]
 RANK, ALPHA, OUT_ALPHA = 4, 8.0, 3.0  # PEFT adapter: scale 2, and 0.75 on to_out.0 (alpha_pattern)
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2", "patch_embedding"]  # + a Conv3d LoRA
 
 
 def _to_original(module: str) -> str:
@@ -95,7 +95,7 @@ def ref(torch, tmp_path_factory):
             module = key[: -len(".lora_A.weight")]
             alpha = OUT_ALPHA if module.endswith("to_out.0") else ALPHA
             factors[module] = (a.numpy(), peft_sd[f"{module}.lora_B.weight"].numpy(), alpha)
-    assert len(factors) == CFG.num_layers * 10
+    assert len(factors) == CFG.num_layers * 10 + 1 and factors["patch_embedding"][0].shape == (RANK, 16, 1, 2, 2)
     return {"base": base, "adapted": adapted, "base_file": base_file, "root": root, "factors": factors,
             "peft_file": str(root / "peft" / "pytorch_lora_weights.safetensors")}
 
@@ -224,6 +224,20 @@ def test_fresh_adapters_leave_the_output_unchanged_and_the_filter_selects_them(r
         L.add_lora(load_dit(ref["base_file"], config=CFG), 2, names=("nothing",))
     abstract = L.add_lora(W.abstract_model("wan2.1-t2v-14b"), 16, names=("blocks",))  # no memory
     assert abstract.blocks.ffn.fc2.lora_a.get_value().shape == (40, 13824, 16)
+
+
+def test_gradients_through_the_scanned_blocks_reach_the_adapters(ref):
+    model = _adapt(load_dit(ref["base_file"], config=CFG))
+    x, t, ctx = _inputs(batch=1)
+    wrt = nnx.DiffState(0, L.LoRAParam)
+    grads = nnx.jit(nnx.grad(lambda m: (m(x, t, ctx) ** 2).mean(), argnums=wrt))(model)
+    leaves = dict(ckpt.named_variables(grads))
+    assert set(leaves) == {(*p, ab) for p, _ in L.adapted_linears(model) for ab in ("lora_a", "lora_b")}
+    g_b = np.asarray(leaves[("blocks", "self_attn", "q", "lora_b")].get_value())
+    g_a = np.asarray(leaves[("blocks", "self_attn", "q", "lora_a")].get_value())
+    assert g_b.shape == (CFG.num_layers, 4, CFG.dim)
+    assert (np.abs(g_b).max(axis=(1, 2)) > 0).all()  # every layer's B learns from the first step
+    assert not g_a.any()  # with B = 0, A gets no gradient yet (as in PEFT)
 
 
 def test_merge_lora_equals_the_adapted_forward_and_saves_as_a_plain_checkpoint(ref, tmp_path):

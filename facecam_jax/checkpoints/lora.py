@@ -11,6 +11,9 @@ the tables of ``checkpoints.dit``):
   and the flat ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` style;
 - full-weight ``<module>.diff`` (weights, norms, modulation) and ``<module>.diff_b`` (biases).
 
+A LoRA of the patch embedding (a Conv3d LoRA: ``[r, Cin, pt, ph, pw]`` / ``[D, r, 1, 1, 1]``)
+merges like the others, although this project's own adapters leave that layer to full training.
+
 Without an alpha the scale is 1 (alpha = rank). ``apply_loras`` checks every key and shape
 of every file before it changes a parameter, then adds ``strength * scale * B @ A`` (and
 ``strength * diff``) one layer at a time in a jitted update that keeps each parameter's

@@ -46,6 +46,7 @@ setup(
             # The CPU wheel of this exact version is on the build machines; an open range pulls CUDA torch.
             "torch==2.13.0",
             "diffusers",
+            "peft",  # the LoRA parity reference (diffusers' LoRA loading runs on it); torch is pinned above
             "transformers",
             "scikit-image",
             "tensorboard",  # its event reader checks the files the trainer writes

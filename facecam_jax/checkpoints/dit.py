@@ -178,6 +178,16 @@ def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
+def to_jax_layout(kind: str, x):
+    """A torch-layout tensor (numpy, or jax inside a jitted update) in the JAX layout of ``kind``."""
+    return _to_jax(kind, x)
+
+
+def torch_shape(kind: str, jax_shape) -> tuple[int, ...]:
+    """The torch-layout shape of a parameter of ``kind`` whose JAX shape is ``jax_shape``."""
+    return _to_torch_shape(kind, jax_shape)
+
+
 # ------------------------------------------------------------------ model <-> names
 
 
@@ -310,6 +320,8 @@ def load_dit(
     remat: str = "none",
     progress: bool = True,
     quantize: str = "none",
+    loras: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = (),
+    lora_unmatched: str = "error",
 ) -> WanDiT:
     """Loads a Wan DiT from a .safetensors file, a sharded index, a directory, or an orbax export.
 
@@ -317,14 +329,16 @@ def load_dit(
     embedding stay fp32. ``compute_dtype`` defaults to ``dtype``. With ``mesh``, parameters
     are created directly sharded by their logical axes. Strict: any missing, unexpected or
     mis-shaped key raises one ``CheckpointError`` that lists them all. ``progress``: a bar over
-    the tensors read (process 0, and only once loading takes over a second).
+    the tensors read (process 0, and only once loading takes over a second). ``loras``:
+    ``(file, strength)`` pairs (or files, strength 1) merged after the base and the overlays
+    (``checkpoints.lora.apply_loras``; ``lora_unmatched="warn"`` skips keys of other layers).
 
     ``quantize``: ``"none"``, or ``"int8"`` / ``"fp8"`` (e4m3) weight-only quantization of every
     block linear (``models/quant.py``): each block kernel is quantized on the host as its
     tensor is read and only the int8/fp8 values and their per-output-channel scales go to
-    the devices. From an orbax export the float block kernels are restored to host memory
-    first. An unknown mode, or fp8 on a backend that cannot run it, is a ValueError before
-    anything is read.
+    the devices (LoRAs merge into the dequantized kernel, which is quantized again). From an
+    orbax export the float block kernels are restored to host memory first. An unknown mode,
+    or fp8 on a backend that cannot run it, is a ValueError before anything is read.
     """
     quant.check_mode(quantize, None if mesh is None else list(mesh.devices.flat))
     path = os.fspath(path)
@@ -340,6 +354,11 @@ def load_dit(
     for item in [] if overlay is None else [overlay] if isinstance(overlay, (str, os.PathLike)) else overlay:
         report = overlay_dit(model, item)
         log.info("%s", report.summary())
+    if loras:
+        from facecam_jax.checkpoints.lora import apply_loras  # it imports this module
+
+        for report in apply_loras(model, loras, mesh=mesh, rules=rules, unmatched=lora_unmatched):
+            log.info("%s", report.summary())
     return model
 
 

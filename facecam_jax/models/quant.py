@@ -144,6 +144,23 @@ def quantize_kernel(w, mode: str) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(STORAGE_DTYPES[mode]), scale
 
 
+def quantize_array(w: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+    """``quantize_kernel``'s rule in JAX (traceable, on the device): for re-quantizing a kernel
+    that something was merged into (``checkpoints.lora.apply_loras``)."""
+    qmax = _QMAX[mode]
+    w = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=-2)
+    scale = jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
+    x = jnp.clip(w / scale[..., None, :], -qmax, qmax)
+    q = jnp.rint(x) if mode == "int8" else x
+    return q.astype(STORAGE_DTYPES[mode]), scale
+
+
+def dequantize_array(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """``q * scale`` in fp32, in JAX: the kernel a quantized ``Linear`` multiplies by."""
+    return q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None, :]
+
+
 def quantize_layers(w, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """``quantize_kernel`` of a stacked kernel ``[layers, din, dout]``, one layer at a time.
 

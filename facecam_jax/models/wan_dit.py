@@ -112,7 +112,9 @@ class Linear(nnx.Module):
     """``x @ kernel + bias`` in the compute dtype; kernel [din, dout] with logical axes.
 
     A weight-only quantized kernel (int8 / fp8, ``models/quant.py``) comes with ``scale [dout]``:
-    ``(x @ kernel) * scale + bias``.
+    ``(x @ kernel) * scale + bias``. Optional LoRA adapters (``facecam_jax.models.lora.add_lora``):
+    ``lora_a [din, r]`` and ``lora_b [r, dout]`` add ``(x @ lora_a) @ lora_b * lora_scale``;
+    without them (None) the layer computes exactly what it did before adapters existed.
     """
 
     def __init__(self, din, dout, axes, *, rngs, param_dtype=jnp.float32, dtype=None, std=None):
@@ -125,12 +127,21 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[1],))
         self.scale = nnx.data(None)  # set by quant.quantize_dit / load_dit(quantize=...)
         self.dtype = dtype
+        self.lora_a = nnx.data(None)  # data attributes: add_lora may set LoRAParams here
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
-        y = jnp.dot(x.astype(dtype), self.kernel.get_value().astype(dtype), preferred_element_type=jnp.float32)
+        x = x.astype(dtype)
+        y = jnp.dot(x, self.kernel.get_value().astype(dtype), preferred_element_type=jnp.float32)
         if self.scale is not None:
             y = y * self.scale.get_value()
+        if self.lora_a is not None:
+            # The rank-r bottleneck is rounded to the compute dtype, as a bf16 PEFT layer does.
+            xa = jnp.dot(x, self.lora_a.get_value().astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+            b = self.lora_b.get_value().astype(dtype)
+            y = y + jnp.dot(xa, b, preferred_element_type=jnp.float32) * self.lora_scale
         return (y + self.bias.get_value().astype(jnp.float32)).astype(dtype)
 
 

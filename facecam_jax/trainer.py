@@ -24,7 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from facecam_jax import build, chips, progress
 from facecam_jax import sharding as sh
 from facecam_jax.checkpointing import Checkpoints
-from facecam_jax.checkpoints.dit import keys_of_paths, named_variables, save_dit
+from facecam_jax.checkpoints.dit import save_dit
+from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
 from facecam_jax.data.pipeline import make_train_iterator
 from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import TrainingDiverged

@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from facecam_jax import sharding as sh
-from facecam_jax.checkpoints import CheckpointError, load_dit, save_dit
+from facecam_jax.checkpoints import CheckpointError, dit_naming, load_dit, save_dit
 from facecam_jax.checkpoints import dit as ckpt
 from facecam_jax.checkpoints.io import open_checkpoint, write_safetensors
 from facecam_jax.checkpoints.lora import apply_loras, save_lora
@@ -231,7 +231,7 @@ def test_gradients_through_the_scanned_blocks_reach_the_adapters(ref):
     x, t, ctx = _inputs(batch=1)
     wrt = nnx.DiffState(0, L.LoRAParam)
     grads = nnx.jit(nnx.grad(lambda m: (m(x, t, ctx) ** 2).mean(), argnums=wrt))(model)
-    leaves = dict(ckpt.named_variables(grads))
+    leaves = dict(dit_naming.named_variables(grads))
     assert set(leaves) == {(*p, ab) for p, _ in L.adapted_linears(model) for ab in ("lora_a", "lora_b")}
     g_b = np.asarray(leaves[("blocks", "self_attn", "q", "lora_b")].get_value())
     g_a = np.asarray(leaves[("blocks", "self_attn", "q", "lora_a")].get_value())

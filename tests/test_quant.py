@@ -10,6 +10,7 @@ from flax import nnx
 
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints import dit as ckpt
+from facecam_jax.checkpoints import dit_naming as naming
 from facecam_jax.models import quant as Q
 from facecam_jax.models import wan_dit as W
 
@@ -36,7 +37,7 @@ def _rel_err(a, b) -> float:
 
 
 def _variables(model) -> dict:
-    return dict(ckpt.named_variables(nnx.state(model)))
+    return dict(naming.named_variables(nnx.state(model)))
 
 
 def _assert_same_state(a, b):
@@ -136,7 +137,7 @@ def test_load_dit_quantize_equals_quantize_dit(mode, tmp_path):
     _assert_same_state(ckpt.load_dit(tmp_path / "orbax", quantize=mode), want)
     # An overlay over a quantized base is quantized too: as if overlaid before quantizing.
     other = W.WanDiT(TINY, rngs=nnx.Rngs(4))
-    keys = [k for k in ckpt.model_slots(TINY) if k.startswith("blocks.1.")]
+    keys = [k for k in naming.model_slots(TINY) if k.startswith("blocks.1.")]
     overlay = ckpt.save_dit(other, tmp_path / "overlay.safetensors", naming="original", keys=keys)
     loaded = ckpt.load_dit(path, config=TINY, quantize=mode, overlay=overlay, progress=False)
     float_overlaid = ckpt.load_dit(path, config=TINY, overlay=overlay, progress=False)

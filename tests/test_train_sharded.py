@@ -119,7 +119,7 @@ def test_two_processes_train_like_one_and_resume_in_one(one_device, tmp_path):
     again = trainer.train(get_config(BASE + ",steps=2"), workdir, mesh=_mesh(fsdp=8))
     assert again.step == 2
     _assert_close(_trained(again.model), params, "2 processes vs 1 device")
-    from facecam_jax.checkpoints.dit import keys_of_paths, named_variables  # the exported keys, re-derived
+    from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables  # the exported keys, re-derived
     assert set(exported) == set(keys_of_paths(again.model.config, [p for p, _ in named_variables(
         nnx.split(again.model, nnx.All(nnx.Param, build.trainable_filter(("self_attn", "patch_embedding"))), ...)[1])]))
 

@@ -11,6 +11,7 @@ from flax import nnx
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints import CheckpointError, load_dit, save_dit
 from facecam_jax.checkpoints import dit as ckpt
+from facecam_jax.checkpoints import dit_naming as naming
 from facecam_jax.checkpoints.io import open_checkpoint, write_safetensors
 from facecam_jax.checkpoints.tensor_ref import TensorRef
 from facecam_jax.models import wan_dit as W
@@ -179,13 +180,13 @@ def test_config_is_inferred_from_shapes_for_every_preset():
     for name, cfg in W.PRESETS.items():
         if name == "tiny":
             continue
-        variables = dict(ckpt.named_variables(nnx.state(W.abstract_model(cfg))))
+        variables = dict(naming.named_variables(nnx.state(W.abstract_model(cfg))))
         fake = {}
-        for key, slot in ckpt.model_slots(cfg).items():
+        for key, slot in naming.model_slots(cfg).items():
             shape = variables[slot.path].get_value().shape
             shape = shape[1:] if slot.layer is not None else shape
-            fake[key] = TensorRef("unused", ckpt._to_torch_shape(slot.kind, shape), np.dtype(np.float32), 0)
-        assert ckpt.infer_config(fake) == cfg, name
+            fake[key] = TensorRef("unused", naming.torch_shape(slot.kind, shape), np.dtype(np.float32), 0)
+        assert naming.infer_config(fake) == cfg, name
 
 
 def test_bf16_forward_is_close_to_fp32(refs):

@@ -107,6 +107,9 @@ def model_config() -> tuple[ml_collections.ConfigDict, ...]:
     # The flow-matching time shift (SPEC 7): training draws levels on this shifted grid and
     # sampling integrates on it.
     model.shift = 5.0
+    # Weight-only quantization of the blocks' linear layers for sampling (facecam_jax.models.quant):
+    # none | int8 | fp8 (e4m3), per output channel, applied as the weights load.
+    model.quantize = "none"
 
     vae = ml_collections.ConfigDict()
     vae.config = "mini"  # mini | wan2.1 | wan2.2 (ignored when a checkpoint is given)
@@ -170,6 +173,24 @@ def sample_config() -> ml_collections.ConfigDict:
     sample.low_noise_overlay = ()
     # A folder of trained weights (facecam*.safetensors) to overlay when no --workdir is given.
     sample.weights = ""
+    # The ODE solver on the shifted sigma grid (facecam_jax.flow): euler (the paper's) | unipc | dpmpp_2m.
+    sample.solver = "euler"
+    # Step caching (facecam_jax.step_cache): none | magcache, with its rule's knobs and the ratio
+    # curve tools/calibrate_cache.py writes for the model.
+    sample.cache = "none"
+    sample.cache_calibration = ""
+    sample.cache_threshold = 0.12
+    sample.cache_max_skips = 2
+    sample.cache_retention = 0.2
+    # Where the DiT weights wait while sampling: none (on the device) | experts (the A14B expert
+    # not running is in host memory, swapped at the boundary) | blocks (each layer streamed in).
+    sample.offload = "none"
+    # Videos longer than the model's window (data.frames) are re-rendered in windows that
+    # overlap by window_overlap latent frames, denoised jointly; window_batch windows per
+    # forward pass (0: all at once); at most max_frames frames.
+    sample.window_overlap = 1
+    sample.window_batch = 0
+    sample.max_frames = 481
     return sample
 
 
@@ -190,6 +211,9 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.variant = "mini"
+    # JAX's persistent compilation cache: a program compiled once loads in seconds the next
+    # time; "" turns it off.
+    config.compile_cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "facecam_jax", "xla")
     config.distributed = distributed_config()
     config.data = data_config()
     config.model, config.vae, config.text = model_config()
@@ -252,6 +276,7 @@ VARIANTS: dict[str, dict[str, object]] = {
         # v6e slice); v5e (16 GiB) mesh.context=8 (15.0 of 15.75 GiB on v5e:4x4, the smallest
         # v5e slice). The smallest v5p slice is 2 chips with mesh.context=2.
         "sample.num_steps": 50,
+        "sample.window_overlap": 5,  # of 21 latent frames: windows every 64 video frames
     },
 }
 

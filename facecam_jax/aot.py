@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from facecam_jax import cli, fit
+from facecam_jax import cli, compile_cache, fit
 
 _CONFIG = cli.define_config("the config whose program is compiled (configs/facecam.py[:variant,key=value])")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "a TPU topology to compile for (v5e:2x2, v5p:2x2x2, v6e:2x4, "
@@ -43,6 +43,7 @@ def main(argv):
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     if _TOPOLOGY.value and not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # host-side work stays off any local accelerator
+    compile_cache.from_config(_CONFIG.value)  # local targets; compile-only TPU targets switch it off
     name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
         report = fit.analyze(_CONFIG.value, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value)

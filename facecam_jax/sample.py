@@ -21,7 +21,7 @@ import logging
 
 from absl import app, flags
 
-from facecam_jax import cli, sampler
+from facecam_jax import cli, compile_cache, sampler
 from facecam_jax.config_file import DEFAULT_CONFIG
 
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
@@ -33,6 +33,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "a training run whose exported w
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _PROFILE = flags.DEFINE_string("profile", None, "write a jax.profiler trace of the sampling program here "
                                 "(view with xprof --logdir DIR)")
+_FRAMES = flags.DEFINE_integer("frames", None, "output frames, 4k + 1 (default: every frame of the source up to "
+                               "sample.max_frames); longer than the model's window: overlapping windows denoised "
+                               "jointly")
+_HEIGHT = flags.DEFINE_integer("height", None, "output height, a multiple of 16 (default: data.height)")
+_WIDTH = flags.DEFINE_integer("width", None, "output width, a multiple of 16 (default: data.width)")
+_ASPECT = flags.DEFINE_enum("aspect", None, ["config", "source"],
+                            "source: fit the source's aspect ratio to the model's pixel budget")
 _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
                                   "fail when the source's first frame has no detectable face "
                                   "(default: warn and crop the centre)")
@@ -43,9 +50,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
+    compile_cache.from_config(_CONFIG.value)
     written = sampler.run(_CONFIG.value, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
                           workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value,
-                          profile=_PROFILE.value)
+                          profile=_PROFILE.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
+                          aspect=_ASPECT.value)
     logging.getLogger("facecam_jax").info("wrote %s", ", ".join(written))
 
 

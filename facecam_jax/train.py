@@ -11,7 +11,7 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import cli, trainer
+from facecam_jax import cli, compile_cache, trainer
 
 _CONFIG = cli.define_config("training config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")
@@ -23,6 +23,7 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)  # orbax / grain chatter
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     config = _CONFIG.value
+    compile_cache.from_config(config)
     workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
     result = trainer.train(config, workdir)
     logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step, result.exported)

@@ -248,6 +248,7 @@ VARIANTS: dict[str, dict[str, object]] = {
         "sample.weights": LEARNED_DIR,  # shipped: python -m facecam_jax.sample re-renders with it
         "sample.num_steps": 20,
         "sample.framing": "source",  # the proxy head starts where the source face is, as in its training maps
+        "sample.cache_calibration": os.path.join(LEARNED_DIR, "magcache.json"),  # tools/calibrate_cache.py
     },
     "nersemble": {
         "data.dataset": "files",

@@ -162,7 +162,8 @@ def first_low_noise_step(steps: int, shift: float, boundary: float) -> int:
     return int(below[0]) if below.size else steps
 
 
-def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple | None = None):
+def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple | None = None,
+                   record_norms: bool = False):
     """The sampling program's function.
 
     ``phase`` None: ``fn(states, source, camera, ctx_cond, ctx_uncond, noise) -> latents``, every
@@ -170,7 +171,9 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
     carry) -> carry``, steps ``start .. stop - 1`` of that expert (``initial_carry_fn`` makes
     the first carry). ``source`` / ``camera`` are the latents of the (windows of the) videos,
     ``[N * K, F, H, W, C]``; ``noise`` and the latents returned cover whole videos. ``on_step(i,
-    x)``: a host function called after step i (a progress bar)."""
+    x)``: a host function called after step i (a progress bar). ``record_norms`` (with a cache,
+    e.g. ``MagCache.off``): return every step's per-token residual norms instead of the latents,
+    for ``step_cache.calibrate``."""
     sigmas = options.sigmas()
     use_cfg = options.guidance != 1.0
     cache, windows = options.cache, options.windows
@@ -237,9 +240,11 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
         def fn(states, source, camera, ctx_cond, ctx_uncond, noise):
             velocity = velocity_of(states, None, source, camera, ctx_cond, ctx_uncond)
             dit_config = nnx.merge(graphdef, states[0]).config
-            st = None if cache is None else cache.init(cache_shape(dit_config, options, source.shape))
+            st = None if cache is None else cache.init(cache_shape(dit_config, options, source.shape),
+                                                         record_norms=record_norms)
             carry = flow.initial_carry(noise, options.solver, st)
-            return flow.solve_steps(velocity, carry, sigmas, solver=options.solver, on_step=on_step)[0]
+            carry = flow.solve_steps(velocity, carry, sigmas, solver=options.solver, on_step=on_step)
+            return carry[-1].norms if record_norms else carry[0]
 
         return fn
 
@@ -413,6 +418,29 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions: np.nd
                  time.perf_counter() - t0 - compile_s, compile_s)
         out.append(_decode_windows(vae, latents, windows))
     return np.concatenate(out)
+
+
+def residual_norms(config, experts: Experts, vae, sources: np.ndarray, conditions: np.ndarray, seeds: Sequence[int],
+                   *, mesh) -> np.ndarray:
+    """Every step's per-token residual norms of the block stack, ``[steps, N * rows, L]``, from
+    uncached runs of ``render``'s program on these videos: what ``step_cache.calibrate`` turns
+    into MagCache's ratio curve (``tools/calibrate_cache.py``)."""
+    ctx_cond, ctx_uncond, guidance = contexts(config, experts)
+    windows = window_layout(config, sources.shape[1])
+    options = dataclasses.replace(SampleOptions.of(config, len(experts.models), guidance=guidance, windows=windows),
+                                  cache=MagCache.off(config.sample.num_steps), offload="none")
+    fn = jax.jit(make_sample_fn(nnx.graphdef(experts.models[0]), options, record_norms=True))
+    states = tuple(nnx.state(m) for m in experts.models)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    norms = []
+    for k in range(len(sources)):
+        source_lat = _encode_windows(vae, sources[k:k + 1], windows)
+        camera_lat = _encode_windows(vae, conditions[k:k + 1], windows)
+        total = windows.total if windows else source_lat.shape[1]
+        noise = noise_for(int(seeds[k]), (1, total, *source_lat.shape[2:]))
+        args = jax.device_put((source_lat, camera_lat, ctx_cond, ctx_uncond, noise), replicated)
+        norms.append(np.asarray(fn(states, *args)))
+    return np.concatenate(norms, axis=1)
 
 
 def _run_phases(program: SampleProgram, options: SampleOptions, experts: Experts, states, args, mesh):

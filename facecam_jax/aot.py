@@ -35,6 +35,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "a TPU topology to compile for
 _PROGRAM = flags.DEFINE_enum("program", "train", ["train", "sample"], "the training step or the sampling program")
 _VAE = flags.DEFINE_bool("vae", True, "sample: also compile the VAE encode and decode that run beside the experts")
 _JSON = flags.DEFINE_string("json", None, "also write the report as JSON here")
+_FRAMES = flags.DEFINE_integer("frames", None, "sample: a video of this many frames (4k + 1), in windows of the "
+                               "model's data.frames when longer (default: data.frames)")
 
 
 def main(argv):
@@ -46,7 +48,8 @@ def main(argv):
     compile_cache.from_config(_CONFIG.value)  # local targets; compile-only TPU targets switch it off
     name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
-        report = fit.analyze(_CONFIG.value, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value)
+        report = fit.analyze(_CONFIG.value, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value,
+                              frames=_FRAMES.value)
     except fit.BadTarget as e:
         cli.fail(cli.message(e), code=fit.BAD_ARGUMENTS)
     print(report.text(), flush=True)

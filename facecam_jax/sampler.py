@@ -481,11 +481,18 @@ def place_experts(experts: Experts, mesh, rules, offload: str) -> Experts:
             models.append(nnx.merge(graphdef, state))
         else:
             model = nnx.merge(graphdef, state)
-            blocks = on_mesh(nnx.state(model.blocks), mesh, rules, memory_kind="pinned_host")
-            nnx.update(model.blocks, blocks)
+            kernels = nnx.state(model.blocks, streamed_weights)
+            nnx.update(model.blocks, on_mesh(kernels, mesh, rules, memory_kind="pinned_host"))
             model.stream_blocks = True
             models.append(model)
     return Experts(models, experts.boundary)
+
+
+def streamed_weights(path, variable) -> bool:
+    """The block weights ``offload="blocks"`` keeps in host memory: the linear layers' kernels
+    (all but a sliver of the bytes). Norm scales, biases, modulation and quantization scales
+    stay on the device: small, and their host-memory slices trip TPU layouts."""
+    return bool(path) and path[-1] == "kernel" and isinstance(variable, nnx.Param)
 
 
 def check_offload(mesh) -> None:

@@ -2,7 +2,7 @@
 
 ``analyze(config, program, topology)`` builds the training step (``train_step.build_program(...,
 abstract=True)``: the preset DiT, trainable subset, optimizer state, frozen VAE encode, batch
-over (data, fsdp)) or the sampling program (``sampler.sample_program``: both Wan2.2 A14B
+over (data, fsdp)) or the sampling program (``sp.sample_program``: both Wan2.2 A14B
 experts in one jitted Euler loop with CFG, plus the VAE encode and decode that run beside
 them) from the factory's abstract models, on the config's mesh over the devices of a named
 TPU topology (``chips.tpu_topology``) or the local devices. It compiles them and reports
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, chips, sampler
+from facecam_jax import build, chips
+from facecam_jax import sample_program as sp
 from facecam_jax import sharding as sh
 from facecam_jax.chips import BadTarget, GiB, Target
 from facecam_jax.fit_report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
@@ -113,10 +114,10 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     dit = build.abstract_dit(config, mesh, rules)
     dit.stream_blocks = s.offload == "blocks"
     n = build.num_experts(config)
-    windows = sampler.window_layout(config, frames)
-    options = sampler.SampleOptions.of(config, n, windows=windows)
+    windows = sp.window_layout(config, frames)
+    options = sp.SampleOptions.of(config, n, windows=windows)
     if s.offload == "blocks":  # the stacked block weights wait in host memory, streamed layer by layer
-        nnx.update(dit.blocks, _on_host(nnx.state(dit.blocks, sampler.streamed_weights)))
+        nnx.update(dit.blocks, _on_host(nnx.state(dit.blocks, sp.streamed_weights)))
     state = nnx.state(dit)
     graphdef = nnx.graphdef(dit)
     states = tuple(state for _ in range(n))
@@ -129,7 +130,7 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     noise = jax.ShapeDtypeStruct(build.latent_shape(vae_config, frames, d.height, d.width), jnp.float32,
                                  sharding=replicated)
     ctx = jax.ShapeDtypeStruct((1, dit.config.text_len, dit.config.text_dim), jnp.float32, sharding=replicated)
-    program = sampler.sample_program(graphdef, options)
+    program = sp.sample_program(graphdef, options)
     expert_device = device_bytes(states[0], "device")
     expert_host = device_bytes(states[0], "pinned_host")
     vae_bytes = device_bytes(vae_state)
@@ -141,8 +142,8 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
         traffic = options.steps * expert_host  # blocks: every step streams the running expert's layers in
     else:  # one program per expert phase: that expert on the device, the other in host memory
         _check_arguments("sample loop", expert_device + vae_bytes, hbm)
-        shape = None if options.cache is None else sampler.cache_shape(dit.config, options, lat.shape)
-        carry = jax.eval_shape(sampler.initial_carry_fn(options, shape), noise)
+        shape = None if options.cache is None else sp.cache_shape(dit.config, options, lat.shape)
+        carry = jax.eval_shape(sp.initial_carry_fn(options, shape), noise)
         carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), carry)
         for expert, start, stop, fn in program.phases:
             name = f"{('high', 'low')[expert]}-noise steps {start}-{stop - 1}"
@@ -177,8 +178,8 @@ def attention_used(config, target: Target) -> str:
 def _program_flops(config, program: str, frames: int | None) -> dict[str, float]:
     if program == "train":
         return step_flops(config, "train")
-    windows = sampler.window_layout(config, frames or config.data.frames)
-    options = sampler.SampleOptions.of(config, build.num_experts(config), windows=windows)
+    windows = sp.window_layout(config, frames or config.data.frames)
+    options = sp.SampleOptions.of(config, build.num_experts(config), windows=windows)
     return step_flops(config, "sample", windows=windows.count if windows else 1, evaluations=options.evaluations()[0])
 
 

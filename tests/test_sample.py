@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from facecam_jax import build, flow, sampler
+from facecam_jax import sample_program as sp
 from facecam_jax import sharding as sh
 from facecam_jax.config_file import load_config as get_config
 from facecam_jax.models import wan_dit as W
@@ -27,7 +28,7 @@ def toy():
 
 def _run(models, boundary, guidance, steps, toy_inputs):
     source, camera, noise, ctx_c, ctx_u = toy_inputs
-    fn = jax.jit(sampler.make_sample_fn(nnx.graphdef(models[0]), sampler.SampleOptions(steps, 5.0, guidance, len(models), boundary)))
+    fn = jax.jit(sp.make_sample_fn(nnx.graphdef(models[0]), sp.SampleOptions(steps, 5.0, guidance, len(models), boundary)))
     return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
 
 
@@ -101,12 +102,12 @@ def test_sampling_on_8_devices_equals_one_device():
 
 
 def _options(steps, guidance=5.0, **kw):
-    return sampler.SampleOptions(steps, 5.0, guidance, **kw)
+    return sp.SampleOptions(steps, 5.0, guidance, **kw)
 
 
 def _latents(models, options, toy_inputs):
     source, camera, noise, ctx_c, ctx_u = toy_inputs
-    fn = jax.jit(sampler.make_sample_fn(nnx.graphdef(models[0]), options))
+    fn = jax.jit(sp.make_sample_fn(nnx.graphdef(models[0]), options))
     return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
 
 
@@ -155,9 +156,9 @@ def test_offloaded_experts_and_streamed_blocks_sample_the_same_video(toy):
     one = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     vae = build.build_vae(config, one)
     want = _render_pair(config, one, "none", a, b, vae, frames, maps)
-    assert sampler.SampleOptions.of(config, 2).phases() == ((None, 0, 2),)
+    assert sp.SampleOptions.of(config, 2).phases() == ((None, 0, 2),)
     config.sample.offload = "experts"
-    assert sampler.SampleOptions.of(config, 2).phases() == ((0, 0, 1), (1, 1, 2))  # t = 1000, then 833 < 900
+    assert sp.SampleOptions.of(config, 2).phases() == ((0, 0, 1), (1, 1, 2))  # t = 1000, then 833 < 900
     for mesh, offloads in ((one, ("experts", "blocks")), (sh.make_mesh(1, 8, 1, 1), ("blocks",))):
         for offload in offloads:
             got = _render_pair(config, mesh, offload, a, b, vae, frames, maps)

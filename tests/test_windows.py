@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from facecam_jax import sample_program as sp
 from facecam_jax import sampler
 from facecam_jax import sharding as sh
 from facecam_jax.camera import source as source_lib
@@ -72,9 +73,9 @@ def _windowed(model, windows, mesh, options_kw=None):
     source, camera = (jnp.asarray(rng.standard_normal((k, length, 4, 4, 16)), jnp.float32) for _ in range(2))
     noise = jnp.asarray(rng.standard_normal((1, total, 4, 4, 16)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((1, 3, CFG.text_dim)), jnp.float32)
-    options = sampler.SampleOptions(3, 5.0, 1.0, windows=windows, **(options_kw or {}))
+    options = sp.SampleOptions(3, 5.0, 1.0, windows=windows, **(options_kw or {}))
     with sh.use_mesh(mesh, sh.DEFAULT_RULES):
-        fn = jax.jit(sampler.make_sample_fn(nnx.graphdef(model), options))
+        fn = jax.jit(sp.make_sample_fn(nnx.graphdef(model), options))
         state = sampler.on_mesh(nnx.state(model), mesh, sh.DEFAULT_RULES)
         return np.asarray(fn((state,), source, camera, ctx, ctx, noise)), (source, camera, noise, ctx)
 

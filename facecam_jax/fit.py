@@ -151,13 +151,14 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
                                 vae_bytes, host_elsewhere=expert_device))
         traffic = n * expert_device  # each expert comes to the device once per video
     if with_vae:
-        video = jax.ShapeDtypeStruct((2 * rows, window_frames, d.height, d.width, 3), jnp.float32,
-                                     sharding=replicated)
+        video = jax.ShapeDtypeStruct((1, window_frames, d.height, d.width, 3), jnp.float32,
+                                     sharding=replicated)  # the sampler encodes one clip (window) at a time
         encode = jax.jit(lambda st, v: nnx.merge(vae_graphdef, st).encode(v))
         decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(z))
         beside = n * expert_device if program.fn is not None else 0  # offloaded experts are not on the device
         out.append(_compile("VAE encode", _under_mesh(mesh, rules, encode, vae_state, video), beside))
-        out.append(_compile("VAE decode", _under_mesh(mesh, rules, decode, vae_state, lat), beside))
+        one = jax.ShapeDtypeStruct((1, *lat.shape[1:]), lat.dtype, sharding=replicated)  # and decodes one window
+        out.append(_compile("VAE decode", _under_mesh(mesh, rules, decode, vae_state, one), beside))
     params = n * sum(x.size for x in jax.tree.leaves(states[0]))
     described = (f"{options.solver} {options.steps} steps, CFG {options.guidance}, cache "
                  f"{'magcache' if options.cache else 'none'}, weights {config.model.quantize}, offload {s.offload}, "

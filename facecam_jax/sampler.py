@@ -125,21 +125,22 @@ def contexts(config, experts: Experts) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _encode_windows(vae, videos: np.ndarray, windows: Windows | None) -> jax.Array:
-    """uint8 videos ``[N, T, H, W, 3]`` -> latents of their windows ``[N * K, F, h, w, C]``, each
-    window encoded as a clip of its own (what the model saw in training)."""
+    """uint8 videos ``[N, T, H, W, 3]`` -> latents of their windows ``[N * K, F, h, w, C]``
+    (video-major), each window encoded as a clip of its own (what the model saw in training),
+    one window at a time so the VAE's memory does not grow with the video."""
     if windows is None:
         return vae.encode(to_unit_range(videos))
-    clips = np.stack([videos[:, a:b] for a, b in map(windows.frame_range, range(windows.count))], axis=1)
-    return vae.encode(to_unit_range(clips.reshape(-1, *clips.shape[2:])))  # [N * K, F, ...]
+    per_window = [vae.encode(to_unit_range(videos[:, a:b])) for a, b in map(windows.frame_range, range(windows.count))]
+    return jnp.stack(per_window, axis=1).reshape(-1, *per_window[0].shape[1:])  # [N * K, F, ...]
 
 
 def _decode_windows(vae, latents: jax.Array, windows: Windows | None) -> np.ndarray:
     if windows is None:
         return to_uint8(vae.decode(latents))
     out = []
-    for video in latents:  # [total, h, w, C]
+    for video in latents:  # [total, h, w, C]: its windows decoded one at a time, then cross-faded
         clips = windows.gather(video[None])
-        out.append(windows.blend_frames(to_uint8(vae.decode(clips))))
+        out.append(windows.blend_frames(np.concatenate([to_uint8(vae.decode(clip[None])) for clip in clips])))
     return np.stack(out)
 
 
@@ -176,7 +177,8 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions: np.nd
         noise = jnp.concatenate([noise_for(int(s), (1, total, *source_lat.shape[2:])) for s in seeds[lo:lo + batch]])
         ctx = [np.broadcast_to(c, (len(src), *c.shape[1:])) for c in (ctx_cond, ctx_uncond)]
         args = jax.device_put((source_lat, camera_lat, *ctx, noise), replicated)
-        bar = program.progress.bar(options.steps) if show_progress else contextlib.nullcontext()
+        desc = f"sample ({windows.count} windows)" if windows else "sample"
+        bar = program.progress.bar(options.steps, desc=desc) if show_progress else contextlib.nullcontext()
         trace = jax.profiler.trace(profile) if profile else contextlib.nullcontext()
         t0 = time.perf_counter()
         with bar, trace:

@@ -36,12 +36,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build
+from facecam_jax import build, flow
 from facecam_jax import sharding as sh
 from facecam_jax.camera import source as source_lib
 from facecam_jax.camera import trajectories
 from facecam_jax.camera.condition import build_condition
 from facecam_jax.checkpoints.dit import load_dit, overlay_dit
+from facecam_jax.models import quant
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.models.wan_vae import to_uint8, to_unit_range
 from facecam_jax.sample_program import (
@@ -262,6 +263,28 @@ def place_experts(experts: Experts, mesh, rules, offload: str) -> Experts:
     return Experts(models, experts.boundary)
 
 
+def check_options(config, mesh, num_experts: int) -> None:
+    """The sampling options of ``config`` checked against the devices before any weight loads:
+    solver, cache (and its calibration file), offload mode (and host memory to offload to),
+    quantization mode."""
+    s = config.sample
+    if s.solver not in flow.SOLVERS:
+        raise ValueError(f"sample.solver must be one of {flow.SOLVERS}, got {s.solver!r}")
+    if s.cache not in ("none", "magcache"):
+        raise ValueError(f"sample.cache must be 'none' or 'magcache', got {s.cache!r}")
+    if s.cache == "magcache" and not os.path.isfile(s.cache_calibration or ""):
+        raise FileNotFoundError(f"sample.cache=magcache needs sample.cache_calibration, a ratio curve file "
+                                f"(got {s.cache_calibration!r}); write one with tools/calibrate_cache.py")
+    if s.offload not in OFFLOAD_MODES:
+        raise ValueError(f"sample.offload must be one of {OFFLOAD_MODES}, got {s.offload!r}")
+    if s.offload == "experts" and num_experts != 2:
+        raise ValueError("sample.offload=experts keeps the waiting Wan2.2 A14B expert in host memory; this model "
+                         "has one expert: use sample.offload=blocks to stream its layers, or none")
+    if s.offload != "none":
+        check_offload(mesh)
+    quant.check_mode(config.model.quantize, list(mesh.devices.flat))
+
+
 def check_offload(mesh) -> None:
     """A clear error when the devices have no host memory to offload to (before any weight moves)."""
     device = mesh.devices.flat[0]
@@ -303,6 +326,7 @@ def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | No
         raise ValueError(f"trajectory has {trajectory.num_frames} frames, the source {t}")
     default_mesh, rules = build.mesh_and_rules(config)
     mesh = mesh or default_mesh
+    check_options(config, mesh, len(experts.models) if experts is not None else build.num_experts(config))
     with sh.use_mesh(mesh, rules):
         if experts is None:
             experts = load_experts(config, mesh, rules, workdir)

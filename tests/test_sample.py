@@ -167,3 +167,20 @@ def test_offloaded_experts_and_streamed_blocks_sample_the_same_video(toy):
             assert diff <= 1, (offload, mesh.size)
     with pytest.raises(ValueError, match="one expert"):
         sampler.place_experts(sampler.Experts([a]), one, sh.DEFAULT_RULES, "experts")
+
+
+def test_bad_sampling_options_fail_before_any_weight_loads(tmp_path):
+    one = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    frames = np.zeros((9, 64, 48, 3), np.uint8)
+    from facecam_jax.camera import trajectories
+
+    path = trajectories.load_trajectory("zoom_in", 9)
+    missing = str(tmp_path / "no-run")  # load_experts would fail on it: these checks come first
+    for override, match in (("sample.offload=disk", "sample.offload must be one of"),
+                            ("sample.offload=experts", "has one expert"),
+                            ("sample.solver=heun", "sample.solver must be one of"),
+                            ("sample.cache=magcache", "cache_calibration"),
+                            ("model.quantize=int4", "int4")):
+        config = get_config(f"mini,frames=9,{override}")
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            sampler.generate(config, frames, path, workdir=missing, mesh=one)

@@ -152,7 +152,7 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
             rows = source.shape[0]
             xw = windows.gather(x) if windows is not None else x
             tw = jnp.repeat(t, rows // x.shape[0])
-            cc, cu = (jnp.broadcast_to(c, (rows, *c.shape[1:])) for c in (ctx_cond, ctx_uncond))
+            cc, cu = (jnp.repeat(c, rows // c.shape[0], axis=0) for c in (ctx_cond, ctx_uncond))  # per window
 
             def with_state(state):
                 return chunked(state, xw, source, camera, tw, cc, cu, skip, residual)

@@ -2,8 +2,10 @@
 
 With no flags it trains the small default (``mini``) on the shipped mini dataset. Overrides:
 ``--config.train.steps=100 --config.optimizer.lr=5e-5``. A restarted run resumes from the
-newest checkpoint in its workdir. The logic lives in ``facecam_jax.trainer``. A bad input or a
-diverged run ends in one ``error:`` line; ``--verbose`` adds the traceback.
+newest usable checkpoint in its workdir. SIGTERM or Ctrl-C (a preemption) finishes the step,
+saves a checkpoint and exits 0; a second one exits at once. The logic lives in
+``facecam_jax.trainer``. A bad input or a diverged run ends in one ``error:`` line;
+``--verbose`` adds the traceback.
 """
 
 import logging
@@ -25,7 +27,9 @@ def main(argv):
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
     result = trainer.train(config, workdir)
-    logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step, result.exported)
+    if not result.preempted:  # a preempted run has said where it stopped; it exits 0 too
+        logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step,
+                                              result.exported)
 
 
 if __name__ == "__main__":

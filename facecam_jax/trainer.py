@@ -212,7 +212,9 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
                 if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
                     ckpt.save(step + 1, state, batches)
                 loop.step = step + 1
-                if preemption.stop():  # every process answers the same: all stop after this step
+                # Every process answers the same: all stop after this step (after the last one the run
+                # just finishes, export and all).
+                if step + 1 < steps and preemption.stop():
                     if step + 1 not in ckpt.written:
                         ckpt.save(step + 1, state, batches)
                     loop.stopped_by = preemption.signal_name or "a signal to another process"

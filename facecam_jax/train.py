@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import cli, trainer
+from facecam_jax import cli, paths, trainer
 
 _CONFIG = cli.define_config("training config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")
@@ -26,6 +26,7 @@ def main(argv):
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
+    paths.check_outputs(directories={"--workdir": workdir})  # a run resumes there: only not a file, writable
     result = trainer.train(config, workdir)
     if not result.preempted:  # a preempted run has said where it stopped; it exits 0 too
         logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step,

@@ -8,7 +8,9 @@ Every ``python -m facecam_jax.*`` entry point (and every ``tools/*.py`` script) 
 
 and an absl entry point defines its config flag with ``_CONFIG = cli.define_config(help)``
 instead of ``config_flags.DEFINE_config_file`` (ml_collections checks ``--config.a.b=``
-overrides while the module is imported, before ``cli.run`` could catch a typo).
+overrides while the module is imported, before ``cli.run`` could catch a typo, or while the
+flags are parsed when ``--config`` is given); ``_CONFIG.value`` is the config after
+``config_check.validate``, so every route to a config checks the same values.
 
 An expected error (``EXPECTED_ERRORS``: a missing file, a video that cannot be decoded, no
 face, a bad trajectory or config value, a checkpoint that does not fit, diverged training,

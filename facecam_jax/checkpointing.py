@@ -15,6 +15,10 @@ about, renamed to ``<step>.damaged-<what>`` (kept aside, never deleted; Orbax no
 lists it) and the next older step is tried; when none is usable, one ``CheckpointError`` says
 so and nothing is renamed. A step that is intact but was written by another config (other
 shapes or another state tree) is a ``CheckpointError`` naming the config keys that differ.
+
+Every process reaches the same verdict: the file checks read the same files, and a restore
+that fails is agreed by an all-gather. (When only some processes fail to read their shards,
+the others first wait out Orbax's restore barrier, 300 s by default, then fall back with them.)
 """
 
 from __future__ import annotations

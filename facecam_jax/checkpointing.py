@@ -18,7 +18,8 @@ shapes or another state tree) is a ``CheckpointError`` naming the config keys th
 
 Every process reaches the same verdict: the file checks read the same files, and a restore
 that fails is agreed by an all-gather. (When only some processes fail to read their shards,
-the others first wait out Orbax's restore barrier, 300 s by default, then fall back with them.)
+the others wait in Orbax's restore barrier, 300 s by default, before all can agree; that case
+is untested.)
 """
 
 from __future__ import annotations

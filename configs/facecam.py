@@ -282,7 +282,7 @@ def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
     if path[-1] not in node:
         names = list(node.keys())
         if node is config:  # a bare field name: any section's fields, by their dotted paths
-            names += [f"{s}.{f}" for s in _SECTIONS if s in config for f in config[s].keys()]
+            names += [f"{s}.{f}" for s in _SECTIONS if s in config for f in config[s]]
         by_field = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}
         close = [by_field[m] for m in difflib.get_close_matches(path[-1], list(by_field), n=1)]
         raise KeyError(f"config override {key!r}: no field {path[-1]!r} in "

@@ -140,7 +140,7 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, batches: int) -> None:
-        items = dict(train=ocp.args.StandardSave(_values(state)), data=ocp.args.JsonSave({"batches": batches}))
+        items = {"train": ocp.args.StandardSave(_values(state)), "data": ocp.args.JsonSave({"batches": batches})}
         if self.config is not None:
             items["config"] = ocp.args.JsonSave(self.config)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -209,7 +209,9 @@ class Checkpoints:
             return None
 
     def _mismatch(self, step: int, stored: dict, wanted: dict) -> CheckpointError:
-        params_first = lambda k: (not k.startswith("params."), k)  # noqa: E731  the clearest example first
+        def params_first(k):  # the clearest example first
+            return not k.startswith("params."), k
+
         missing = sorted(set(wanted) - set(stored), key=params_first)
         unexpected = sorted(set(stored) - set(wanted), key=params_first)
         reshaped = sorted((k for k in set(stored) & set(wanted) if stored[k] != wanted[k]), key=params_first)

@@ -121,7 +121,7 @@ class ConfigFlag:
     def value(self):
         config = self._holder.value
         try:
-            getattr(config, "keys")  # ml_collections defers a file it could not load to the first access
+            callable(config.keys)  # ml_collections defers a file it could not load to the first access
         except OSError as e:
             filename = config_flags.get_config_filename(flags.FLAGS[self.name])
             if not os.path.isfile(filename):

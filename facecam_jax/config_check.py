@@ -13,7 +13,8 @@ This module imports nothing from the project: every layer may use ``MAX_FRAMES``
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # The longest video a config may ask for: 1601 frames are 401 latent frames, twenty times
 # Wan's 81. Anything longer is a typo that would only pad frames and grow memory.

@@ -31,7 +31,7 @@ class Preemption:
         self.received: int | None = None  # the first signal's number
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         if threading.current_thread() is not threading.main_thread():
             log.info("training outside the main thread: SIGTERM / SIGINT are not caught (no clean stop)")
             return self

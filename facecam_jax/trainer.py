@@ -30,10 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from facecam_jax import build, chips, progress
 from facecam_jax import sharding as sh
 from facecam_jax.checkpointing import Checkpoints
-from facecam_jax.config_check import validate
-from facecam_jax.data import transforms
 from facecam_jax.checkpoints.dit import save_dit
 from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
+from facecam_jax.config_check import validate
+from facecam_jax.data import transforms
 from facecam_jax.data.pipeline import make_train_iterator
 from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import TrainingDiverged
@@ -130,7 +130,7 @@ def _skips(now: dict, before: dict) -> dict[str, int]:
     return {r: int(n) for r, n in zip([*reasons, "other"], counts) if n}
 
 
-def run_summary(config, loop: "_Loop", written: list[int], skips_now: dict) -> str:
+def run_summary(config, loop: _Loop, written: list[int], skips_now: dict) -> str:
     """The last line of a run: steps, skipped samples by reason, checkpoints written."""
     skipped = _skips(skips_now, loop.skips_before)
     total = sum(skipped.values())

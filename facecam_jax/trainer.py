@@ -124,7 +124,7 @@ def _skips(now: dict, before: dict) -> dict[str, int]:
     reasons = list(transforms.SKIP_REASONS)
     delta = {r: now.get(r, 0) - before.get(r, 0) for r in set(now) | set(before)}
     counts = np.array([delta.get(r, 0) for r in reasons] + [sum(v for r, v in delta.items() if r not in reasons)],
-                      np.int64)
+                      np.int32)
     if jax.process_count() > 1:
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
     return {r: int(n) for r, n in zip([*reasons, "other"], counts) if n}
@@ -137,7 +137,7 @@ def run_summary(config, loop: _Loop, written: list[int], skips_now: dict) -> str
     skip_text = (f"{total} skipped samples ({', '.join(f'{r}: {n}' for r, n in skipped.items())})" if total
                  else "no sample skipped")
     if config.data.workers > 0:
-        skip_text += " in this process (data.workers > 0: the worker processes log their own skips)"
+        skip_text += " (data.workers > 0: skips inside the worker processes are only in their log lines)"
     ran = loop.step - loop.start
     end = (f"preempted by {loop.stopped_by}" if loop.stopped_by else "stopped: the loss diverged" if loop.diverged
            else "finished")

@@ -29,6 +29,7 @@ or by its dotted path (`data.mini.num_cameras=6`, `optimizer.lr=1e-4`). With abs
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 
 import ml_collections
@@ -305,11 +306,20 @@ def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
             raise KeyError(f"config override {key!r}: no section {name!r}")
         node = node[name]
     if path[-1] not in node:
+        names = list(node.keys())
+        if node is config:  # a bare field name: any section's fields, by their dotted paths
+            names += [f"{s}.{f}" for s in _SECTIONS if s in config for f in config[s]]
+        by_field = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}
+        close = [by_field[m] for m in difflib.get_close_matches(path[-1], list(by_field), n=1)]
         raise KeyError(f"config override {key!r}: no field {path[-1]!r} in "
-                       f"{'config' if node is config else '.'.join(path[:-1])}")
+                       f"{'config' if node is config else '.'.join(path[:-1])}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
     if isinstance(node[path[-1]], tuple) and isinstance(value, list):
         value = tuple(value)
-    node[path[-1]] = value
+    try:
+        node[path[-1]] = value
+    except TypeError as e:  # ml_collections keeps each field's type: "steps=many", "lr=fast"
+        raise ValueError(f"config override {key}={value!r}: {str(e).splitlines()[0]}") from None
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

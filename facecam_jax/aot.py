@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from facecam_jax import cli, compile_cache, fit
+from facecam_jax import cli, compile_cache, fit, paths
 
 _CONFIG = cli.define_config("the config whose program is compiled (configs/facecam.py[:variant,key=value])")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "a TPU topology to compile for (v5e:2x2, v5p:2x2x2, v6e:2x4, "
@@ -47,13 +47,16 @@ def main(argv):
         jax.config.update("jax_platforms", "cpu")  # host-side work stays off any local accelerator
     compile_cache.from_config(_CONFIG.value)  # local targets; compile-only TPU targets switch it off
     name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
+    config = _CONFIG.value
+    paths.check_outputs({"--json": _JSON.value}, {"--config": name, **paths.config_inputs(config)})
     try:
-        report = fit.analyze(_CONFIG.value, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value,
-                              frames=_FRAMES.value)
+        report = fit.analyze(config, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value,
+                             frames=_FRAMES.value)
     except fit.BadTarget as e:
         cli.fail(cli.message(e), code=fit.BAD_ARGUMENTS)
     print(report.text(), flush=True)
     if _JSON.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
         with open(_JSON.value, "w") as out:
             json.dump(report.to_json(), out, indent=1)
     return report.exit_code

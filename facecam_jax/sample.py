@@ -17,11 +17,13 @@ makes it an error). A missing or corrupt input ends in one ``error:`` line; ``--
 the traceback. The logic lives in ``facecam_jax.sampler``.
 """
 
+import glob
 import logging
+import os
 
 from absl import app, flags
 
-from facecam_jax import cli, compile_cache, sampler
+from facecam_jax import cli, compile_cache, paths, sampler
 from facecam_jax.config_file import DEFAULT_CONFIG
 
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
@@ -45,13 +47,28 @@ _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
                                   "(default: warn and crop the centre)")
 
 
+def _check_paths(config) -> None:
+    """Before any model loads: ``--out`` and its ``_compare.mp4`` (as ``sampler.run`` names it)
+    can be written and are none of the inputs (the video, the trajectory file, the weights, the
+    config's checkpoints)."""
+    out = _OUT.value
+    weights = _WORKDIR.value or config.sample.get("weights") or None
+    paths.check_outputs(
+        {"--out": out, "the compare video": os.path.splitext(out)[0] + "_compare.mp4"},
+        {"--video": _VIDEO.value or sampler.default_source_video(), "--trajectory": _TRAJECTORY.value,
+         "the trained weights": glob.glob(os.path.join(weights, "facecam*.safetensors")) if weights else None,
+         **paths.config_inputs(config)})
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
-    compile_cache.from_config(_CONFIG.value)
-    written = sampler.run(_CONFIG.value, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
+    config = _CONFIG.value
+    _check_paths(config)
+    compile_cache.from_config(config)
+    written = sampler.run(config, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
                           workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value,
                           profile=_PROFILE.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
                           aspect=_ASPECT.value)

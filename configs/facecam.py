@@ -186,6 +186,10 @@ def sample_config() -> ml_collections.ConfigDict:
     # Where the DiT weights wait while sampling: none (on the device) | experts (the A14B expert
     # not running is in host memory, swapped at the boundary) | blocks (each layer streamed in).
     sample.offload = "none"
+    # Classifier-free guidance's two passes: batch (one forward of both; on a mesh with
+    # mesh.data=2, one branch per device group) | sequential (one after the other: half the
+    # activation memory, e.g. A14B on one v5e chip).
+    sample.cfg = "batch"
     # Videos longer than the model's window (data.frames) are re-rendered in windows that
     # overlap by window_overlap latent frames, denoised jointly; window_batch windows per
     # forward pass (0: all at once); at most max_frames frames.

@@ -27,6 +27,7 @@ QUANTIZE = ("none", "int8", "fp8")  # facecam_jax.models.quant.MODES
 SOLVERS = ("euler", "unipc", "dpmpp_2m")  # facecam_jax.flow.SOLVERS
 CACHES = ("none", "magcache")
 OFFLOADS = ("none", "experts", "blocks")
+CFG_MODES = ("batch", "sequential")
 
 _MISSING = object()
 
@@ -159,6 +160,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.cache_max_skips": _int_at_least(0),
     "sample.cache_retention": _number(0.0, 1.0),
     "sample.offload": _one_of(OFFLOADS),
+    "sample.cfg": _one_of(CFG_MODES),
     "sample.window_overlap": _int_at_least(1),
     "sample.window_batch": _int_at_least(0),
     "sample.max_frames": (_frames, f"must be 4k+1 frames, 1..{MAX_FRAMES}"),

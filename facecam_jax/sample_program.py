@@ -24,6 +24,7 @@ from facecam_jax.windows import Windows, latent_frames
 
 OFFLOAD_MODES = ("none", "experts", "blocks")
 CACHE_MODES = ("none", "magcache")
+CFG_MODES = ("batch", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,15 @@ class SampleOptions:
     windows: Windows | None = None  # a long video's windows (None: the latents are one window)
     window_batch: int = 0  # windows per forward pass (0: all of them at once)
     offload: str = "none"
+    cfg: str = "batch"  # "batch": cond and uncond in one forward; "sequential": one after the other
 
     def __post_init__(self):
         if self.solver not in flow.SOLVERS:
             raise ValueError(f"sample.solver must be one of {flow.SOLVERS}, got {self.solver!r}")
         if self.offload not in OFFLOAD_MODES:
             raise ValueError(f"sample.offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
+        if self.cfg not in CFG_MODES:
+            raise ValueError(f"sample.cfg must be one of {CFG_MODES}, got {self.cfg!r}")
         if self.cache is not None and self.cache.num_steps != self.steps:
             raise ValueError(f"the step cache is for {self.cache.num_steps} steps, the sampler runs {self.steps}")
 
@@ -69,7 +73,7 @@ class SampleOptions:
             raise ValueError(f"sample.cache must be one of {CACHE_MODES}, got {s.cache!r}")
         return cls(steps=steps, shift=config.model.shift, guidance=s.cfg_scale if guidance is None else guidance,
                    num_experts=num_experts, boundary=boundary, solver=s.solver, cache=cache, windows=windows,
-                   window_batch=s.window_batch, offload=s.offload)
+                   window_batch=s.window_batch, offload=s.offload, cfg=s.cfg)
 
     def sigmas(self) -> np.ndarray:
         return flow.inference_sigmas(self.steps, self.shift)
@@ -120,6 +124,12 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
     def guided(state, x, source, camera, t, ctx_cond, ctx_uncond, skip, residual):
         if not use_cfg:
             return forward(state, x, source, camera, t, ctx_cond, skip, residual)
+        if options.cfg == "sequential":  # half the activations: the two passes one after the other
+            r_cond, r_uncond = (None, None) if residual is None else jnp.split(residual, 2, axis=0)
+            v_cond, r_cond = forward(state, x, source, camera, t, ctx_cond, skip, r_cond)
+            v_uncond, r_uncond = forward(state, x, source, camera, t, ctx_uncond, skip, r_uncond)
+            residual = None if residual is None else jnp.concatenate([r_cond, r_uncond])
+            return flow.guided(v_cond, v_uncond, options.guidance), residual
         two = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731  cond and uncond in one batch
         v, residual = forward(state, two(x), two(source), two(camera), two(t),
                               jnp.concatenate([ctx_cond, ctx_uncond]), skip, residual)

@@ -163,7 +163,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     import av  # PyAV: only writers need it
-    from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
+    from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

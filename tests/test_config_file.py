@@ -71,5 +71,6 @@ def test_the_config_checks_know_the_modes_the_code_has():
 
     assert config_check.SOLVERS == flow.SOLVERS and config_check.QUANTIZE == quant.MODES
     assert config_check.OFFLOADS == sp.OFFLOAD_MODES and config_check.CACHES == sp.CACHE_MODES
+    assert config_check.CFG_MODES == sp.CFG_MODES
     with pytest.raises(ValueError, match="sample.solver='heun'.*sample.window_overlap=0"):
         load_config("mini,sample.solver=heun,sample.window_overlap=0")

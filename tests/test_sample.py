@@ -130,6 +130,10 @@ def test_solvers_and_the_step_cache_inside_the_program(toy):
     loose = MagCache(ratios, threshold=10.0, max_skips=2, retention=0.0)
     assert _options(4, cache=loose).evaluations() == (2, 4)
     assert np.abs(_latents([a], _options(4, cache=loose), inputs) - euler).max() > 1e-4
+    # Guidance's two passes one after the other: the same sample, with and without the cache.
+    np.testing.assert_allclose(_latents([a], _options(4, cfg="sequential"), inputs), euler, atol=1e-5)
+    np.testing.assert_allclose(_latents([a], _options(4, cache=loose, cfg="sequential"), inputs),
+                               _latents([a], _options(4, cache=loose), inputs), atol=1e-5)
 
 
 def _render_pair(config, mesh, offload, a, b, vae, frames, condition):

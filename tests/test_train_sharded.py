@@ -21,8 +21,10 @@ from flax import nnx
 
 from facecam_jax import build, trainer
 from facecam_jax import sharding as sh
+from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
 from facecam_jax.checkpoints.io import open_checkpoint
 from facecam_jax.config_file import load_config as get_config
+from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import DistributedSetupError
 
 BASE = "mini,frames=9,batch_size=2"
@@ -147,7 +149,6 @@ def test_two_processes_train_like_one_stop_together_and_resume_in_one(one_device
     again = trainer.train(get_config(BASE + ",steps=2"), workdir, mesh=_mesh(fsdp=8))
     assert again.step == 2
     _assert_close(_trained(again.model), params, "2 processes vs 1 device")
-    from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables  # the exported keys, re-derived
     assert set(exported) == set(keys_of_paths(again.model.config, [p for p, _ in named_variables(
         nnx.split(again.model, nnx.All(nnx.Param, build.trainable_filter(("self_attn", "patch_embedding"))), ...)[1])]))
 
@@ -177,5 +178,8 @@ def test_bad_meshes_and_batches_are_clear_errors(tmp_path):
     config = get_config(BASE)
     config.distributed.coordinator_address = "localhost:1"
     config.distributed.num_processes, config.distributed.process_id = 2, 2
-    with pytest.raises(DistributedSetupError, match=r"process_id must be in \[0, num_processes=2\)"):
+    # The config check says it before anything starts; the join itself refuses it too.
+    with pytest.raises(ValueError, match=r"distributed.process_id=2 must be < distributed.num_processes=2"):
         trainer.train(config, str(tmp_path / "run"))
+    with pytest.raises(DistributedSetupError, match=r"process_id must be in \[0, num_processes=2\)"):
+        initialize_distributed(config.distributed)

@@ -7,7 +7,8 @@ once, and steps the Grain stream. Always on: loss, grad / param / update norms, 
 and a NaN/Inf guard that keeps the last finite state, checkpoints it and stops with a clear
 message. At the end the trained parameters are also written as a partial state dict
 (original Wan naming) that ``load_dit(..., overlay=...)`` applies over the base model, the
-same form as the released FaceCam weights.
+same form as the released FaceCam weights; a LoRA run (``train.lora_rank > 0``) writes its
+adapters beside it as a diffusers/PEFT LoRA file (``export_trained``).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from facecam_jax import sharding as sh
 from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import save_dit
 from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
+from facecam_jax.checkpoints.lora import save_lora
 from facecam_jax.data.pipeline import make_train_iterator
 from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import TrainingDiverged
 from facecam_jax.fit_report import Compiled
 from facecam_jax.flops import Throughput
 from facecam_jax.metric_logger import Logger
+from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.train_step import VIDEO_KEYS, TrainProgram, build_program
 
@@ -43,7 +46,8 @@ class RunResult:
     step: int
     model: WanDiT
     last_metrics: dict
-    exported: str | None
+    exported: str | None  # the partial state dict of the fully trained parameters (process 0)
+    exported_lora: str | None = None  # a LoRA run's adapters (process 0)
 
 
 def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunResult:
@@ -68,8 +72,8 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunRes
             logger.close()
 
     model = nnx.merge(program.graphdef, state.params, program.frozen)
-    exported = export_trained(program, state.params, mesh, workdir, config)
-    return RunResult(int(state.step), model, metrics, exported)
+    exported, exported_lora = export_trained(program, state.params, mesh, workdir, config)
+    return RunResult(int(state.step), model, metrics, exported, exported_lora)
 
 
 def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_sharding):
@@ -163,15 +167,25 @@ class StepProfiler:
             self.logger.info("profiled steps %d-%d into %s", self.first, self.last, self.directory)
 
 
-def export_trained(program: TrainProgram, trainable: nnx.State, mesh, workdir: str, config) -> str | None:
-    """Writes the trained parameters as a partial state dict (original Wan naming) from
-    process 0; every process takes part in gathering them. Returns the path (process 0)."""
+def export_trained(program: TrainProgram, trainable: nnx.State, mesh, workdir: str,
+                   config) -> tuple[str | None, str | None]:
+    """Writes the trained parameters from process 0 (every process takes part in gathering
+    them): the fully trained ones as a partial state dict (original Wan naming,
+    ``facecam[_<expert>].safetensors``, for ``load_dit(overlay=...)``) and, for a LoRA run,
+    the adapters in diffusers/PEFT naming with their rank and alpha
+    (``facecam[_<expert>]_lora.safetensors``: ``apply_loras`` at strength 1 gives the trained
+    model). Returns both paths (None where nothing was written, and on other processes)."""
     gathered = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))(trainable)
     if jax.process_index() != 0:
-        return None
+        return None, None
     model = nnx.merge(program.graphdef, gathered, program.frozen)  # only the gathered (trainable) tensors are read
-    paths = [path for path, _ in named_variables(trainable)]
     name = f"facecam_{config.model.expert}" if config.model.expert else "facecam"
-    out = os.path.join(workdir, f"{name}.safetensors")
-    save_dit(model, out, naming="original", keys=keys_of_paths(model.config, paths))
-    return out
+    full = [path for path, var in named_variables(trainable) if not isinstance(var, LoRAParam)]
+    keys = keys_of_paths(model.config, full)
+    out = lora_out = None
+    if keys:
+        out = save_dit(model, os.path.join(workdir, f"{name}.safetensors"), naming="original", keys=keys)
+    if config.train.lora_rank > 0:
+        meta = {"facecam_expert": config.model.expert} if config.model.expert else None
+        lora_out = save_lora(model, os.path.join(workdir, f"{name}_lora.safetensors"), metadata=meta)
+    return out, lora_out

@@ -111,10 +111,12 @@ def test_local_devices_report_without_a_memory_limit():
     assert report.fits is None and report.exit_code == fit.FITS and "verdict    unknown" in report.text()
 
 
-def test_the_fit_tool_compiles_the_program_a_run_builds():
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_fit_tool_compiles_the_program_a_run_builds(lora_rank):
     """The train step the fit tool lowers from shapes alone is the step a run builds from real
-    weights: the same HLO (fingerprint of the lowered text), on a 2-device fsdp mesh."""
-    config = load_config("mini,frames=5,batch_size=2")
+    weights: the same HLO (fingerprint of the lowered text), on a 2-device fsdp mesh; with LoRA
+    adapters too (abstract in the fit tool, placed arrays in a run)."""
+    config = load_config(f"mini,frames=5,batch_size=2,train.lora_rank={lora_rank}")
     mesh, rules = build.mesh_and_rules(config, devices=jax.devices()[:2])
     fingerprints = {}
     for abstract in (True, False):

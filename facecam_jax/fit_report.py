@@ -117,7 +117,8 @@ class Report:
             f"{'s' if self.chips > 1 else ''}), mesh {mesh}",
             f"model      {self.model}, {self.experts} x {_count(self.params / self.experts)} parameters"
             + (f", {_count(self.trainable)} trainable" if self.trainable else "")
-            + (f" (LoRA rank {self.lora_rank} adapters and the patch embedding)" if self.lora_rank else "")
+            + (f" (LoRA rank {self.lora_rank}: adapters, and the selection's non-linear parameters in full)"
+               if self.lora_rank else "")
             + (f", remat {self.remat}" if self.program == "train" else "") + f", attention {self.attention}",
             f"input      batch {self.batch}, {self.tokens:,} tokens per sample",
         ]

@@ -4,9 +4,10 @@ One jitted ``step(state, frozen, vae, context, batch)`` per run, donating the tr
 Each step encodes source, target and landmark-map videos with the frozen VAE, draws a
 flow-matching level from the fixed shifted grid (restricted to the trained Wan2.2 expert's
 range), and updates only the trainable parameters (the paper: self-attention and the patch
-embedding; with ``train.lora_rank > 0`` their LoRA adapters and the patch embedding,
-``build.trainable_filter``: the optimizer state exists for those alone). A NaN/Inf step changes nothing (``metrics["finite"]`` says so). Every leaf of
-the state (parameters, optimizer moments and counters, step, rng) has an explicit sharding.
+embedding; with ``train.lora_rank > 0`` their LoRA adapters, the patch embedding and the
+q/k norm scales, ``build.trainable_filter``: the optimizer state exists for those alone).
+A NaN/Inf step changes nothing (``metrics["finite"]`` says so). Every leaf of the state
+(parameters, optimizer moments and counters, step, rng) has an explicit sharding.
 
 ``build_program(config, mesh, rules)`` builds it from the factory's models (``build``);
 ``abstract=True`` builds the same program from shapes only, which is what the fit tool

@@ -47,11 +47,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # name -> (full-size spec, tiny spec, seconds it needs at least on an H200, compile included).
 # The a14b sections sample two experts of the config's preset (tiny: two tiny DiTs).
 SECTIONS = {
-    "train_1p3b": ("nersemble,model.dit=wan2.1-t2v-1.3b,batch_size=1", "mini,frames=9,batch_size=1", 150),
+    "train_1p3b": ("nersemble,model.dit=wan2.1-t2v-1.3b,batch_size=1", "mini,frames=5,batch_size=1", 150),
     "dit_vs_diffusers": ("wan2.1-t2v-1.3b:21x88x60", "tiny:2x4x4", 60),
-    "sample_1p3b": ("nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=4", "mini,frames=9,num_steps=2", 120),
-    "sample_a14b": ("nersemble,num_steps=2", "mini,frames=9,num_steps=2", 150),
-    "sample_a14b_int8": ("nersemble,num_steps=2,model.quantize=int8", "mini,frames=9,num_steps=2,model.quantize=int8",
+    "sample_1p3b": ("nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=4", "mini,frames=5,num_steps=2", 120),
+    "sample_a14b": ("nersemble,num_steps=2", "mini,frames=5,num_steps=2", 150),
+    "sample_a14b_int8": ("nersemble,num_steps=2,model.quantize=int8", "mini,frames=5,num_steps=2,model.quantize=int8",
                          150),
 }
 

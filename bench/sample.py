@@ -5,7 +5,7 @@ encode / decode around the loop, and the compiled plan next to the measured peak
     python bench/sample.py --a14b --steps 2    # H200: two Wan2.2-A14B-shaped random experts, both resident
     python bench/sample.py --tiny              # CPU smoke run: the mini config, 3 steps
 
-The loop is ``sampler.sample_program`` (one jitted scan over the steps, cond and uncond in one
+The loop is ``sp.sample_program`` (one jitted scan over the steps, cond and uncond in one
 batch of 2, ``lax.cond`` between the experts); the VAE calls are those of ``sampler.render``.
 FLOPs are ``flops.step_flops(config, "sample")``; MFU is against the chip's dense bf16 peak.
 Imports only what bench/gpu_suite.py may import (no Grain, no video I/O).
@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from bench.common import machine, peak_bytes, si  # noqa: E402
 from facecam_jax import build, chips, sampler  # noqa: E402
+from facecam_jax import sample_program as sp  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
 from facecam_jax.config_file import load_config  # noqa: E402
 from facecam_jax.fit_report import Compiled  # noqa: E402
@@ -73,7 +74,7 @@ def run(config, *, with_vae: bool = True, experts: int | None = None) -> dict:
         ctx = jnp.asarray(0.1 * rng.standard_normal((2, 1, dit_cfg.text_len, dit_cfg.text_dim)), jnp.float32)
         noise = sampler.noise_for(0, latents[:1].shape)
         call = jax.device_put((latents[:1], latents[1:], ctx[0], ctx[1], noise), replicated)
-        fn = sampler.sample_program(nnx.graphdef(models[0]), sampler.SampleOptions.of(config, n_experts)).fn
+        fn = sp.sample_program(nnx.graphdef(models[0]), sp.SampleOptions.of(config, n_experts)).fn
         start = time.perf_counter()
         compiled = fn.lower(states, *call).compile()
         plan = Compiled.of("sample loop", compiled, time.perf_counter() - start)

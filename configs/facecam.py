@@ -29,6 +29,7 @@ or by its dotted path (`data.mini.num_cameras=6`, `optimizer.lr=1e-4`). With abs
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 
 import ml_collections
@@ -110,6 +111,9 @@ def model_config() -> tuple[ml_collections.ConfigDict, ...]:
     # The flow-matching time shift (SPEC 7): training draws levels on this shifted grid and
     # sampling integrates on it.
     model.shift = 5.0
+    # Weight-only quantization of the blocks' linear layers for sampling (facecam_jax.models.quant):
+    # none | int8 | fp8 (e4m3), per output channel, applied as the weights load.
+    model.quantize = "none"
 
     vae = ml_collections.ConfigDict()
     vae.config = "mini"  # mini | wan2.1 | wan2.2 (ignored when a checkpoint is given)
@@ -184,6 +188,28 @@ def sample_config() -> ml_collections.ConfigDict:
     # LoRA files merged into every expert after the weights above: "path" (strength 1) or
     # "path:strength"; the sample CLI's --lora PATH[:STRENGTH] appends here.
     sample.loras = ()
+    # The ODE solver on the shifted sigma grid (facecam_jax.flow): euler (the paper's) | unipc | dpmpp_2m.
+    sample.solver = "euler"
+    # Step caching (facecam_jax.step_cache): none | magcache, with its rule's knobs and the ratio
+    # curve tools/calibrate_cache.py writes for the model.
+    sample.cache = "none"
+    sample.cache_calibration = ""
+    sample.cache_threshold = 0.12
+    sample.cache_max_skips = 2
+    sample.cache_retention = 0.2
+    # Where the DiT weights wait while sampling: none (on the device) | experts (the A14B expert
+    # not running is in host memory, swapped at the boundary) | blocks (each layer streamed in).
+    sample.offload = "none"
+    # Classifier-free guidance's two passes: batch (one forward of both; on a mesh with
+    # mesh.data=2, one branch per device group) | sequential (one after the other: half the
+    # activation memory, e.g. A14B on one v5e chip).
+    sample.cfg = "batch"
+    # Videos longer than the model's window (data.frames) are re-rendered in windows that
+    # overlap by window_overlap latent frames, denoised jointly; window_batch windows per
+    # forward pass (0: all at once); at most max_frames frames.
+    sample.window_overlap = 1
+    sample.window_batch = 0
+    sample.max_frames = 481
     return sample
 
 
@@ -204,6 +230,9 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.variant = "mini"
+    # JAX's persistent compilation cache: a program compiled once loads in seconds the next
+    # time; "" turns it off.
+    config.compile_cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "facecam_jax", "xla")
     config.distributed = distributed_config()
     config.data = data_config()
     config.model, config.vae, config.text = model_config()
@@ -238,6 +267,7 @@ VARIANTS: dict[str, dict[str, object]] = {
         "sample.weights": LEARNED_DIR,  # shipped: python -m facecam_jax.sample re-renders with it
         "sample.num_steps": 20,
         "sample.framing": "source",  # the proxy head starts where the source face is, as in its training maps
+        "sample.cache_calibration": os.path.join(LEARNED_DIR, "magcache.json"),  # tools/calibrate_cache.py
     },
     "nersemble": {
         "data.dataset": "files",
@@ -266,6 +296,7 @@ VARIANTS: dict[str, dict[str, object]] = {
         # v6e slice); v5e (16 GiB) mesh.context=8 (15.0 of 15.75 GiB on v5e:4x4, the smallest
         # v5e slice). The smallest v5p slice is 2 chips with mesh.context=2.
         "sample.num_steps": 50,
+        "sample.window_overlap": 5,  # of 21 latent frames: windows every 64 video frames
     },
 }
 
@@ -293,11 +324,20 @@ def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
             raise KeyError(f"config override {key!r}: no section {name!r}")
         node = node[name]
     if path[-1] not in node:
+        names = list(node.keys())
+        if node is config:  # a bare field name: any section's fields, by their dotted paths
+            names += [f"{s}.{f}" for s in _SECTIONS if s in config for f in config[s]]
+        by_field = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}
+        close = [by_field[m] for m in difflib.get_close_matches(path[-1], list(by_field), n=1)]
         raise KeyError(f"config override {key!r}: no field {path[-1]!r} in "
-                       f"{'config' if node is config else '.'.join(path[:-1])}")
+                       f"{'config' if node is config else '.'.join(path[:-1])}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
     if isinstance(node[path[-1]], tuple) and isinstance(value, list):
         value = tuple(value)
-    node[path[-1]] = value
+    try:
+        node[path[-1]] = value
+    except TypeError as e:  # ml_collections keeps each field's type: "steps=many", "lr=fast"
+        raise ValueError(f"config override {key}={value!r}: {str(e).splitlines()[0]}") from None
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

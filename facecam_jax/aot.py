@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from facecam_jax import cli, fit
+from facecam_jax import cli, compile_cache, fit, paths
 
 _CONFIG = cli.define_config("the config whose program is compiled (configs/facecam.py[:variant,key=value])")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "a TPU topology to compile for (v5e:2x2, v5p:2x2x2, v6e:2x4, "
@@ -35,6 +35,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "a TPU topology to compile for
 _PROGRAM = flags.DEFINE_enum("program", "train", ["train", "sample"], "the training step or the sampling program")
 _VAE = flags.DEFINE_bool("vae", True, "sample: also compile the VAE encode and decode that run beside the experts")
 _JSON = flags.DEFINE_string("json", None, "also write the report as JSON here")
+_FRAMES = flags.DEFINE_integer("frames", None, "sample: a video of this many frames (4k + 1), in windows of the "
+                               "model's data.frames when longer (default: data.frames)")
 
 
 def main(argv):
@@ -43,13 +45,18 @@ def main(argv):
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     if _TOPOLOGY.value and not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # host-side work stays off any local accelerator
+    compile_cache.from_config(_CONFIG.value)  # local targets; compile-only TPU targets switch it off
     name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
+    config = _CONFIG.value
+    paths.check_outputs({"--json": _JSON.value}, {"--config": name, **paths.config_inputs(config)})
     try:
-        report = fit.analyze(_CONFIG.value, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value)
+        report = fit.analyze(config, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value,
+                             frames=_FRAMES.value)
     except fit.BadTarget as e:
         cli.fail(cli.message(e), code=fit.BAD_ARGUMENTS)
     print(report.text(), flush=True)
     if _JSON.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
         with open(_JSON.value, "w") as out:
             json.dump(report.to_json(), out, indent=1)
     return report.exit_code

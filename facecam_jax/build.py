@@ -20,7 +20,7 @@ from facecam_jax import sharding as sh
 from facecam_jax import text
 from facecam_jax.checkpoints.dit import load_dit
 from facecam_jax.checkpoints.vae import load_vae
-from facecam_jax.models import lora, wan_dit
+from facecam_jax.models import lora, quant, wan_dit
 from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.models.wan_vae import VAEConfig, WanVAE
@@ -171,18 +171,22 @@ def _dit_kwargs(config) -> dict:
 
 def build_dit(config, mesh, rules, *, seed: int | None = None, adapters: bool = False) -> WanDiT:
     """The DiT of ``config.model`` on ``mesh``: loaded (and overlaid) or random (``seed``,
-    default ``config.seed``), widened to ``model.in_dim``, placed by its logical axes.
+    default ``config.seed``), widened to ``model.in_dim``, placed by its logical axes, its
+    block linears quantized as ``model.quantize`` says (checked before anything loads).
     ``adapters``: the training model, with ``train.lora_rank``'s adapters (``add_adapters``)."""
     m = config.model
+    quant.check_mode(m.quantize, list(mesh.devices.flat))
     if m.dit_checkpoint:
         dit = load_dit(m.dit_checkpoint, config=m.dit, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                        overlay=list(m.dit_overlay) or None, mesh=mesh, rules=rules, attention=m.attention,
-                       remat=m.remat)
+                       remat=m.remat, quantize=m.quantize)
     else:
         dit = WanDiT(m.dit, rngs=nnx.Rngs(config.seed if seed is None else seed), **_dit_kwargs(config))
     if m.in_dim > dit.config.in_dim:
         wan_dit.widen_patch_embedding(dit, m.in_dim)
     dit = sh.shard_module(dit, mesh, rules)
+    if not m.dit_checkpoint and quant.quantization_mode(dit) != m.quantize:
+        quant.quantize_dit(dit, m.quantize)
     return add_adapters(dit, config, mesh, rules) if adapters else dit
 
 
@@ -193,7 +197,7 @@ def abstract_dit(config, mesh, rules, *, adapters: bool = False) -> WanDiT:
         dit = WanDiT(config.model.dit, rngs=nnx.Rngs(0), **_dit_kwargs(config))
         return wan_dit.widen_patch_embedding(dit, max(config.model.in_dim, dit.config.in_dim))
 
-    dit = nnx.eval_shape(make)
+    dit = quant.quantize_dit(nnx.eval_shape(make), config.model.quantize)
     if adapters:
         add_adapters(dit, config)
     return _with_shardings(dit, sh.state_shardings(nnx.state(dit), mesh, rules))

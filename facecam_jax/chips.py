@@ -24,6 +24,10 @@ class Chip:
     name: str  # short name: v5e, v5p, H100, ...
     peak_flops: float  # dense bf16 FLOP/s per chip (spec sheet)
     hbm: int  # bytes per chip (spec sheet; the compiler's own limit is preferred where known)
+    # Bytes/s between one chip and its host's memory: NOT a measurement or a published figure
+    # for the TPUs, an assumed PCIe x16 link (Gen4 32 GB/s; Gen5 64 GB/s for H100/H200/v7x), used
+    # only to put offloading's traffic into seconds.
+    host_bandwidth: float = 32e9
 
 
 # Keyed by the device kind JAX reports (TPU), or a substring of it (GPU: "NVIDIA H100 80GB HBM3").
@@ -32,9 +36,9 @@ CHIPS = {
     "TPU v5 lite": Chip("v5e", 197e12, 16 * GiB),
     "TPU v5": Chip("v5p", 459e12, 95 * GiB),
     "TPU v6 lite": Chip("v6e", 918e12, 32 * GiB),
-    "TPU7x": Chip("v7x", 2307e12, 192 * GiB),
-    "H100": Chip("H100", 989e12, 80 * GiB),
-    "H200": Chip("H200", 989e12, 141 * GiB),
+    "TPU7x": Chip("v7x", 2307e12, 192 * GiB, 64e9),
+    "H100": Chip("H100", 989e12, 80 * GiB, 64e9),
+    "H200": Chip("H200", 989e12, 141 * GiB, 64e9),
     "A100": Chip("A100", 312e12, 80 * GiB),
 }
 
@@ -72,6 +76,7 @@ class Target:
     peak_flops_per_chip: float | None  # bf16 FLOP/s
     hbm_per_device: int | None  # bytes
     hbm_source: str  # where hbm_per_device came from
+    host_bandwidth: float | None = None  # bytes/s of one chip's host link (assumed: Chip.host_bandwidth)
 
     @property
     def is_tpu(self) -> bool:
@@ -163,7 +168,7 @@ def make_target(topology: str | None) -> Target:
     if hbm is None and chip is not None:
         hbm, source = chip.hbm * chips // len(devices), "spec sheet"
     return Target(topology or "local", devices, chip.name if chip else devices[0].device_kind, chips,
-                  chip.peak_flops if chip else None, hbm, source)
+                  chip.peak_flops if chip else None, hbm, source, chip.host_bandwidth if chip else None)
 
 
 def no_persistent_cache() -> None:

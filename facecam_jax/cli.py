@@ -8,7 +8,9 @@ Every ``python -m facecam_jax.*`` entry point (and every ``tools/*.py`` script) 
 
 and an absl entry point defines its config flag with ``_CONFIG = cli.define_config(help)``
 instead of ``config_flags.DEFINE_config_file`` (ml_collections checks ``--config.a.b=``
-overrides while the module is imported, before ``cli.run`` could catch a typo).
+overrides while the module is imported, before ``cli.run`` could catch a typo, or while the
+flags are parsed when ``--config`` is given); ``_CONFIG.value`` is the config after
+``config_check.validate``, so every route to a config checks the same values.
 
 An expected error (``EXPECTED_ERRORS``: a missing file, a video that cannot be decoded, no
 face, a bad trajectory or config value, a checkpoint that does not fit, diverged training,
@@ -28,6 +30,7 @@ from typing import Any, NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
+from facecam_jax.config_check import validate
 from facecam_jax.config_file import DEFAULT_CONFIG
 from facecam_jax.errors import CheckpointError, NoFaceError, TrainingDiverged, VideoDecodeError
 
@@ -103,24 +106,63 @@ def guard(main: Callable[..., Any], *args: Any, verbose: bool = False) -> Any:
 
 # --- absl entry points --------------------------------------------------------------------
 
-def define_config(help_string: str, name: str = "config", default: str | None = None):
+_CONFIG_FLAGS: list[str] = []  # names of the flags define_config made
+
+
+class ConfigFlag:
+    """A config flag's value, checked on every read: ``.value`` is the ConfigDict after
+    ``config_check.validate`` (a ValueError naming each bad key), and a config file that could
+    not be loaded is a FileNotFoundError naming it, not ml_collections' OSError."""
+
+    def __init__(self, holder):
+        self._holder, self.name = holder, holder.name
+
+    @property
+    def value(self):
+        config = self._holder.value
+        try:
+            callable(config.keys)  # ml_collections defers a file it could not load to the first access
+        except OSError as e:
+            filename = config_flags.get_config_filename(flags.FLAGS[self.name])
+            if not os.path.isfile(filename):
+                raise FileNotFoundError(f"--{self.name}: config file {filename!r} does not exist") from e
+            raise FileNotFoundError(f"--{self.name}: config file {filename!r} could not be loaded: "
+                                    f"{one_line(str(e))}") from e
+        validate(config)
+        return config
+
+
+def _override_error(name: str, argv: Sequence[str], error: BaseException) -> str | None:
+    """One line for a bad ``--<name>.a.b=`` override or ``--<name>`` value (None when argv
+    has neither)."""
+    overrides = [a for a in argv[1:] if a.lstrip("-").startswith(name + ".")]
+    given = [a for a in argv[1:] if a.lstrip("-") == name or a.lstrip("-").startswith(name + "=")]
+    while isinstance(error, AttributeError) and error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]  # ml_collections wraps the KeyError that holds "Did you mean ..."
+    text = message(error)
+    if overrides and isinstance(error, KeyError) and not text.startswith("config override"):
+        return f"bad --{name} override ({' '.join(overrides)}): no config field {text}"
+    if overrides and not given:
+        return f"bad --{name} override ({' '.join(overrides)}): {text}"
+    if given:  # an error in the config file or its "path.py:arg" string
+        return f"bad --{name}: {text}"
+    return None
+
+
+def define_config(help_string: str, name: str = "config", default: str | None = None) -> ConfigFlag:
     """``config_flags.DEFINE_config_file(name, default, help, lock_config=True)`` whose bad
-    ``--config.a.b=`` overrides end as one usage line (ml_collections checks them here, at
-    import, when ``--config`` itself is not given)."""
+    ``--config.a.b=`` overrides end as one usage line, whether ``--config`` is given (checked
+    while the flags are parsed) or not (ml_collections checks them here, at import), and whose
+    ``.value`` is validated (``ConfigFlag``)."""
+    _CONFIG_FLAGS.append(name)
     try:
-        return config_flags.DEFINE_config_file(name, default or DEFAULT_CONFIG, help_string, lock_config=True)
+        return ConfigFlag(config_flags.DEFINE_config_file(name, default or DEFAULT_CONFIG, help_string,
+                                                          lock_config=True))
     except Exception as e:  # noqa: BLE001  only a command-line override can fail here
-        overrides = [a for a in sys.argv[1:] if a.lstrip("-").startswith(name + ".")]
-        if not overrides:
+        text = _override_error(name, sys.argv, e)
+        if text is None:
             raise
-        error = e
-        while isinstance(error, AttributeError) and error.args and isinstance(error.args[0], BaseException):
-            error = error.args[0]  # ml_collections wraps the KeyError that holds "Did you mean ..."
-        text = message(error)
-        if isinstance(error, KeyError):
-            text = f"no config field {text}"
-        fail(f"bad --{name} override ({' '.join(overrides)}): {text}", code=USAGE_EXIT, error=e,
-             verbose=_verbose_in(sys.argv))
+        fail(text, code=USAGE_EXIT, error=e, verbose=_verbose_in(sys.argv))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -128,6 +170,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     config file, the config's traceback inside the message)."""
     try:
         return flags.FLAGS(argv)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        # With an explicit --config, ml_collections applies the overrides here, raising as is.
+        text = next((t for t in (_override_error(n, argv, e) for n in _CONFIG_FLAGS) if t), None)
+        if text is None:
+            raise
+        fail(text, code=USAGE_EXIT, error=e, verbose=_verbose_in(argv))
     except flags.Error as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         text = lines[0] if lines else type(e).__name__

@@ -3,6 +3,9 @@
     from facecam_jax.config_file import load_config
     config = load_config("mini,frames=21")                     # the default configs/facecam.py
     config = load_config("configs/facecam.py:nersemble,train.steps=100")
+
+Every value is checked once loaded (``facecam_jax.config_check.validate``: a ValueError naming
+each bad key).
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from facecam_jax.config_check import validate
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "facecam.py")
 
 
 def load_config(spec: str | None = None):
-    """``get_config(arg)`` of ``path`` for ``"path.py[:arg]"``; a bare ``arg`` uses the default file."""
+    """``get_config(arg)`` of ``path`` for ``"path.py[:arg]"``, validated; a bare ``arg`` uses the
+    default file."""
     spec = spec or ""
     if ".py" in spec:
         path, _, arg = spec.partition(".py")
@@ -26,4 +32,6 @@ def load_config(spec: str | None = None):
     module_spec = importlib.util.spec_from_file_location(f"facecam_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    config = module.get_config(arg or None)
+    validate(config)
+    return config

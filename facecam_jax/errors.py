@@ -30,3 +30,7 @@ class TrainingDiverged(RuntimeError):
 
 class DistributedSetupError(ValueError):
     """The processes of a multi-process run could not join (mismatched settings, a missing peer)."""
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot or must not be written (a directory, under a file, read-only, an input)."""

@@ -13,14 +13,15 @@ failures are rows with an error; a bad manifest is one ``error:`` line and exit 
 """
 
 import logging
+import os
 
 from absl import app, flags
 
-from facecam_jax import cli
+from facecam_jax import cli, paths
 from facecam_jax.evaluation.camera_correctness import REFERENCES
 from facecam_jax.evaluation.identity import IDENTITY_FRAMES
-from facecam_jax.evaluation.manifest import ManifestError
-from facecam_jax.evaluation.report import default_outputs, evaluate_manifest
+from facecam_jax.evaluation.manifest import ManifestError, read_manifest
+from facecam_jax.evaluation.report import default_outputs, evaluate_rows
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "JSON list or CSV of output, source, motion[, target] rows")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "report JSON (default: <manifest>_eval.json)")
@@ -39,13 +40,19 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
+    manifest = _MANIFEST.value
     try:
-        report = evaluate_manifest(_MANIFEST.value, reference=_REFERENCE.value, identity=_IDENTITY.value,
-                                   identity_frames=_IDENTITY_FRAMES.value)
+        entries = read_manifest(manifest)
     except ManifestError as e:
         raise ManifestError(f"bad manifest: {e}") from e
-    default_json, default_md = default_outputs(_MANIFEST.value)
+    default_json, default_md = default_outputs(manifest)
     out_json, out_md = _OUT_JSON.value or default_json, _OUT_MD.value or default_md
+    # Before anything is scored: the report goes over no input and can be written.
+    videos = [p for e in entries for p in (e.output, e.source, e.target, e.motion) if p]
+    paths.check_outputs({"--out_json": out_json, "--out_md": out_md},
+                        {"--manifest": manifest, "a video of the manifest": videos})
+    report = evaluate_rows(entries, base=os.path.dirname(os.path.abspath(manifest)), reference=_REFERENCE.value,
+                           identity=_IDENTITY.value, identity_frames=_IDENTITY_FRAMES.value)
     report.write(out_json, out_md)
     print(report.to_markdown())
     print(f"wrote {out_json} and {out_md}")

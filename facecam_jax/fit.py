@@ -2,7 +2,7 @@
 
 ``analyze(config, program, topology)`` builds the training step (``train_step.build_program(...,
 abstract=True)``: the preset DiT, trainable subset or its LoRA adapters, optimizer state, frozen VAE encode, batch
-over (data, fsdp)) or the sampling program (``sampler.sample_program``: both Wan2.2 A14B
+over (data, fsdp)) or the sampling program (``sp.sample_program``: both Wan2.2 A14B
 experts in one jitted Euler loop with CFG, plus the VAE encode and decode that run beside
 them) from the factory's abstract models, on the config's mesh over the devices of a named
 TPU topology (``chips.tpu_topology``) or the local devices. It compiles them and reports
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, chips, sampler
+from facecam_jax import build, chips
+from facecam_jax import sample_program as sp
 from facecam_jax import sharding as sh
 from facecam_jax.chips import BadTarget, GiB, Target
 from facecam_jax.fit_report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
@@ -54,7 +55,7 @@ def _check_arguments(name: str, arguments: int, hbm: int | None) -> None:
                           f"{hbm / GiB:.2f} GiB of HBM; not compiled", 0.0, arguments, hbm)
 
 
-def _compile(name: str, lowered_fn, resident_elsewhere: int = 0) -> Compiled:
+def _compile(name: str, lowered_fn, resident_elsewhere: int = 0, host_elsewhere: int = 0) -> Compiled:
     start = time.perf_counter()
     try:
         compiled = lowered_fn().compile()
@@ -62,15 +63,19 @@ def _compile(name: str, lowered_fn, resident_elsewhere: int = 0) -> Compiled:
         if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
             raise OutOfMemory(name, str(e).splitlines()[0], time.perf_counter() - start) from e
         raise
-    result = Compiled.of(name, compiled, time.perf_counter() - start, resident_elsewhere)
+    result = Compiled.of(name, compiled, time.perf_counter() - start, resident_elsewhere, host_elsewhere)
     log.info("%s compiled in %.1f s", name, result.seconds)
     return result
 
 
-def device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+def device_bytes(tree, memory_kind: str | None = None) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard); with
+    ``memory_kind`` ("device", "pinned_host"), only the leaves placed in that memory."""
     total = 0
     for x in jax.tree.leaves(tree):
+        kind = getattr(getattr(x, "sharding", None), "memory_kind", None) or "device"
+        if memory_kind is not None and kind != memory_kind:
+            continue
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
         total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
     return total
@@ -98,29 +103,73 @@ def _train_programs(config, mesh, rules, hbm: int | None, info: dict) -> list[Co
     return [_compile("train step", _under_mesh(mesh, rules, program.step, *args))]
 
 
-def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = True) -> tuple[list[Compiled], dict]:
-    """The Euler loop (both experts resident) and, beside it, the VAE encode and decode."""
-    d = config.data
+def _on_host(tree):
+    """Sharded shapes moved to host memory (``pinned_host``), same layout."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding.with_memory_kind(
+        "pinned_host")), tree)
+
+
+def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = True,
+                     frames: int | None = None) -> tuple[list[Compiled], dict]:
+    """The sampling loop (both experts resident, or offloaded as ``sample.offload`` says, over
+    the windows of a ``frames``-frame video) and, beside it, the VAE encode and decode."""
+    d, s = config.data, config.sample
+    frames = frames or d.frames
     replicated = NamedSharding(mesh, PartitionSpec())
     dit = build.abstract_dit(config, mesh, rules)
+    dit.stream_blocks = s.offload == "blocks"
     n = build.num_experts(config)
-    states = tuple(nnx.state(dit) for _ in range(n))
+    windows = sp.window_layout(config, frames)
+    options = sp.SampleOptions.of(config, n, windows=windows)
+    if s.offload == "blocks":  # the stacked block weights wait in host memory, streamed layer by layer
+        nnx.update(dit.blocks, _on_host(nnx.state(dit.blocks, sp.streamed_weights)))
+    state = nnx.state(dit)
+    graphdef = nnx.graphdef(dit)
+    states = tuple(state for _ in range(n))
     vae_graphdef, vae_state = nnx.split(build.abstract_vae(config, mesh))
-    lat = jax.ShapeDtypeStruct(build.latent_shape(build.vae_config(config.vae.config), d.frames, d.height, d.width),
+    vae_config = build.vae_config(config.vae.config)
+    window_frames = d.frames if windows else frames
+    rows = windows.count if windows else 1
+    lat = jax.ShapeDtypeStruct(build.latent_shape(vae_config, window_frames, d.height, d.width, batch=rows),
                                jnp.float32, sharding=replicated)
+    noise = jax.ShapeDtypeStruct(build.latent_shape(vae_config, frames, d.height, d.width), jnp.float32,
+                                 sharding=replicated)
     ctx = jax.ShapeDtypeStruct((1, dit.config.text_len, dit.config.text_dim), jnp.float32, sharding=replicated)
-    program = sampler.sample_program(nnx.graphdef(dit), sampler.SampleOptions.of(config, n))
-    dit_bytes, vae_bytes = device_bytes(states), device_bytes(vae_state)
-    _check_arguments("sample loop", dit_bytes + vae_bytes, hbm)
-    out = [_compile("sample loop", _under_mesh(mesh, rules, program.fn, states, lat, lat, ctx, ctx, lat), vae_bytes)]
+    program = sp.sample_program(graphdef, options)
+    expert_device = device_bytes(states[0], "device")
+    expert_host = device_bytes(states[0], "pinned_host")
+    vae_bytes = device_bytes(vae_state)
+    out = []
+    if program.fn is not None:
+        _check_arguments("sample loop", n * expert_device + vae_bytes, hbm)
+        out.append(_compile("sample loop", _under_mesh(mesh, rules, program.fn, states, lat, lat, ctx, ctx, noise),
+                            vae_bytes))
+        traffic = options.steps * expert_host  # blocks: every step streams the running expert's layers in
+    else:  # one program per expert phase: that expert on the device, the other in host memory
+        _check_arguments("sample loop", expert_device + vae_bytes, hbm)
+        shape = None if options.cache is None else sp.cache_shape(dit.config, options, lat.shape)
+        carry = jax.eval_shape(sp.initial_carry_fn(options, shape), noise)
+        carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), carry)
+        for expert, start, stop, fn in program.phases:
+            name = f"{('high', 'low')[expert]}-noise steps {start}-{stop - 1}"
+            out.append(_compile(name, _under_mesh(mesh, rules, fn, states[expert], lat, lat, ctx, ctx, carry),
+                                vae_bytes, host_elsewhere=expert_device))
+        traffic = n * expert_device  # each expert comes to the device once per video
     if with_vae:
-        video = jax.ShapeDtypeStruct((2, d.frames, d.height, d.width, 3), jnp.float32, sharding=replicated)
+        video = jax.ShapeDtypeStruct((1, window_frames, d.height, d.width, 3), jnp.float32,
+                                     sharding=replicated)  # the sampler encodes one clip (window) at a time
         encode = jax.jit(lambda st, v: nnx.merge(vae_graphdef, st).encode(v))
         decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(z))
-        out.append(_compile("VAE encode", _under_mesh(mesh, rules, encode, vae_state, video), dit_bytes))
-        out.append(_compile("VAE decode", _under_mesh(mesh, rules, decode, vae_state, lat), dit_bytes))
-    params = sum(x.size for x in jax.tree.leaves(states))
-    return out, {"params": params, "trainable": 0, "experts": n}
+        beside = n * expert_device if program.fn is not None else 0  # offloaded experts are not on the device
+        out.append(_compile("VAE encode", _under_mesh(mesh, rules, encode, vae_state, video), beside))
+        one = jax.ShapeDtypeStruct((1, *lat.shape[1:]), lat.dtype, sharding=replicated)  # and decodes one window
+        out.append(_compile("VAE decode", _under_mesh(mesh, rules, decode, vae_state, one), beside))
+    params = n * sum(x.size for x in jax.tree.leaves(states[0]))
+    described = (f"{options.solver} {options.steps} steps, CFG {options.guidance}, cache "
+                 f"{'magcache' if options.cache else 'none'}, weights {config.model.quantize}, offload {s.offload}, "
+                 f"{frames} frames" + (f" in {windows.count} windows of {d.frames}" if windows else ""))
+    return out, {"params": params, "trainable": 0, "experts": n, "options": described,
+                 "host_traffic": traffic if s.offload != "none" else 0}
 
 
 def attention_used(config, target: Target) -> str:
@@ -132,8 +181,16 @@ def attention_used(config, target: Target) -> str:
     return "auto -> " + attention.resolve(impl, target.platform, jnp.dtype(config.model.compute_dtype), dit.head_dim)
 
 
+def _program_flops(config, program: str, frames: int | None) -> dict[str, float]:
+    if program == "train":
+        return step_flops(config, "train")
+    windows = sp.window_layout(config, frames or config.data.frames)
+    options = sp.SampleOptions.of(config, build.num_experts(config), windows=windows)
+    return step_flops(config, "sample", windows=windows.count if windows else 1, evaluations=options.evaluations()[0])
+
+
 def analyze(config, program: str, topology: str | None = None, *, config_name: str = "", with_vae: bool = True,
-            target: Target | None = None) -> Report:
+            target: Target | None = None, frames: int | None = None) -> Report:
     """Builds ``program`` ("train" or "sample") of ``config`` on the target's devices from shapes
     only, compiles it, and reports memory, FLOPs and whether it fits. BadTarget: the topology
     or mesh cannot be built."""
@@ -155,7 +212,7 @@ def analyze(config, program: str, topology: str | None = None, *, config_name: s
         attention=attention_used(config, target), tokens=tokens,
         batch=d.batch_size if program == "train" else 1, params=0, trainable=0, experts=1,
         lora_rank=config.train.lora_rank if program == "train" else 0,
-        hbm=target.hbm_per_device, hbm_source=target.hbm_source, flops=step_flops(config, program),
+        hbm=target.hbm_per_device, hbm_source=target.hbm_source, flops=_program_flops(config, program, frames),
         peak_flops=target.peak_flops,
     )
     start = time.perf_counter()
@@ -164,7 +221,11 @@ def analyze(config, program: str, topology: str | None = None, *, config_name: s
         if program == "train":
             report.compiled = _train_programs(config, mesh, rules, target.hbm_per_device, info)
         else:
-            report.compiled, info = _sample_programs(config, mesh, rules, target.hbm_per_device, with_vae=with_vae)
+            report.compiled, sampled = _sample_programs(config, mesh, rules, target.hbm_per_device, with_vae=with_vae,
+                                                        frames=frames)
+            info.update(sampled)
+            report.options, report.host_traffic = info["options"], info["host_traffic"]
+            report.host_bandwidth = target.host_bandwidth
     except OutOfMemory as e:
         report.out_of_memory = {"program": e.name, "required": e.required, "available": e.available,
                                 "message": str(e), "seconds": e.seconds}

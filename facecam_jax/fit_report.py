@@ -25,6 +25,8 @@ class Compiled:
     code: int
     seconds: float
     resident_elsewhere: int = 0  # arrays on the device that this program does not take
+    host: int = 0  # host memory the program's arguments and temporaries take (offloaded weights)
+    host_elsewhere: int = 0  # host memory holding what waits beside it (the other offloaded expert)
 
     @property
     def total(self) -> int:
@@ -38,14 +40,18 @@ class Compiled:
                 f"{extra} = {gib(self.total)}")
         if hbm:
             text += f" of {gib(hbm)} ({100 * self.total / hbm:.0f}%)"
+        if self.host or self.host_elsewhere:
+            text += f"; host memory {gib(self.host + self.host_elsewhere)}"
         return text + f"; compiled in {self.seconds:.1f} s"
 
     @classmethod
-    def of(cls, name: str, compiled, seconds: float, resident_elsewhere: int = 0) -> "Compiled":
+    def of(cls, name: str, compiled, seconds: float, resident_elsewhere: int = 0, host_elsewhere: int = 0) -> "Compiled":
         mem = compiled.memory_analysis()
         get = lambda f: int(getattr(mem, f, 0) or 0)  # noqa: E731
+        host = get("host_argument_size_in_bytes") + get("host_temp_size_in_bytes")
         return cls(name, get("argument_size_in_bytes"), get("output_size_in_bytes"), get("alias_size_in_bytes"),
-                   get("temp_size_in_bytes"), get("generated_code_size_in_bytes"), seconds, resident_elsewhere)
+                   get("temp_size_in_bytes"), get("generated_code_size_in_bytes"), seconds, resident_elsewhere,
+                   host, host_elsewhere)
 
 
 @dataclasses.dataclass
@@ -71,6 +77,9 @@ class Report:
     flops: dict
     peak_flops: float | None
     compiled: list = dataclasses.field(default_factory=list)  # Compiled
+    options: str = ""  # sampling: solver, cache, quantization, offload, windows
+    host_traffic: int = 0  # bytes per video that cross between host and device memory, per device
+    host_bandwidth: float | None = None  # bytes/s of one chip's host link (assumed, chips.CHIPS)
     out_of_memory: dict | None = None  # {"program", "required", "available", "message"}
     seconds: float = 0.0  # all compiles
     optimizer_bytes: int = 0  # the training step's optimizer state, all devices together
@@ -124,6 +133,8 @@ class Report:
         ]
         if self.optimizer_bytes:
             lines.append(f"optimizer  {gib(self.optimizer_bytes)} of AdamW state ({gib(self.optimizer_device_bytes)} per device)")
+        if self.options:
+            lines.append(f"sampling   {self.options}")
         lines += [c.line() for c in self.compiled]
         if self.out_of_memory:
             o = self.out_of_memory
@@ -135,6 +146,11 @@ class Report:
         if self.step_seconds is not None:
             lines.append(f"time       {self.step_seconds:.3g} s per step at the bf16 peak "
                          f"({self.chips} x {self.peak_flops / self.chips / 1e12:.0f} TFLOP/s)")
+        if self.host_traffic:
+            seconds = f", {self.host_traffic / self.host_bandwidth:.3g} s at an assumed {self.host_bandwidth / 1e9:.0f} " \
+                      "GB/s host link per chip" if self.host_bandwidth else ""
+            lines.append(f"host link  {gib(self.host_traffic)} per device cross between host and device memory per "
+                         f"run{seconds}")
         if self.fits is None:
             verdict = f"unknown: no memory limit known for {self.chip}; needs {gib(self.memory)} per device"
         elif self.fits:

@@ -155,7 +155,7 @@ def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence
     return {"forward": float(forward), "backward": float(backward), "remat": float(recompute)}
 
 
-def step_flops(config, program: str) -> dict[str, float]:
+def step_flops(config, program: str, *, windows: int = 1, evaluations: int | None = None) -> dict[str, float]:
     """Analytic FLOPs of one step of ``program`` ("train" or "sample") for ``config``.
 
     train: the DiT forward + backward (+ remat) on ``data.batch_size`` samples (``dit_flops``
@@ -163,7 +163,10 @@ def step_flops(config, program: str) -> dict[str, float]:
     and camera videos (3 x batch). sample: ``sample.num_steps`` DiT forwards on a batch of 2
     with CFG (1 without: ``sample.cfg_scale == 1``), one expert per step, plus the VAE encode
     of source and camera and the decode of the output. VAE FLOPs are its convs counted from
-    the traced program (``vae_flops``). Returns the parts and their ``"total"``.
+    the traced program (``vae_flops``). A long video sampled in ``windows`` windows costs that
+    many windows' forwards and VAE calls; ``evaluations``: the steps that run the block stack
+    (a step cache's plan; default every step; a skipped step costs only the embeddings and the
+    head, counted here as nothing). Returns the parts and their ``"total"``.
     """
     m, d = config.model, config.data
     dit_config = build.dit_config(config)
@@ -178,9 +181,10 @@ def step_flops(config, program: str) -> dict[str, float]:
     elif program == "sample":
         s = config.sample
         cfg_batch = 2 if s.cfg_scale != 1.0 else 1
-        one = dit_flops(dit_config, cfg_batch, tokens, out_tokens)
-        parts = {"forward": s.num_steps * one["forward"]}
-        parts["vae"] = vae_flops(vae_config, (2, *video)) + vae_flops(vae_config, (1, *video), decode=True)
+        one = dit_flops(dit_config, cfg_batch * windows, tokens, out_tokens)
+        parts = {"forward": (s.num_steps if evaluations is None else evaluations) * one["forward"]}
+        parts["vae"] = (vae_flops(vae_config, (2 * windows, *video))
+                        + vae_flops(vae_config, (windows, *video), decode=True))
     else:
         raise ValueError(f"program must be 'train' or 'sample', got {program!r}")
     parts["total"] = sum(parts.values())

@@ -135,12 +135,37 @@ def sample(velocity: VelocityFn | StatefulVelocityFn, x: jax.Array, sigmas, *, s
 
     Euler accepts a traced grid; the multistep solvers precompute their per-step
     coefficients on the host in float64, so they need a concrete one (numpy, as
-    ``inference_sigmas`` returns).
+    ``inference_sigmas`` returns). ``solve_steps`` runs a range of the steps (one program per
+    Wan2.2 expert phase when an expert waits in host memory).
     """
+    carry = solve_steps(velocity, initial_carry(x, solver, state), sigmas, solver=solver, on_step=on_step)
+    return (carry[0], carry[-1]) if state is not None else carry[0]
+
+
+def initial_carry(x: jax.Array, solver: str, state: Any = None) -> tuple:
+    """What ``solve_steps`` carries from step to step: ``(x, state)`` for Euler; the multistep
+    solvers add the previous sample and the two previous data predictions."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    stateful = state is not None
+    x = x.astype(jnp.float32)
+    if solver == "euler":
+        return (x, state)
+    zeros = jnp.zeros_like(x)
+    return (x, zeros, zeros, zeros, state)
+
+
+def solve_steps(velocity: VelocityFn | StatefulVelocityFn, carry: tuple, sigmas, *, solver: str = "euler",
+                start: int = 0, stop: int | None = None, on_step: Callable[..., None] | None = None) -> tuple:
+    """Steps ``start .. stop - 1`` of ``sample`` from ``carry`` (``initial_carry``), in one scan:
+    the carry after them (its first entry is the sample, its last the velocity's state)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    stateful = carry[-1] is not None
     call = velocity if stateful else (lambda x, t, st: (velocity(x, t), st))
+    num = len(sigmas) - 1
+    stop = num if stop is None else stop
+    if not 0 <= start <= stop <= num:
+        raise ValueError(f"steps [{start}, {stop}) are not within the {num} steps of the grid")
 
     def evaluate(x, s, st):
         t = jnp.full((x.shape[0],), s * NUM_TRAIN_TIMESTEPS, jnp.float32)
@@ -151,7 +176,7 @@ def sample(velocity: VelocityFn | StatefulVelocityFn, x: jax.Array, sigmas, *, s
         if on_step is not None:
             jax.debug.callback(on_step, i, x.ravel()[0])  # the data dependency orders it after the step
 
-    x = x.astype(jnp.float32)
+    steps = jnp.arange(start, stop)
     if solver == "euler":
         sig = jnp.asarray(sigmas, jnp.float32)
 
@@ -163,9 +188,8 @@ def sample(velocity: VelocityFn | StatefulVelocityFn, x: jax.Array, sigmas, *, s
             report(i, x)
             return (x, st), None
 
-        steps = jnp.arange(sig.shape[0] - 1)
-        (x, state), _ = jax.lax.scan(euler_step, (x, state), (steps, sig[:-1], sig[1:]))
-        return (x, state) if stateful else x
+        carry, _ = jax.lax.scan(euler_step, carry, (steps, sig[start:stop], sig[start + 1:stop + 1]))
+        return carry
 
     coef = multistep_coefficients(sigmas, solver)
     table = jnp.asarray(np.stack([coef[k] for k in _COEFFICIENTS], axis=1), jnp.float32)  # [N, 8]
@@ -186,10 +210,8 @@ def sample(velocity: VelocityFn | StatefulVelocityFn, x: jax.Array, sigmas, *, s
         report(i, x_next)
         return (x_next, x, m, m1, st), None
 
-    zeros = jnp.zeros_like(x)
-    steps = jnp.arange(table.shape[0])
-    (x, *_, state), _ = jax.lax.scan(multistep, (x, zeros, zeros, zeros, state), (steps, sig[:-1], table))
-    return (x, state) if stateful else x
+    carry, _ = jax.lax.scan(multistep, carry, (steps, sig[start:stop], table[start:stop]))
+    return carry
 
 
 _COEFFICIENTS = ("pred_x", "pred_m", "pred_dm", "corr", "corr_x", "corr_m", "corr_dm2", "corr_dm")

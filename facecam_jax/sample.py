@@ -19,11 +19,13 @@ makes it an error). A missing or corrupt input ends in one ``error:`` line; ``--
 the traceback. The logic lives in ``facecam_jax.sampler``.
 """
 
+import glob
 import logging
+import os
 
 from absl import app, flags
 
-from facecam_jax import cli, sampler
+from facecam_jax import cli, compile_cache, paths, sampler
 from facecam_jax.checkpoints.lora import parse_lora_spec
 from facecam_jax.config_file import DEFAULT_CONFIG
 
@@ -38,9 +40,30 @@ _LORA = flags.DEFINE_multi_string("lora", [], "a LoRA file to merge into every e
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _PROFILE = flags.DEFINE_string("profile", None, "write a jax.profiler trace of the sampling program here "
                                 "(view with xprof --logdir DIR)")
+_FRAMES = flags.DEFINE_integer("frames", None, "output frames, 4k + 1 (default: every frame of the source up to "
+                               "sample.max_frames); longer than the model's window: overlapping windows denoised "
+                               "jointly")
+_HEIGHT = flags.DEFINE_integer("height", None, "output height, a multiple of 16 (default: data.height)")
+_WIDTH = flags.DEFINE_integer("width", None, "output width, a multiple of 16 (default: data.width)")
+_ASPECT = flags.DEFINE_enum("aspect", None, ["config", "source"],
+                            "source: fit the source's aspect ratio to the model's pixel budget")
 _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
                                   "fail when the source's first frame has no detectable face "
                                   "(default: warn and crop the centre)")
+
+
+def _check_paths(config) -> None:
+    """Before any model loads: ``--out`` and its ``_compare.mp4`` (as ``sampler.run`` names it)
+    can be written and are none of the inputs (the video, the trajectory file, the weights, the
+    config's checkpoints, the LoRA files)."""
+    out = _OUT.value
+    weights = _WORKDIR.value or config.sample.get("weights") or None
+    paths.check_outputs(
+        {"--out": out, "the compare video": os.path.splitext(out)[0] + "_compare.mp4"},
+        {"--video": _VIDEO.value or sampler.default_source_video(), "--trajectory": _TRAJECTORY.value,
+         "the trained weights": glob.glob(os.path.join(weights, "facecam*.safetensors")) if weights else None,
+         "the LoRA files": [parse_lora_spec(spec)[0] for spec in config.sample.loras] or None,
+         **paths.config_inputs(config)})
 
 
 def main(argv):
@@ -52,9 +75,12 @@ def main(argv):
     config.sample.loras = tuple(config.sample.loras) + tuple(_LORA.value)
     for spec in config.sample.loras:  # a bad file or strength fails before anything is read
         parse_lora_spec(spec)
+    _check_paths(config)
+    compile_cache.from_config(config)
     written = sampler.run(config, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
                           workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value,
-                          profile=_PROFILE.value)
+                          profile=_PROFILE.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
+                          aspect=_ASPECT.value)
     logging.getLogger("facecam_jax").info("wrote %s", ", ".join(written))
 
 

@@ -2,8 +2,10 @@
 
 With no flags it trains the small default (``mini``) on the shipped mini dataset. Overrides:
 ``--config.train.steps=100 --config.optimizer.lr=5e-5``. A restarted run resumes from the
-newest checkpoint in its workdir. The logic lives in ``facecam_jax.trainer``. A bad input or a
-diverged run ends in one ``error:`` line; ``--verbose`` adds the traceback.
+newest usable checkpoint in its workdir. SIGTERM or Ctrl-C (a preemption) finishes the step,
+saves a checkpoint and exits 0; a second one exits at once. The logic lives in
+``facecam_jax.trainer``. A bad input or a diverged run ends in one ``error:`` line;
+``--verbose`` adds the traceback.
 """
 
 import logging
@@ -11,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import cli, trainer
+from facecam_jax import cli, compile_cache, paths, trainer
 
 _CONFIG = cli.define_config("training config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")
@@ -23,9 +25,13 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)  # orbax / grain chatter
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     config = _CONFIG.value
+    compile_cache.from_config(config)
     workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
+    paths.check_outputs(directories={"--workdir": workdir})  # a run resumes there: only not a file, writable
     result = trainer.train(config, workdir)
-    logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step, result.exported)
+    if not result.preempted:  # a preempted run has said where it stopped; it exits 0 too
+        logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step,
+                                              result.exported)
 
 
 if __name__ == "__main__":

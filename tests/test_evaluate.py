@@ -166,6 +166,22 @@ def test_identity_is_optional(carphone, tmp_path, monkeypatch):
     assert IDENTITY_UNAVAILABLE in report.to_markdown()
 
 
+def test_an_output_shorter_than_its_target_is_scored_with_a_warning(carphone, tmp_path, caplog):
+    frames, _ = carphone
+    target, truncated = str(tmp_path / "target.mp4"), str(tmp_path / "truncated.mp4")
+    video_io.write_video(target, frames[:9], 25.0)
+    video_io.write_video(truncated, frames[:2], 25.0)
+    with caplog.at_level("WARNING", logger="facecam_jax.evaluation.report"):
+        report = evaluate_rows([{"output": truncated, "source": target, "target": target}], identity=False)
+    row = report.rows[0]
+    assert row.error is None and row.psnr > 30  # its two frames are the target's first two (H.264 apart)...
+    assert row.warning == "the output has 2 frame(s), its target 9: PSNR/SSIM compare the first 2 only"  # ...and says so
+    assert any(row.warning in r.getMessage() for r in caplog.records)
+    assert report.overall()["warnings"] == 1 and f"warning: {row.warning}" in report.to_markdown()
+    whole = evaluate_rows([{"output": target, "source": target, "target": target}], identity=False).rows[0]
+    assert whole.warning is None
+
+
 # --------------------------------------------------------------------------------------------
 # Manifest and CLI
 
@@ -223,7 +239,7 @@ def test_cli_end_to_end(carphone, tmp_path):
     assert "output: no face found" in rows[4]["error"]
     assert "needs at least 2" in rows[5]["error"]
     assert overall | {"identity_mean": None, "identity_videos": None, "identity_note": None} == {
-        "videos": 6, "errors": 3, "camera_reference": "change", "camera_judged": 3, "camera_correct": 2,
+        "videos": 6, "errors": 3, "warnings": 0, "camera_reference": "change", "camera_judged": 3, "camera_correct": 2,
         "camera_accuracy": pytest.approx(2 / 3), "camera_accuracy_last": pytest.approx(2 / 3),
         "psnr_mean": PSNR_CAP, "ssim_mean": pytest.approx(1.0), "psnr_videos": 1,
         "identity_mean": None, "identity_videos": None, "identity_note": None}

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from facecam_jax import build, flow, sampler
+from facecam_jax import sample_program as sp
 from facecam_jax import sharding as sh
 from facecam_jax.config_file import load_config as get_config
 from facecam_jax.models import wan_dit as W
@@ -27,7 +28,7 @@ def toy():
 
 def _run(models, boundary, guidance, steps, toy_inputs):
     source, camera, noise, ctx_c, ctx_u = toy_inputs
-    fn = jax.jit(sampler.make_sample_fn(nnx.graphdef(models[0]), sampler.SampleOptions(steps, 5.0, guidance, len(models), boundary)))
+    fn = jax.jit(sp.make_sample_fn(nnx.graphdef(models[0]), sp.SampleOptions(steps, 5.0, guidance, len(models), boundary)))
     return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
 
 
@@ -98,3 +99,92 @@ def test_sampling_on_8_devices_equals_one_device():
         diff = np.abs(videos[name].astype(int) - videos["1 device"].astype(int)).max()
         print(f"{name} vs 1 device: max {diff} grey levels")
         assert diff <= 1, name
+
+
+def _options(steps, guidance=5.0, **kw):
+    return sp.SampleOptions(steps, 5.0, guidance, **kw)
+
+
+def _latents(models, options, toy_inputs):
+    source, camera, noise, ctx_c, ctx_u = toy_inputs
+    fn = jax.jit(sp.make_sample_fn(nnx.graphdef(models[0]), options))
+    return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
+
+
+def test_solvers_and_the_step_cache_inside_the_program(toy):
+    from facecam_jax.step_cache import MagCache
+
+    a, _, *inputs = toy
+    euler = _latents([a], _options(4), inputs)
+    # A multistep solver's first step has no history: it is Euler's.
+    for solver in ("unipc", "dpmpp_2m"):
+        np.testing.assert_allclose(_latents([a], _options(1, solver=solver), inputs), _latents([a], _options(1), inputs),
+                                   atol=1e-5)
+    assert np.abs(_latents([a], _options(4, solver="unipc"), inputs) - euler).max() > 1e-4
+    # Threshold 0: every step runs the blocks, the same numbers as no cache at all.
+    ratios = (1.0, 1.01, 1.02, 1.0)
+    zero = MagCache(ratios, threshold=0.0, retention=0.0)
+    assert _options(4, cache=zero).evaluations() == (4, 4)
+    np.testing.assert_array_equal(_latents([a], _options(4, cache=zero), inputs), euler)
+    # A loose threshold skips steps 1 and 2 (the last always runs): fewer evaluations, another sample.
+    loose = MagCache(ratios, threshold=10.0, max_skips=2, retention=0.0)
+    assert _options(4, cache=loose).evaluations() == (2, 4)
+    assert np.abs(_latents([a], _options(4, cache=loose), inputs) - euler).max() > 1e-4
+    # Guidance's two passes one after the other: the same sample, with and without the cache.
+    np.testing.assert_allclose(_latents([a], _options(4, cfg="sequential"), inputs), euler, atol=1e-5)
+    np.testing.assert_allclose(_latents([a], _options(4, cache=loose, cfg="sequential"), inputs),
+                               _latents([a], _options(4, cache=loose), inputs), atol=1e-5)
+
+
+def _render_pair(config, mesh, offload, a, b, vae, frames, condition):
+    config = config.copy_and_resolve_references()
+    config.sample.offload = offload
+    with sh.use_mesh(mesh, sh.DEFAULT_RULES):
+        experts = sampler.Experts([nnx.merge(nnx.graphdef(m), sampler.on_mesh(nnx.state(m), mesh, sh.DEFAULT_RULES))
+                                   for m in (a, b)], 0.9)
+        experts = sampler.place_experts(experts, mesh, sh.DEFAULT_RULES, offload)
+        return sampler.render(config, experts, build.replicate(nnx.merge(*nnx.split(vae)), mesh), frames[None],
+                              condition[None], [0], mesh=mesh, show_progress=False)[0]
+
+
+def test_offloaded_experts_and_streamed_blocks_sample_the_same_video(toy):
+    """On the CPU host and device memory are one, so offloading must change nothing but the
+    program's structure: one program per expert phase, or layers copied in inside the scan."""
+    from facecam_jax.camera import condition, source, trajectories
+
+    a, b = toy[:2]
+    config = get_config("mini,frames=9,sample.num_steps=2")
+    frames = source.load_source(sampler.default_source_video(), 9, 64, 48)
+    maps = condition.build_condition(trajectories.load_trajectory("zoom_in", 9), height=64, width=48,
+                                     framing="official")
+    one = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    vae = build.build_vae(config, one)
+    want = _render_pair(config, one, "none", a, b, vae, frames, maps)
+    assert sp.SampleOptions.of(config, 2).phases() == ((None, 0, 2),)
+    config.sample.offload = "experts"
+    assert sp.SampleOptions.of(config, 2).phases() == ((0, 0, 1), (1, 1, 2))  # t = 1000, then 833 < 900
+    for mesh, offloads in ((one, ("experts", "blocks")), (sh.make_mesh(1, 8, 1, 1), ("blocks",))):
+        for offload in offloads:
+            got = _render_pair(config, mesh, offload, a, b, vae, frames, maps)
+            diff = np.abs(got.astype(int) - want.astype(int)).max()
+            print(f"offload {offload} on {mesh.size} device(s): max {diff} grey levels from none")
+            assert diff <= 1, (offload, mesh.size)
+    with pytest.raises(ValueError, match="one expert"):
+        sampler.place_experts(sampler.Experts([a]), one, sh.DEFAULT_RULES, "experts")
+
+
+def test_bad_sampling_options_fail_before_any_weight_loads(tmp_path):
+    one = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    frames = np.zeros((9, 64, 48, 3), np.uint8)
+    from facecam_jax.camera import trajectories
+
+    path = trajectories.load_trajectory("zoom_in", 9)
+    for override in ("sample.offload=disk", "sample.solver=heun", "model.quantize=int4"):  # where the config loads
+        with pytest.raises(ValueError, match=override.split("=")[0]):
+            get_config(f"mini,frames=9,{override}")
+    missing = str(tmp_path / "no-run")  # load_experts would fail on it: these checks come first
+    for override, match in (("sample.offload=experts", "has one expert"),
+                            ("sample.cache=magcache", "cache_calibration")):
+        config = get_config(f"mini,frames=9,{override}")
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            sampler.generate(config, frames, path, workdir=missing, mesh=one)

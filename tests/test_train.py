@@ -1,8 +1,13 @@
-"""End-to-end training on the shipped mini dataset: one step, resume, NaN guard, export."""
+"""End-to-end training on the shipped mini dataset: one step, resume, preemption, damaged and
+mismatched checkpoints, NaN guard, export, the run summary."""
 
 import glob
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import build, flops, flow, trainer
+from facecam_jax import build, flops, flow, metric_logger, trainer
 from facecam_jax import sharding as sh
+from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import overlay_dit
 from facecam_jax.config_file import load_config as get_config
-from facecam_jax.errors import TrainingDiverged
+from facecam_jax.errors import CheckpointError, TrainingDiverged
+from facecam_jax.train_step import build_program
 
 # Small and fast: 9 frames at 64x48 (3 latent frames of 8x6), one device, no worker processes.
 BASE = "mini,frames=9,batch_size=2"
@@ -81,28 +88,206 @@ def test_steps_log_tflops_and_mfu_and_the_requested_steps_are_profiled(tmp_path)
     assert b"train step 2" in data and b"train step 1" not in data and b"train step 3" not in data
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    """Two steps checkpointed after each: checkpoints 1 and 2 (copy before changing it)."""
+    workdir = str(tmp_path_factory.mktemp("run2") / "run")
+    train(get_config(BASE + ",steps=2,checkpoint_every=1"), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def straight3(tmp_path_factory):
+    """Three uninterrupted steps: the reference of every resumed run."""
+    workdir = str(tmp_path_factory.mktemp("straight3") / "run")
+    result = train(get_config(BASE + ",steps=3,checkpoint_every=10"), workdir)
+    return _trained_params(result), _metrics(workdir)
+
+
+def _copy(workdir, tmp_path):
+    return shutil.copytree(workdir, str(tmp_path / "copy"))
+
+
+def test_killed_run_resumes_exactly(run2, straight3, tmp_path):
     """2 steps, 'killed', restarted to 3 == 3 uninterrupted steps (params, data and noise)."""
-    interrupted = str(tmp_path / "interrupted")
-    train(get_config(BASE + ",steps=2,checkpoint_every=1"), interrupted)
+    interrupted = _copy(run2, tmp_path)
     resumed = train(get_config(BASE + ",steps=3,checkpoint_every=1"), interrupted)
-    straight = train(get_config(BASE + ",steps=3,checkpoint_every=10"), str(tmp_path / "straight"))
-    assert resumed.step == straight.step == 3
-    for a, b in zip(_trained_params(resumed), _trained_params(straight)):
+    params, metrics = straight3
+    assert resumed.step == 3
+    for a, b in zip(_trained_params(resumed), params):
         np.testing.assert_array_equal(a, b)
-    assert _metrics(interrupted)[3]["loss"] == _metrics(str(tmp_path / "straight"))[3]["loss"]
+    assert _metrics(interrupted)[3]["loss"] == metrics[3]["loss"]
     # Finished runs do nothing more when started again.
     again = train(get_config(BASE + ",steps=3,checkpoint_every=1"), interrupted)
     assert again.step == 3
+    # Each checkpoint keeps the config that wrote it.
+    with open(os.path.join(interrupted, "checkpoints", "3", "config", "metadata")) as f:
+        assert json.load(f)["train"]["steps"] == 3
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_like_an_uninterrupted_run(straight3, tmp_path,
+                                                                                      monkeypatch):
+    """SIGTERM during step 2 of 3 (no checkpoint due): step 2 finishes, is checkpointed, the
+    run returns (exit 0 from the command line); the restart runs step 3 only and matches the
+    uninterrupted run exactly."""
+    workdir = str(tmp_path / "run")
+    logged = metric_logger.Logger.__call__
+
+    def log_then_preempt(self, step, metrics):
+        logged(self, step, metrics)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a spot preemption or SLURM would
+
+    monkeypatch.setattr(metric_logger.Logger, "__call__", log_then_preempt)
+    config = get_config(BASE + ",steps=3,checkpoint_every=10")
+    stopped = train(config, workdir)
+    monkeypatch.undo()
+    assert stopped.preempted and stopped.step == 2 and stopped.exported is None
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+    assert not glob.glob(os.path.join(workdir, "*.safetensors"))  # an unfinished run exports nothing
+    assert stopped.summary == ("run summary: steps 0 -> 2 of 3 (2 this run, preempted by SIGTERM); "
+                               "no sample skipped; checkpoints written: 2")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are gone with the run
+    resumed = train(config, workdir)
+    params, metrics = straight3
+    assert resumed.step == 3 and not resumed.preempted and resumed.exported
+    assert sorted(_metrics(workdir)) == [1, 2, 3]
+    assert [_metrics(workdir)[s]["loss"] for s in (1, 2, 3)] == [metrics[s]["loss"] for s in (1, 2, 3)]
+    for a, b in zip(_trained_params(resumed), params):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    script = ("import os, signal\n"
+              "from facecam_jax.preemption import Preemption\n"
+              "with Preemption() as p:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    print('stop after the step:', p.stop(), p.signal_name, flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    print('still running', flush=True)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                            check=False)
+    assert result.returncode == -signal.SIGINT, result.stderr
+    assert "stop after the step: True SIGINT" in result.stdout and "still running" not in result.stdout
+    assert "SIGINT again: exiting at once" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def program():
+    config = get_config(BASE)
+    with sh.use_mesh(one_device_mesh(), sh.DEFAULT_RULES):
+        return config, build_program(config, one_device_mesh(), sh.DEFAULT_RULES)
+
+
+def _largest_file(folder):
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def _damage(step_dir, how):
+    if how == "truncated":
+        path = _largest_file(os.path.join(step_dir, "train"))
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif how == "no_metadata":
+        os.remove(os.path.join(step_dir, "train", "_METADATA"))
+    elif how == "no_data_position":
+        os.remove(os.path.join(step_dir, "data", "metadata"))
+    elif how == "empty":
+        shutil.rmtree(step_dir)
+        os.mkdir(step_dir)
+
+
+@pytest.mark.parametrize("how, name, what", [
+    ("truncated", "unreadable-arrays", "its arrays cannot be read"),
+    ("no_metadata", "no-train-metadata", "train/_METADATA is missing"),
+    ("no_data_position", "no-data-position", "data/metadata (the data position) is missing"),
+    ("empty", "empty", "its folder is empty"),
+])
+def test_a_damaged_newest_checkpoint_is_kept_aside_and_the_previous_step_restored(run2, program, tmp_path, caplog,
+                                                                                   how, name, what):
+    config, prog = program
+    workdir = _copy(run2, tmp_path)
+    _damage(os.path.join(workdir, "checkpoints", "2"), how)
+    ckpt = Checkpoints(workdir, 3, config)
+    with caplog.at_level("WARNING", logger="facecam_jax.checkpointing"), sh.use_mesh(one_device_mesh(), sh.DEFAULT_RULES):
+        restored = ckpt.restore(prog.state)
+    ckpt.close()
+    assert (restored.step, restored.batches, int(restored.state.step)) == (1, 1, 1)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", f"2.damaged-{name}"]  # nothing deleted
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "facecam_jax.checkpointing"]
+    assert "checkpoint step 2" in warning and what in warning and "resuming from step 1" in warning
+
+
+def test_no_usable_checkpoint_and_a_half_written_save(run2, program, tmp_path):
+    config, prog = program
+    workdir = _copy(run2, tmp_path)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    # A crash mid-save leaves Orbax's temporary folder: never listed, the previous steps intact.
+    shutil.copytree(os.path.join(checkpoints, "2"), os.path.join(checkpoints, "3.orbax-checkpoint-tmp-1234"))
+    os.remove(os.path.join(checkpoints, "3.orbax-checkpoint-tmp-1234", "train", "_METADATA"))
+    with sh.use_mesh(one_device_mesh(), sh.DEFAULT_RULES):
+        ckpt = Checkpoints(workdir, 3, config)
+        assert ckpt.restore(prog.state).step == 2
+        ckpt.close()
+        for step in ("1", "2"):
+            _damage(os.path.join(checkpoints, step), "no_metadata")
+        ckpt = Checkpoints(workdir, 3, config)
+        with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*step 2: train/_METADATA is missing; "
+                                                  r"step 1: train/_METADATA is missing\. Nothing was renamed"):
+            ckpt.restore(prog.state)
+        ckpt.close()
+    assert sorted(os.listdir(checkpoints)) == ["1", "2", "3.orbax-checkpoint-tmp-1234"]
+
+
+def test_training_over_a_truncated_newest_checkpoint_resumes_from_the_previous_one(run2, tmp_path):
+    workdir = _copy(run2, tmp_path)
+    _damage(os.path.join(workdir, "checkpoints", "2"), "truncated")
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    result = train(get_config(BASE + ",steps=2,checkpoint_every=1"), workdir)
+    assert result.step == 2 and list(_metrics(workdir)) == [2]  # step 2 again, from step 1's data position
+    assert _metrics(workdir)[2]["loss"] == _metrics(run2)[2]["loss"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "2.damaged-unreadable-arrays"]
+
+
+def test_a_changed_config_over_an_old_workdir_names_the_keys_that_differ(run2, tmp_path):
+    workdir = _copy(run2, tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        train(get_config(BASE + ",steps=3,checkpoint_every=1,model.in_dim=40,optimizer.grad_clip=0.0"), workdir)
+    text = str(error.value)
+    print(text)
+    assert "\n" not in text and text.startswith("checkpoint step 2 in ")
+    assert "does not fit this config" in text and "params.patch_embedding" in text
+    assert ("config keys that differ from the run that wrote it: model.in_dim: 36 -> 40, "
+            "optimizer.grad_clip: 1.0 -> 0.0, train.steps: 2 -> 3") in text
+    assert "Use a new --workdir for this config" in text
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]  # a mismatch is not damage
+
+
+def test_zero_steps_train_nothing_and_export_nothing(tmp_path):
+    result = train(get_config(BASE + ",steps=0"), str(tmp_path / "run"))
+    assert result.step == 0 and result.exported is None and not glob.glob(str(tmp_path / "run" / "*.safetensors"))
+    assert result.summary == "run summary: steps 0 -> 0 of 0 (0 this run, finished); no sample skipped; " \
+                             "checkpoints written: none"
+
+
+def test_the_summary_counts_the_samples_skipped_during_the_run():
+    loop = trainer._Loop(start=4, step=6, stopped_by="SIGTERM", skips_before={"no face": 1})
+    line = trainer.run_summary(get_config(BASE), loop, [6], {"no face": 3, "decode error": 1, "odd": 1})
+    assert line == ("run summary: steps 4 -> 6 of 30 (2 this run, preempted by SIGTERM); 4 skipped samples "
+                    "(decode error: 1, no face: 2, other: 1); checkpoints written: 6")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path, monkeypatch, caplog):
     workdir = str(tmp_path / "run")
     good = train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
     real_loss = flow.flow_loss
     monkeypatch.setattr(flow, "flow_loss", lambda pred, target, weight: real_loss(pred, target, weight) * jnp.nan)
-    with pytest.raises(TrainingDiverged, match=r"step 1: loss nan .* not finite.*checkpointed"):
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss nan .* not finite.*checkpointed"), \
+            caplog.at_level("INFO", logger="facecam_jax.trainer"):
         train(get_config(BASE + ",steps=3,checkpoint_every=1"), workdir)
+    assert "run summary: steps 1 -> 1 of 3 (0 this run, stopped: the loss diverged)" in caplog.text
     monkeypatch.setattr(flow, "flow_loss", real_loss)
     # The checkpoint holds the last finite state: resuming from it with 0 more steps returns it.
     again = train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)

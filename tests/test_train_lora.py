@@ -137,9 +137,18 @@ def test_resume_from_a_checkpoint_is_exact(one_device, tmp_path):
 
 
 def test_bad_lora_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"train.lora_rank=-2 must be"):  # where the config loads
+        get_config(BASE + ",train.lora_rank=-2")
+    config = get_config(BASE)
+    config.train.lora_rank = -1  # set in code, past the config check: the factory says it too
     with pytest.raises(ValueError, match=r"train.lora_rank must be 0 \(full fine-tuning\) or a positive integer"):
-        train_step.build_program(get_config(BASE + ",train.lora_rank=-2"), _mesh(), sh.DEFAULT_RULES, abstract=True)
+        train_step.build_program(config, _mesh(), sh.DEFAULT_RULES, abstract=True)
     config = get_config(BASE)
     config.train.trainable = ("patch_embedding",)  # no Linear to adapt
     with pytest.raises(ValueError, match=r"train.trainable=\('patch_embedding',\).*match no Linear"):
         train_step.build_program(config, _mesh(), sh.DEFAULT_RULES, abstract=True)
+    with pytest.raises(ValueError, match=r"model.quantize='int8': quantized kernels .* cannot be trained"):
+        train_step.build_program(get_config(BASE + ",train.lora_rank=0,model.quantize=int8"), _mesh(), sh.DEFAULT_RULES, abstract=True)
+    qlora = train_step.build_program(get_config(BASE + ",model.quantize=int8"), _mesh(),
+                                     sh.DEFAULT_RULES, abstract=True)  # int8 base, fp32 adapters: QLoRA
+    assert all(jnp.dtype(x.dtype) == jnp.float32 for x in jax.tree.leaves(qlora.state.params))

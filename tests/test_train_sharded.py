@@ -21,8 +21,10 @@ from flax import nnx
 
 from facecam_jax import build, trainer
 from facecam_jax import sharding as sh
+from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
 from facecam_jax.checkpoints.io import open_checkpoint
 from facecam_jax.config_file import load_config as get_config
+from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import DistributedSetupError
 
 BASE = "mini,frames=9,batch_size=2"
@@ -92,9 +94,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(process_id: int, num_processes: int, port: int, workdir: str, *extra: str) -> subprocess.Popen:
+# `python -m facecam_jax.train` whose process sends itself SIGTERM while logging step N (as a
+# preemption would, mid-run), so that the test knows which step it lands in.
+_SIGTERM_AT = """import os, runpy, signal, sys
+from facecam_jax import metric_logger
+at, log = int(sys.argv.pop(1)), metric_logger.Logger.__call__
+def preempted(self, step, metrics):
+    log(self, step, metrics)
+    if step == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+metric_logger.Logger.__call__ = preempted
+runpy.run_module("facecam_jax.train", run_name="__main__")
+"""
+
+
+def _launch(process_id: int, num_processes: int, port: int, workdir: str, *extra: str,
+            sigterm_at: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "facecam_jax.train", f"--config=configs/facecam.py:{BASE},steps=2",
+    program = ["-m", "facecam_jax.train"] if sigterm_at is None else ["-c", _SIGTERM_AT, str(sigterm_at)]
+    cmd = [sys.executable, *program, f"--config=configs/facecam.py:{BASE},steps=2",
            f"--workdir={workdir}", f"--config.distributed.coordinator_address=localhost:{port}",
            f"--config.distributed.num_processes={num_processes}", f"--config.distributed.process_id={process_id}",
            "--config.distributed.initialization_timeout=120", *extra]
@@ -102,24 +120,35 @@ def _launch(process_id: int, num_processes: int, port: int, workdir: str, *extra
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_two_processes_train_like_one_and_resume_in_one(one_device, tmp_path):
-    """2 processes x 4 devices (fsdp 8 over both, gloo all-reduces) give the 1-device losses,
-    write one checkpoint together, and that checkpoint resumes in a single process."""
+def test_two_processes_train_like_one_stop_together_and_resume_in_one(one_device, tmp_path):
+    """2 processes x 4 devices (fsdp 8 over both, gloo all-reduces): SIGTERM to process 1 alone
+    in step 1 stops both after step 1 with one checkpoint, exit 0; restarted, they restore it,
+    give the 1-device losses, write one checkpoint together, and that resumes in a single process."""
     losses, params = one_device
     workdir = str(tmp_path / "two")
+    port = _free_port()
+    procs = [_launch(0, 2, port, workdir), _launch(1, 2, port, workdir, sigterm_at=1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "SIGTERM received" in outs[1][1]
+    assert "preempted at step 1 (a signal to another process): checkpoint saved" in outs[0][1], outs[0][1][-3000:]
+    assert "run summary: steps 0 -> 1 of 2 (1 this run, preempted by a signal to another process)" in outs[0][1]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"] and list(_losses(workdir)) == [1]
+    assert not os.path.exists(os.path.join(workdir, "facecam.safetensors"))
     port = _free_port()
     procs = [_launch(i, 2, port, workdir) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    got = _losses(workdir)  # written by process 0 only
+    assert "resumed from step 1" in outs[0][1]
+    got = _losses(workdir)  # written by process 0 only: step 1 before the stop, step 2 after
     np.testing.assert_allclose([got[1], got[2]], [losses[1], losses[2]], rtol=TOL)
     exported = open_checkpoint(os.path.join(workdir, "facecam.safetensors"))
     # One process, 8 devices, the same mesh size: the checkpoint restores (nothing left to do).
     again = trainer.train(get_config(BASE + ",steps=2"), workdir, mesh=_mesh(fsdp=8))
     assert again.step == 2
     _assert_close(_trained(again.model), params, "2 processes vs 1 device")
-    from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables  # the exported keys, re-derived
     assert set(exported) == set(keys_of_paths(again.model.config, [p for p, _ in named_variables(
         nnx.split(again.model, nnx.All(nnx.Param, build.trainable_filter(("self_attn", "patch_embedding"))), ...)[1])]))
 
@@ -149,5 +178,8 @@ def test_bad_meshes_and_batches_are_clear_errors(tmp_path):
     config = get_config(BASE)
     config.distributed.coordinator_address = "localhost:1"
     config.distributed.num_processes, config.distributed.process_id = 2, 2
-    with pytest.raises(DistributedSetupError, match=r"process_id must be in \[0, num_processes=2\)"):
+    # The config check says it before anything starts; the join itself refuses it too.
+    with pytest.raises(ValueError, match=r"distributed.process_id=2 must be < distributed.num_processes=2"):
         trainer.train(config, str(tmp_path / "run"))
+    with pytest.raises(DistributedSetupError, match=r"process_id must be in \[0, num_processes=2\)"):
+        initialize_distributed(config.distributed)

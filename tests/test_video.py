@@ -78,3 +78,11 @@ def test_colours_survive_the_round_trip(tmp_path):
 def test_bad_input_is_rejected(tmp_path, frames, fps, match):
     with pytest.raises(ValueError, match=match):
         video.write_video(tmp_path / "bad.mp4", frames, fps)
+
+
+def test_a_directory_is_not_a_video(tmp_path):
+    for read in (video.probe, video.read_video):
+        with pytest.raises(video.VideoDecodeError, match="is a directory, not a video"):
+            read(str(tmp_path))
+        with pytest.raises(video.VideoDecodeError, match="does not exist"):
+            read(str(tmp_path / "missing.mp4"))

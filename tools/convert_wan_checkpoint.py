@@ -14,7 +14,7 @@ import argparse
 import logging
 import time
 
-from facecam_jax import cli
+from facecam_jax import cli, paths
 
 
 def main(argv=None) -> str:
@@ -27,6 +27,11 @@ def main(argv=None) -> str:
     parser.add_argument("--format", choices=["orbax", "diffusers"], default="orbax")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Before the (minutes-long) load: --out can be written and overwrites none of the inputs.
+    one_file = args.format == "diffusers" and args.out.endswith(".safetensors")  # else a directory
+    paths.check_outputs({"--out": args.out} if one_file else None,
+                        {"--checkpoint": args.checkpoint, "--overlay": args.overlay},
+                        directories=None if one_file else {"--out": args.out})
 
     from facecam_jax.checkpoints import dit
 

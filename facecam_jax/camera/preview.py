@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from facecam_jax import cli
+from facecam_jax import cli, paths
 from facecam_jax import video_io as video
 from facecam_jax.camera import source, trajectories
 from facecam_jax.camera.condition import build_condition
+from facecam_jax.config_check import MAX_FRAMES, MAX_SIZE
 
 
 def overlay(frames: np.ndarray, maps: np.ndarray) -> np.ndarray:
@@ -47,6 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--require-face", action="store_true",
                         help="fail when the video's first frame has no detectable face (default: warn, crop the centre)")
     args = parser.parse_args(argv)
+    for name, value, high in (("--frames", args.frames, MAX_FRAMES), ("--height", args.height, MAX_SIZE),
+                              ("--width", args.width, MAX_SIZE)):
+        if not 1 <= value <= high:
+            raise ValueError(f"{name} {value} must be in 1..{high}")
+    out = Path(args.out)
+    overlay_path = out.with_name(out.stem + "_overlay" + out.suffix) if args.video else None
+    paths.check_outputs({"--out": out, "the overlay video": overlay_path, "--save-trajectory": args.save_trajectory},
+                        {"--video": args.video, "--trajectory": None if args.random is not None else args.trajectory})
 
     if args.random is not None:
         trajectory = trajectories.random_trajectory(np.random.default_rng(args.random), args.frames)
@@ -58,14 +67,13 @@ def main(argv: list[str] | None = None) -> None:
                                     require_face=args.require_face)
     maps = build_condition(trajectory, height=args.height, width=args.width, framing=args.framing,
                            source_frames=frames)
-    out = Path(args.out)
     video.write_video(out, maps, args.fps)
     print(f"wrote {out} ({maps.shape[0]} frames, {args.height}x{args.width})")
     if frames is not None:
-        overlay_path = out.with_name(out.stem + "_overlay" + out.suffix)
         video.write_video(overlay_path, overlay(frames, maps), args.fps)
         print(f"wrote {overlay_path}")
     if args.save_trajectory:
+        Path(args.save_trajectory).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_trajectory).write_text(json.dumps(trajectories.trajectory_to_json(trajectory, stride=8), indent=1))
         print(f"wrote {args.save_trajectory}")
 

@@ -12,6 +12,7 @@ or two. And where the release centre-crops silently, we warn (or raise with ``re
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import cv2
@@ -87,3 +88,54 @@ def load_source(path: str | os.PathLike, num_frames: int = 81, height: int = 704
     frames, _ = read_video(path, max_frames=num_frames, stride=official_stride(fps))
     return prepare_source(frames, num_frames, height, width, require_face=require_face,
                           name=f"video {os.fspath(path)!r}")
+
+
+def available_frames(path: str | os.PathLike) -> int:
+    """How many frames ``load_source`` can read from a video (its frames at the official stride)."""
+    info = probe(os.fspath(path))
+    return -(-info.num_frames // official_stride(info.fps))
+
+
+def frame_count(path: str | os.PathLike, requested: int | None, window: int, maximum: int) -> int:
+    """The output length for a source video: ``requested`` (4k + 1, at most ``maximum``), or every
+    frame the source has, cut to 4k + 1 and to ``maximum``; never below the model's ``window``
+    (a shorter source is padded with its last frame, as the release pads, with a warning)."""
+    have = available_frames(path)
+    if requested is not None:
+        if requested < 1 or (requested - 1) % 4:
+            low = max(1, 4 * ((requested - 1) // 4) + 1)
+            raise ValueError(f"--frames {requested} is not 4k + 1 (the Wan VAE's temporal stride); pass {low} "
+                             f"or {low + 4}")
+        if requested > maximum:
+            raise ValueError(f"--frames {requested} is more than sample.max_frames={maximum}; pass fewer or raise "
+                             "sample.max_frames")
+        count = requested
+    else:
+        count = min(have, maximum)
+        count = 4 * ((count - 1) // 4) + 1
+        if count != have:
+            log.info("the source has %d frames; re-rendering the first %d (4k + 1%s)", have, count,
+                     f", at most sample.max_frames={maximum}" if have > maximum else "")
+    count = max(count, window)
+    if have < count:
+        log.warning("%s has %d frames, fewer than the %d asked for: its last frame is repeated to fill them",
+                    os.fspath(path), have, count)
+    return count
+
+
+def check_size(height: int, width: int) -> None:
+    """An output size is positive multiples of 16 (the VAE's 8 x the DiT's 2 x 2 patches)."""
+    for name, value in (("--height", height), ("--width", width)):
+        if value < 16 or value % 16:
+            low = max(16, 16 * (value // 16))
+            raise ValueError(f"{name} {value} is not a positive multiple of 16; use {low} or {low + 16}")
+
+
+def fit_aspect(source_height: int, source_width: int, height: int, width: int) -> tuple[int, int]:
+    """The size (multiples of 16) nearest the source's aspect ratio with about ``height x width``
+    pixels, the model's token budget: a landscape source stays landscape."""
+    ratio = source_width / source_height
+    h = math.sqrt(height * width / ratio)
+    h16 = max(16, int(round(h / 16)) * 16)
+    w16 = max(16, int(round(h16 * ratio / 16)) * 16)
+    return h16, w16

@@ -33,6 +33,7 @@ import numpy as np
 
 from facecam_jax.camera import geometry, proxy_head
 from facecam_jax.camera.geometry import BASE_FOV, project
+from facecam_jax.config_check import MAX_FRAMES
 
 # Official orbit constants (`get_proxy_video_cameras` in the release).
 RADIUS = 2.7
@@ -85,6 +86,13 @@ class Trajectory:
             raise ValueError(f"trajectory shift must be [T, 2] = [{num}, 2], got {np.shape(self.shift)}")
         if num == 0:
             raise ValueError("a trajectory needs at least one frame")
+        for name in ("azimuth", "elevation", "fov", "shift", "radius"):
+            bad = ~np.isfinite(np.asarray(getattr(self, name), np.float64))
+            if np.any(bad):
+                frames = np.flatnonzero(bad.reshape(num, -1).any(-1)) if name != "radius" else []
+                where = f" at frame(s) {frames[:5].tolist()}" if len(frames) else ""
+                raise ValueError(f"trajectory {name} is not finite{where} (NaN or inf): every camera value "
+                                 "must be a finite number")
         if np.any(np.abs(BASE_ELEVATION + np.asarray(self.elevation)) >= 89.0):
             raise ValueError("elevation must stay within (-89, 89) degrees: the orbit camera is "
                              "undefined when it looks straight down or up the z axis")
@@ -118,6 +126,9 @@ class Trajectory:
         missing = [k for k in keys if k not in camera_params]
         if missing:
             raise ValueError(f"official camera params lack {missing}; expected keys {keys}")
+        for k in keys:
+            if not isinstance(camera_params[k], (int, float)) or not math.isfinite(camera_params[k]):
+                raise ValueError(f"official camera param {k!r} is {camera_params[k]!r}; it must be a finite number")
         return cls.linear(num_frames, **{k: float(camera_params[k]) for k in keys})
 
 
@@ -333,6 +344,9 @@ def from_keyframes(keyframes: Sequence[Mapping[str, float]], num_frames: int = N
         if unknown or "t" not in key:
             raise ValueError(f"keyframe {i} ({dict(key)}) needs 't' in [0, 1] and only the fields "
                              f"{_KEY_FIELDS}; unknown: {sorted(unknown)}")
+        for k, v in key.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"keyframe {i} field {k!r} is {v!r}; it must be a finite number")
         current.update({k: float(v) for k, v in key.items() if k != "t"})
         times.append(float(key["t"]))
         rows.append([current[k] for k in _KEY_FIELDS])
@@ -374,7 +388,11 @@ def load_trajectory(spec: str | os.PathLike | Mapping[str, Any], num_frames: int
             raise ValueError(f"could not read trajectory JSON {spec}: {err}") from err
     if not isinstance(spec, Mapping):
         raise ValueError(f"trajectory JSON must hold an object, got {type(spec).__name__}")
-    frames = num_frames or int(spec.get("num_frames", NUM_FRAMES))
+    frames = num_frames or spec.get("num_frames", NUM_FRAMES)
+    if isinstance(frames, float) and frames.is_integer():
+        frames = int(frames)
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"trajectory num_frames is {frames!r}; it must be an integer in 1..{MAX_FRAMES}")
     if "keyframes" in spec:
         return from_keyframes(spec["keyframes"], frames, interpolation=spec.get("interpolation", "linear"),
                               radius=float(spec.get("radius", RADIUS)))

@@ -45,6 +45,7 @@ NOSE_TIP = 4  # the official crop centres the source on this landmark of frame 0
 
 # Samples dropped by the transforms in this process, by reason (a corrupt video, a frame
 # without a face, a missing annotation). Each drop is also logged.
+SKIP_REASONS = ("decode error", "no face", "missing landmarks", "missing masks")  # every reason raised here
 _skips: Counter = Counter()
 _skips_lock = threading.Lock()
 

@@ -25,5 +25,6 @@ Per-video failures (a missing or unreadable file, no face, too few frames, an un
 become the row's `error` text; the evaluation itself never stops for them.
 
 Modules: `manifest` (rows -> entries), `scores` (PSNR, SSIM), `camera_correctness`, `identity`
-(dlib, optional), `report` (Row, Report, `evaluate_manifest`: what the CLI facecam_jax.evaluate runs).
+(dlib, optional), `report` (Row, Report, `evaluate_rows` of the manifest's entries: what the CLI
+facecam_jax.evaluate runs, after checking its output paths; `evaluate_manifest` does both).
 """

@@ -20,7 +20,7 @@ from facecam_jax.evaluation import identity as identity_lib
 from facecam_jax.evaluation.camera_correctness import MIN_FRAMES, REFERENCES, camera_from_detections
 from facecam_jax.evaluation.manifest import Entry, entries_from_rows, read_manifest
 from facecam_jax.evaluation.scores import psnr, ssim
-from facecam_jax.video_io import VideoDecodeError, read_video
+from facecam_jax.video_io import VideoDecodeError, probe, read_video
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Row:
     identity_distance: float | None = None
     identity_frames: int | None = None
     identity_note: str | None = None  # why identity is missing when it is not an error
+    warning: str | None = None  # scored, but with a caveat (an output shorter than its target)
     error: str | None = None
 
 
@@ -72,6 +73,7 @@ class Report:
         return {
             "videos": len(self.rows),
             "errors": sum(r.error is not None for r in self.rows),
+            "warnings": sum(r.warning is not None for r in self.rows),
             "camera_reference": self.reference,
             "camera_judged": len(judged),
             "camera_correct": sum(bool(r.camera_correct) for r in judged),
@@ -121,7 +123,7 @@ class Report:
                                                    num(m["yaw"], 1), num(m["pitch"], 1)]
             lines.append("| " + " | ".join(cell(c) for c in [
                 self._name(r.output), motion, camera, *measure, num(r.psnr, 2), num(r.ssim, 4), identity,
-                r.error or ""]) + " |")
+                "; ".join(filter(None, [r.error, r.warning and f"warning: {r.warning}"]))]) + " |")
         o = self.overall()
         accuracy = ("-" if o["camera_accuracy"] is None else
                     f"{100 * o['camera_accuracy']:.1f}% ({o['camera_correct']}/{o['camera_judged']} judged)")
@@ -145,6 +147,14 @@ class Report:
             f.write(self.to_markdown())
 
 
+def _frame_count(path: str) -> int | None:
+    """The frame count a video's header states (None when it states none)."""
+    try:
+        return probe(path).num_frames
+    except VideoDecodeError:
+        return None
+
+
 def _measure_dict(m: pose.MotionMeasure) -> dict[str, float]:
     return {k: _finite(v) for k, v in dataclasses.asdict(m).items()}
 
@@ -164,9 +174,14 @@ def evaluate_entry(entry: Entry, *, reference: str = "change", identity_frames: 
 
     if entry.target is not None:
         try:
-            target, _ = read_video(entry.target, max_frames=num)
+            target, _ = read_video(entry.target, max_frames=num + 1)  # one more: is the output shorter?
             if target.shape[1:3] != (height, width):
                 raise ValueError(f"target is {target.shape[1]}x{target.shape[2]}, the output {height}x{width}")
+            if len(target) > num:  # a truncated output would score its few frames as if it were whole
+                total = _frame_count(entry.target)
+                row.warning = (f"the output has {num} frame(s), its target {total or 'more'}: PSNR/SSIM "
+                               f"compare the first {num} only")
+                log.warning("%s: %s", entry.output, row.warning)
             count = min(len(target), num)  # a shorter target is compared over its own frames
             row.psnr, row.ssim = psnr(output[:count], target[:count]), ssim(output[:count], target[:count])
         except (VideoDecodeError, ValueError, OSError) as e:

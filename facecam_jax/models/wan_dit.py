@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from facecam_jax import sharding as sh
 from facecam_jax.models.attention import attention
@@ -384,6 +385,9 @@ class WanDiT(nnx.Module):
         self.dtype = dtype
         self.attention = attention
         self.remat = remat
+        # Set by sampler.place_experts (sample.offload=blocks): the stacked block weights live in
+        # host memory and run_blocks brings each layer to the device inside the scan.
+        self.stream_blocks = False
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         d = cfg.dim
         self.patch_embedding = PatchEmbed(cfg, **kw)
@@ -454,6 +458,8 @@ class WanDiT(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
             body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
+        if self.stream_blocks:
+            return _streamed_scan(body, x, state)
         x, _ = jax.lax.scan(body, x, state)
         return x
 
@@ -471,6 +477,33 @@ class WanDiT(nnx.Module):
         out = out.reshape(b, keep, grid[1], grid[2], pt, ph, pw, cfg.out_dim)
         out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', pt, H', ph, W', pw, C]
         return out.reshape(b, keep * pt, grid[1] * ph, grid[2] * pw, cfg.out_dim).astype(jnp.float32)
+
+
+def _streamed_scan(body, x: Array, host_state):
+    """``lax.scan(body, x, host_state)`` over stacked layers that live in host memory: iteration
+    i copies layer i to the device while the layer fetched before it runs, so the copy of the
+    next layer overlaps the current one's compute and only two layers are on the device."""
+    mesh, rules = sh.current_mesh(), sh.current_rules()
+    if mesh is None or mesh.empty:
+        raise ValueError("streaming the blocks from host memory needs an active mesh (sharding.use_mesh)")
+
+    def to_device(layer):
+        def put(var):
+            value = var.get_value()
+            spec = sh.logical_to_spec((sh.variable_axes(var) or ())[1:] or None, value.shape, mesh, rules)
+            return var.replace(jax.device_put(value, NamedSharding(mesh, spec, memory_kind="device")))
+
+        return jax.tree.map(put, layer, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def step(carry, host_layer):
+        x, current, i = carry
+        fetched = to_device(host_layer)  # layer i, for the next iteration
+        x = jax.lax.cond(i > 0, lambda: body(x, current)[0], lambda: x)  # layer i - 1
+        return (x, fetched, i + 1), None
+
+    placeholder = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), host_state)
+    (x, last, _), _ = jax.lax.scan(step, (x, to_device(placeholder), jnp.zeros((), jnp.int32)), host_state)
+    return body(x, last)[0]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("e", "e0", "context", "rope"), meta_fields=("grid",))

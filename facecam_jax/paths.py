@@ -1,0 +1,124 @@
+"""Output paths checked before any work: nothing is written over an input, and a path that
+cannot be written fails in one line before a model loads, not after the compute.
+
+Every entry point that writes files calls ``check_outputs`` first::
+
+    paths.check_outputs({"--out": out, "compare video": compare}, inputs={"--video": video})
+
+An output is refused when it is a directory (or, for a directory output, a file), lies under
+a file, cannot be written (its folder or the file itself), is one of the inputs (the same file
+by ``os.path.samefile`` or by its real path), contains an input (a directory output), is an
+existing file or folder inside an input folder (a checkpoint, a dataset), or is another of
+the outputs. Missing folders are fine when the nearest existing one is writable: the
+writers create them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Union
+
+from facecam_jax.errors import OutputPathError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _real(path: PathLike) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _same(a: str, b: str) -> bool:
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = _real(path), _real(folder)
+    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_writable(label: str, path: str, directory: bool) -> None:
+    if not path:
+        raise OutputPathError(f"{label} is empty: give a path to write")
+    if directory:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OutputPathError(f"{label} {path!r} is a file; give a directory to write into")
+    elif os.path.isdir(path):
+        raise OutputPathError(f"{label} {path!r} is a directory, not a file; give a file path")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            break
+        ancestor = parent
+    if os.path.exists(ancestor) and not os.path.isdir(ancestor):
+        raise OutputPathError(f"{label} {path!r} is under {ancestor!r}, which is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{label} {path!r} cannot be written: {ancestor!r} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{label} {path!r} exists and is not writable")
+
+
+def check_outputs(files: Mapping[str, PathLike | None] | None = None,
+                  inputs: Mapping[str, PathLike | Iterable[PathLike] | None] | None = None, *,
+                  directories: Mapping[str, PathLike | None] | None = None) -> None:
+    """Raises ``OutputPathError`` (one line, naming the flag) for the first output that must
+    not be written. ``files`` / ``directories``: label -> the file / folder an entry point will
+    write (None: not written); ``inputs``: label -> a path (or paths) it reads (missing ones
+    are ignored)."""
+    outputs = [(label, os.fspath(p), False) for label, p in (files or {}).items() if p is not None]
+    outputs += [(label, os.fspath(p), True) for label, p in (directories or {}).items() if p is not None]
+    read = []
+    for label, value in (inputs or {}).items():
+        if value is None:
+            continue
+        for p in ([value] if isinstance(value, (str, os.PathLike)) else value):
+            if p and os.path.exists(p):
+                read.append((label, os.fspath(p)))
+    for i, (label, path, directory) in enumerate(outputs):
+        _check_writable(label, path, directory)
+        for other_label, other, _ in outputs[:i]:
+            if _same(path, other):
+                raise OutputPathError(f"{label} and {other_label} are the same path {path!r}; give each its own")
+        for in_label, source in read:
+            if _same(path, source):
+                raise OutputPathError(f"{label} {path!r} is an input ({in_label}); writing it would overwrite "
+                                      "the input: choose another path")
+            if directory and _inside(source, path):
+                raise OutputPathError(f"{label} {path!r} holds an input ({in_label} {source!r}); writing it "
+                                      "could overwrite the input: choose another directory")
+            if os.path.isdir(source) and os.path.exists(path) and _inside(path, source):
+                raise OutputPathError(f"{label} {path!r} already exists inside an input folder ({in_label} "
+                                      f"{source!r}); writing it would overwrite part of the input: choose "
+                                      "another path")
+
+
+_PATH_FIELDS = ("checkpoint", "overlay", "embeddings", "weights", "root")  # fields that name files or folders
+
+
+def config_inputs(config) -> dict[str, list[str]]:
+    """The files and folders a config reads: each value of a path field (``*checkpoint*``,
+    ``*overlay*``, ``embeddings``, ``weights``, ``*root``) naming an existing path, by its dotted
+    key (``config model.dit_checkpoint``)."""
+    out: dict[str, list[str]] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if hasattr(value, "items"):
+                walk(value, name + ".")
+                continue
+            if not any(field in key for field in _PATH_FIELDS):
+                continue
+            values = value if isinstance(value, (tuple, list)) else [value]
+            found = [v for v in values if isinstance(v, str) and v and os.path.exists(v)]
+            if found:
+                out[f"config {name}"] = found
+
+    walk(config, "")
+    return out

@@ -1,0 +1,28 @@
+"""bench/gpu_suite.py --tiny: every GPU benchmark's code path at toy sizes, so the suite starts
+on a GPU machine at the first try (its own test of the package set is in the closing note of
+issue 18: a virtualenv with only that machine's packages plus bench/gpu_wheels.txt)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_suite_tiny_runs_every_section(tmp_path):
+    out = str(tmp_path / "suite")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on a one-GPU machine
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--tiny", "--out", out],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    with open(out + ".json") as f:
+        report = json.load(f)
+    sections = report["sections"]
+    assert set(sections) == {"train_1p3b", "dit_vs_diffusers", "sample_1p3b", "sample_a14b", "sample_a14b_int8"}
+    assert all("error" not in r and "skipped" not in r for r in sections.values()), sections
+    assert sections["train_1p3b"]["tflops_per_device"] > 0 and sections["train_1p3b"]["plan_bytes"] > 0
+    assert sections["sample_a14b"]["experts"] == 2 and sections["dit_vs_diffusers"]["ratio"] > 0
+    with open(out + ".md") as f:
+        assert "| train_1p3b |" in f.read()

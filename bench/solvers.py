@@ -5,6 +5,7 @@
     python bench/solvers.py cache --solver unipc --steps 20        # MagCache thresholds x max_skips, timed
     python bench/solvers.py flops --solver unipc --steps 20 --threshold 0.12 --max_skips 2   # A14B, analytic
     python bench/solvers.py table                                  # the sweep's table from what is stored
+    python bench/solvers.py smoothness                             # is the model's velocity smooth in t?
 
 Data: the learning benchmark's held-out pairs (``bench/learn_mini.py``: held-out time windows,
 source camera i -> target camera j, the target camera's landmark map held), a fixed subset
@@ -369,9 +370,55 @@ def cache(args) -> None:
                 records.append({"threshold": th, "max_skips": k, "evaluations": [ran, n], "skipped": skipped,
                                 "time_ratio": ratio, "time_ratios": ratios, "psnr_to_uncached": float(p_u)})
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"cache_{args.solver}_{args.steps}.json"), "w") as f:
+        name = f"cache_{args.solver}_{args.steps}_t{args.thresholds.replace(',', '_')}.json"
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump({"machine": machine(), "uncached_loop_s": u_times, "settings": records}, f, indent=1)
     print(f"\ndone | {load_line()}")
+
+
+# ------------------------------------------------------------------ smoothness
+
+
+def smoothness(args) -> None:
+    """How smooth the model's velocity is in t: v(x_t, t) on the straight path x_t = (1 - s) z0 + s eps
+    (z0: the stored UniPC-100 output, eps: its noise) every 0.5 timestep units; per window of
+    10 units, the path length of v (sum of the 0.5-unit changes) over its chord (the change
+    across the window). A function smooth at this scale gives ~1; an oscillating one more."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from facecam_jax import sharding as sh
+    from facecam_jax.models.wan_dit import facecam_velocity
+
+    bench = HeldoutBench(**TABLE_BENCH)
+    print(f"machine: {machine()} | {load_line()}")
+    path = output_path(args.out, *SECOND_REFERENCE)
+    if not os.path.exists(path):
+        raise SystemExit(f"no {path}: run `python bench/solvers.py sweep --solvers unipc` first")
+    n = args.pairs
+    with sh.use_mesh(bench.mesh, bench.rules):
+        bench.load()
+        source, camera, ctx, _, noise = (a[:n] for a in bench._args)
+        z0 = jnp.asarray(Output.load(path).latents[:n])
+        graphdef, state = nnx.split(bench.experts.models[0])
+        fn = jax.jit(lambda st, x, t: facecam_velocity(nnx.merge(graphdef, st), x, camera, source, t, ctx))
+        starts = [float(t) for t in args.windows.split(",")]
+        wanted = sorted({round(a + 0.5 * k, 1) for a in starts for k in range(21)})
+        vs = {}
+        for t in wanted:
+            x = (1 - t / 1000) * z0 + (t / 1000) * noise
+            vs[t] = np.asarray(fn(state, x, jnp.full((n,), t, jnp.float32)))
+    print(f"{n} pairs; v(x_t, t) every 0.5 timestep units on the straight path from the UniPC-100 output to its "
+          "noise\n")
+    print("| t window | ‖v‖ | path length over 0.5-unit steps | chord | path / chord |")
+    print("|---|---|---|---|---|")
+    for a in starts:
+        seg = [vs[round(a + 0.5 * k, 1)] for k in range(21)]
+        length = sum(float(np.linalg.norm(seg[k + 1] - seg[k])) for k in range(20))
+        chord = float(np.linalg.norm(seg[-1] - seg[0]))
+        print(f"| {a:.0f}-{a + 10:.0f} | {np.linalg.norm(seg[0]):.1f} | {length:.2f} | {chord:.2f} | "
+              f"{length / chord:.2f} |")
 
 
 # ------------------------------------------------------------------ analytic
@@ -455,6 +502,9 @@ def main(argv=None) -> int:
     c.add_argument("--thresholds", default="0,0.03,0.06,0.12,0.24")
     c.add_argument("--max_skips", default="2,3,4")
     c.add_argument("--repeats", type=int, default=2)
+    m = sub.add_parser("smoothness")
+    m.add_argument("--pairs", type=int, default=6)
+    m.add_argument("--windows", default="5,25,50,100,200,300,500,800,980", help="t at the start of each 10-unit window")
     f = sub.add_parser("flops")
     f.add_argument("--solver", default="unipc")
     f.add_argument("--steps", type=int, default=20)
@@ -465,7 +515,8 @@ def main(argv=None) -> int:
     global TABLE_BENCH
     TABLE_BENCH = dict(config_arg=args.config, sources=tuple(map(int, args.sources.split(","))),
                        targets=tuple(map(int, args.targets.split(","))))
-    {"sweep": sweep, "table": lambda a: print_table(a.out), "cache": cache, "flops": flops_table}[args.part](args)
+    {"sweep": sweep, "table": lambda a: print_table(a.out), "cache": cache, "flops": flops_table,
+     "smoothness": smoothness}[args.part](args)
     return 0
 
 

@@ -3,7 +3,8 @@
     python bench/solvers.py sweep --solvers euler                  # Euler-100 reference + Euler 5..50, 100
     python bench/solvers.py sweep --solvers unipc,dpmpp_2m         # (one solver per run keeps a run < 20 min)
     python bench/solvers.py cache --solver unipc --steps 20        # MagCache thresholds x max_skips, timed
-    python bench/solvers.py flops --solver unipc --steps 20 --threshold 0.12 --max_skips 2   # A14B, analytic
+    python bench/solvers.py race --settings euler:50,euler:20,unipc:20,unipc:20:0.06:2   # interleaved timing
+    python bench/solvers.py flops --solver unipc --steps 20 --thresholds 0.06,0.12   # A14B, analytic
     python bench/solvers.py table                                  # the sweep's table from what is stored
     python bench/solvers.py smoothness                             # is the model's velocity smooth in t?
 
@@ -376,6 +377,56 @@ def cache(args) -> None:
     print(f"\ndone | {load_line()}")
 
 
+# ------------------------------------------------------------------ race
+
+
+def setting_overrides(spec: str) -> str:
+    """``solver:steps[:threshold:max_skips]`` -> config overrides."""
+    parts = spec.split(":")
+    out = f"sample.solver={parts[0]},sample.num_steps={int(parts[1])}"
+    if len(parts) > 2:
+        out += f",sample.cache=magcache,sample.cache_threshold={float(parts[2])},sample.cache_max_skips={int(parts[3])}"
+    return out
+
+
+def race(args) -> None:
+    """Loop time of whole settings against each other, interleaved: A B C ... A B C ..., ``--repeats``
+    rounds; each setting's median, and its ratio to the first setting's median."""
+    from facecam_jax import sharding as sh
+
+    bench = HeldoutBench(**TABLE_BENCH)
+    print(f"machine: {machine()} | {load_line()}")
+    print(bench.describe())
+    specs = args.settings.split(",")
+    second_path = output_path(args.out, *SECOND_REFERENCE)
+    second = Output.load(second_path) if os.path.exists(second_path) else None
+    with sh.use_mesh(bench.mesh, bench.rules):
+        bench.load()
+        programs = [bench.compile(setting_overrides(spec)) for spec in specs]
+        times = {spec: [] for spec in specs}
+        outputs = {}
+        for r in range(args.repeats):
+            for spec, (compiled, options, states, _) in zip(specs, programs):
+                latents, seconds = bench.loop(compiled, states)
+                times[spec].append(seconds)
+                outputs.setdefault(spec, latents)
+            print(f"round {r + 1}/{args.repeats} | {load_line()}", flush=True)
+        base = float(np.median(times[specs[0]]))
+        print(f"\nLoop times, {len(bench.pairs)} pairs in one batch, {args.repeats} interleaved rounds "
+              f"(median; range):\n")
+        print("| setting | DiT evaluations | loop (s) | speed-up over " + specs[0] + " | PSNR to UniPC-100 (dB) |")
+        print("|---|---|---|---|---|")
+        for spec, (compiled, options, states, _) in zip(specs, programs):
+            t = float(np.median(times[spec]))
+            ran, n = options.evaluations()
+            p = "-" if second is None else f"{psnr_each(bench.decode(outputs[spec]), second.video).mean():.2f}"
+            print(f"| {spec} | {ran} of {n} | {t:.1f} ({min(times[spec]):.1f}-{max(times[spec]):.1f}) | "
+                  f"{base / t:.2f}x | {p} |")
+        with open(os.path.join(args.out, "race.json"), "w") as f:
+            json.dump({"machine": machine(), "times": times}, f, indent=1)
+    print(f"\ndone | {load_line()}")
+
+
 # ------------------------------------------------------------------ smoothness
 
 
@@ -461,10 +512,10 @@ def flops_table(args) -> None:
     print(f"machine: {machine()} (analytic: nothing runs)")
     rows = [("Euler-50 (the paper's)", a14b_seconds("euler", 50, None, calibration))]
     rows.append((f"{args.solver}-{args.steps}", a14b_seconds(args.solver, args.steps, None, calibration)))
-    if args.threshold is not None:
-        rows.append((f"{args.solver}-{args.steps} + MagCache (threshold {args.threshold}, max_skips "
+    for threshold in (args.thresholds.split(",") if args.thresholds else []):
+        rows.append((f"{args.solver}-{args.steps} + MagCache (threshold {threshold}, max_skips "
                      f"{args.max_skips}, retention {args.retention})",
-                     a14b_seconds(args.solver, args.steps, (args.threshold, args.max_skips, args.retention),
+                     a14b_seconds(args.solver, args.steps, (float(threshold), args.max_skips, args.retention),
                                   calibration)))
     base = rows[0][1]["total_flops"]
     names = list(rows[0][1]["seconds"])
@@ -502,13 +553,17 @@ def main(argv=None) -> int:
     c.add_argument("--thresholds", default="0,0.03,0.06,0.12,0.24")
     c.add_argument("--max_skips", default="2,3,4")
     c.add_argument("--repeats", type=int, default=2)
+    r = sub.add_parser("race")
+    r.add_argument("--settings", default="euler:50,euler:20,unipc:20,unipc:20:0.06:2,unipc:20:0.12:2",
+                   help="solver:steps[:threshold:max_skips], the first is the baseline")
+    r.add_argument("--repeats", type=int, default=2)
     m = sub.add_parser("smoothness")
     m.add_argument("--pairs", type=int, default=6)
     m.add_argument("--windows", default="5,25,50,100,200,300,500,800,980", help="t at the start of each 10-unit window")
     f = sub.add_parser("flops")
     f.add_argument("--solver", default="unipc")
     f.add_argument("--steps", type=int, default=20)
-    f.add_argument("--threshold", type=float, default=None)
+    f.add_argument("--thresholds", default="", help="MagCache thresholds, e.g. 0.06,0.12 (none: no cache rows)")
     f.add_argument("--max_skips", type=int, default=2)
     f.add_argument("--retention", type=float, default=0.2)
     args = p.parse_args(argv)
@@ -516,7 +571,7 @@ def main(argv=None) -> int:
     TABLE_BENCH = dict(config_arg=args.config, sources=tuple(map(int, args.sources.split(","))),
                        targets=tuple(map(int, args.targets.split(","))))
     {"sweep": sweep, "table": lambda a: print_table(a.out), "cache": cache, "flops": flops_table,
-     "smoothness": smoothness}[args.part](args)
+     "smoothness": smoothness, "race": race}[args.part](args)
     return 0
 
 

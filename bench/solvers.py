@@ -258,7 +258,8 @@ def print_table(out: str, bench: HeldoutBench | None = None) -> None:
             path = output_path(out, solver, n)
             if os.path.exists(path):
                 stored[(solver, n)] = Output.load(path)
-    print("\nPSNR (dB) of each output to the Euler-100 output, mean over pairs (latent relative L2 distance):\n")
+    second = stored.get(SECOND_REFERENCE)
+    print("\nPSNR (dB) of each output to the Euler-100 output / to the UniPC-100 output, mean over pairs:\n")
     print("| steps | " + " | ".join(SOLVERS) + " |")
     print("|---|" + "---|" * len(SOLVERS))
     for n in STEPS:
@@ -267,16 +268,15 @@ def print_table(out: str, bench: HeldoutBench | None = None) -> None:
             o = stored.get((solver, n))
             if o is None:
                 cells.append("-")
-            elif (solver, n) == REFERENCE:
-                cells.append("(reference)")
-            else:
-                cells.append(f"{psnr_each(o.video, ref.video).mean():.2f} ({latent_rel(o.latents, ref.latents):.3f})")
+                continue
+            to = [("ref" if (solver, n) == r else f"{psnr_each(o.video, x.video).mean():.2f}") if x is not None else "-"
+                  for r, x in ((REFERENCE, ref), (SECOND_REFERENCE, second))]
+            cells.append(" / ".join(to))
         print(f"| {n} | " + " | ".join(cells) + " |")
-    second = stored.get(SECOND_REFERENCE)
     print("\nEvery setting: PSNR to the reference (mean, and the worst pair), to UniPC-100 (a second-order "
           "100-step solution, nearer the ODE's), and the held-out PSNR / SSIM to the TRUE target views (mean over "
           "the pairs of each target group):\n")
-    print("| solver | steps | PSNR to Euler-100 (dB) | worst pair (dB) | latent rel. L2 | PSNR to UniPC-100 (dB) | "
+    print("| solver | steps | PSNR to Euler-100 (dB) | worst pair (dB) | latent rel. L2 | PSNR to UniPC-100 (dB) (latent) | "
           "PSNR / SSIM to truth, training cameras | PSNR / SSIM to truth, held-out camera | loop (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (solver, n), o in stored.items():
@@ -286,7 +286,7 @@ def print_table(out: str, bench: HeldoutBench | None = None) -> None:
         ref_cells = ("reference", "-", "-") if (solver, n) == REFERENCE else (
             f"{p.mean():.2f}", f"{p.min():.2f}", f"{latent_rel(o.latents, ref.latents):.4f}")
         to_second = "-" if second is None or (solver, n) == SECOND_REFERENCE else \
-            f"{psnr_each(o.video, second.video).mean():.2f}"
+            f"{psnr_each(o.video, second.video).mean():.2f} ({latent_rel(o.latents, second.latents):.4f})"
         print(f"| {solver} | {n} | " + " | ".join(ref_cells) + f" | {to_second} | {cells[0]} | {cells[1]} | "
               f"{o.loop_s:.1f} |")
     print("\nloop (s): the compiled loop alone, one run per setting with all pairs in one batch; the machine's "

@@ -64,6 +64,9 @@ def data_config() -> ml_collections.ConfigDict:
     # order). Training never sees a frame of a held-out window, nor a held-out camera.
     data.holdout_windows = ()
     data.holdout_cameras = ()
+    # Multi-view targets only from these cameras (positions in serial order; sources from the
+    # others); (): any camera. For fine-tuning on one camera's training windows (bench/learn_lora.py).
+    data.target_cameras = ()
 
     # Augmentation (SPEC 6; paper Algorithms 1-3).
     data.max_shots = 4  # K ~ U{1..max_shots} target cameras per multi-view sample
@@ -136,6 +139,13 @@ def train_config() -> tuple[ml_collections.ConfigDict, ...]:
     # Parameters that are trained (the rest is frozen): names matched against parameter paths;
     # the paper trains the self-attention (q, k, v, o, norm_q, norm_k) and the patch embedding.
     train.trainable = ("self_attn", "patch_embedding")
+    # LoRA (facecam_jax.build.trainable_filter): lora_rank > 0 trains rank-r adapters on every
+    # Linear inside the modules `trainable` selects, and the selected non-Linear parameters (the
+    # patch embedding, the q/k RMSNorm scales) in full; the base stays frozen. The run exports
+    # facecam[_<expert>]_lora.safetensors (diffusers/PEFT naming) beside the partial state dict
+    # of the fully trained parameters. 0: full fine-tuning of `trainable`. lora_alpha 0: = rank.
+    train.lora_rank = 0
+    train.lora_alpha = 0.0
     # Chip utilisation: every step logs tflops_per_device and, against the device's dense bf16
     # peak (facecam_jax.chips), mfu; peak_tflops > 0 overrides the peak (TFLOP/s per device).
     train.peak_tflops = 0.0
@@ -172,8 +182,12 @@ def sample_config() -> ml_collections.ConfigDict:
     sample.high_noise_overlay = ()
     sample.low_noise_checkpoint = ""
     sample.low_noise_overlay = ()
-    # A folder of trained weights (facecam*.safetensors) to overlay when no --workdir is given.
+    # A folder of trained weights (facecam*.safetensors) to overlay when no --workdir is given;
+    # its *_lora.safetensors files are merged at strength 1.
     sample.weights = ""
+    # LoRA files merged into every expert after the weights above: "path" (strength 1) or
+    # "path:strength"; the sample CLI's --lora PATH[:STRENGTH] appends here.
+    sample.loras = ()
     # The ODE solver on the shifted sigma grid (facecam_jax.flow): euler (the paper's) | unipc | dpmpp_2m.
     sample.solver = "euler"
     # Step caching (facecam_jax.step_cache): none | magcache, with its rule's knobs and the ratio

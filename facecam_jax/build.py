@@ -8,7 +8,7 @@ so that a program compiled ahead of time is the program a run builds from weight
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ from facecam_jax import sharding as sh
 from facecam_jax import text
 from facecam_jax.checkpoints.dit import load_dit
 from facecam_jax.checkpoints.vae import load_vae
-from facecam_jax.models import quant, wan_dit
+from facecam_jax.models import lora, quant, wan_dit
+from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.models.wan_vae import VAEConfig, WanVAE
 
@@ -85,9 +86,28 @@ def is_trainable(path: Sequence[str], names: Sequence[str]) -> bool:
     return names == ("all",) or any(str(p) in names for p in path)
 
 
-def trainable_filter(names: Sequence[str]):
-    """The nnx filter of ``is_trainable``: parameters whose path names one of ``names``."""
+def trainable_filter(names: Sequence[str], lora_layers: Collection[tuple[str, ...]] | None = None):
+    """The nnx filter of the trained parameters: those ``is_trainable`` selects.
+
+    With LoRA (``lora_layers``: the module paths of the adapted ``Linear`` layers, see
+    ``lora_layers``): every adapter (``LoRAParam``), and every selected parameter that is not an
+    adapted layer's kernel, bias or quantization scale, i.e. the selection's non-``Linear``
+    parameters, trained in full: the patch embedding (a low-rank update could not learn its
+    zero-initialised FaceCam channels; ``models.lora``) and the small ones inside the selected
+    modules (self-attention's q/k RMSNorm scales, 2 x dim per layer; with ``("all",)`` also the
+    modulations and affine norms). Base kernels stay frozen in the model's param dtype.
+    """
     names = tuple(names)
+    if lora_layers is not None:
+        frozen_layers = frozenset(tuple(p) for p in lora_layers)
+
+        def lora_match(path, value):
+            if isinstance(value, LoRAParam):
+                return True
+            path = tuple(str(p) for p in path)
+            return isinstance(value, nnx.Param) and is_trainable(path, names) and path[:-1] not in frozen_layers
+
+        return lora_match
     if names == ("all",):
         return nnx.Param
 
@@ -95,6 +115,49 @@ def trainable_filter(names: Sequence[str]):
         return isinstance(value, nnx.Param) and is_trainable(path, names)
 
     return match
+
+
+def lora_layers(model: nnx.Module) -> frozenset[tuple[str, ...]]:
+    """Module paths of the model's ``Linear`` layers that have LoRA adapters."""
+    return frozenset(path for path, _ in lora.adapted_linears(model))
+
+
+def train_filter(config, model: nnx.Module):
+    """The filter of what a run of ``config`` trains in ``model`` (``build_dit(..., adapters=True)``):
+    ``trainable_filter`` of ``train.trainable``, with the model's adapters when ``train.lora_rank > 0``."""
+    if config.train.lora_rank <= 0:
+        return trainable_filter(config.train.trainable)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"train.lora_rank={config.train.lora_rank} but the DiT has no LoRA adapters; "
+                         "build it with build_dit(..., adapters=True)")
+    return trainable_filter(config.train.trainable, layers)
+
+
+# The adapters' random A matrices come from their own stream of config.seed (not the DiT's).
+_LORA_STREAM = 0x10A
+
+
+def add_adapters(dit: WanDiT, config, mesh=None, rules=sh.DEFAULT_RULES) -> WanDiT:
+    """A run's LoRA adapters (``train.lora_rank > 0``; else nothing): rank ``train.lora_rank``,
+    alpha ``train.lora_alpha`` (0: the rank), on every ``Linear`` that ``train.trainable``
+    selects; fp32 (they are small, and AdamW on bf16 adapters would round their updates away),
+    ``A`` drawn from ``config.seed`` (the same on every process), ``B = 0``; placed on ``mesh`` by
+    the base kernel's logical axes (abstract adapters on an abstract model). Returns ``dit``."""
+    t = config.train
+    if t.lora_rank < 0 or int(t.lora_rank) != t.lora_rank:
+        raise ValueError(f"train.lora_rank must be 0 (full fine-tuning) or a positive integer, got {t.lora_rank!r}")
+    if t.lora_alpha < 0:
+        raise ValueError(f"train.lora_alpha must be >= 0 (0: the rank), got {t.lora_alpha!r}")
+    if t.lora_rank == 0:
+        return dit
+    rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), _LORA_STREAM))
+    try:
+        lora.add_lora(dit, int(t.lora_rank), t.lora_alpha or None, tuple(t.trainable), rngs=rngs,
+                      param_dtype=jnp.float32, mesh=mesh, rules=rules)
+    except ValueError as e:
+        raise ValueError(f"train.lora_rank={t.lora_rank} with train.trainable={tuple(t.trainable)}: {e}") from e
+    return dit
 
 
 # ------------------------------------------------------------------ DiT
@@ -106,10 +169,11 @@ def _dit_kwargs(config) -> dict:
                 remat=m.remat)
 
 
-def build_dit(config, mesh, rules, *, seed: int | None = None) -> WanDiT:
+def build_dit(config, mesh, rules, *, seed: int | None = None, adapters: bool = False) -> WanDiT:
     """The DiT of ``config.model`` on ``mesh``: loaded (and overlaid) or random (``seed``,
     default ``config.seed``), widened to ``model.in_dim``, placed by its logical axes, its
-    block linears quantized as ``model.quantize`` says (checked before anything loads)."""
+    block linears quantized as ``model.quantize`` says (checked before anything loads).
+    ``adapters``: the training model, with ``train.lora_rank``'s adapters (``add_adapters``)."""
     m = config.model
     quant.check_mode(m.quantize, list(mesh.devices.flat))
     if m.dit_checkpoint:
@@ -123,10 +187,10 @@ def build_dit(config, mesh, rules, *, seed: int | None = None) -> WanDiT:
     dit = sh.shard_module(dit, mesh, rules)
     if not m.dit_checkpoint and quant.quantization_mode(dit) != m.quantize:
         quant.quantize_dit(dit, m.quantize)
-    return dit
+    return add_adapters(dit, config, mesh, rules) if adapters else dit
 
 
-def abstract_dit(config, mesh, rules) -> WanDiT:
+def abstract_dit(config, mesh, rules, *, adapters: bool = False) -> WanDiT:
     """``build_dit``'s model as shapes with their shardings (the preset; nothing is read)."""
 
     def make():
@@ -134,6 +198,8 @@ def abstract_dit(config, mesh, rules) -> WanDiT:
         return wan_dit.widen_patch_embedding(dit, max(config.model.in_dim, dit.config.in_dim))
 
     dit = quant.quantize_dit(nnx.eval_shape(make), config.model.quantize)
+    if adapters:
+        add_adapters(dit, config)
     return _with_shardings(dit, sh.state_shardings(nnx.state(dit), mesh, rules))
 
 

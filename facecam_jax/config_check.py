@@ -137,6 +137,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.preview_every": _int_at_least(1),
     "train.keep_checkpoints": _int_at_least(1),
     "train.trainable": (_names, "must be a non-empty tuple of parameter names (or ('all',))"),
+    "train.lora_rank": _int_at_least(0),  # 0: full fine-tuning of train.trainable
+    "train.lora_alpha": _number(0.0),  # 0: the rank
     "train.peak_tflops": _number(0.0),
     "train.profile_start_step": _int_at_least(1),
     "train.profile_steps": _int_at_least(0),

@@ -1,12 +1,13 @@
 """Does it fit? The real training or sampling program, compiled ahead of time from shapes.
 
 ``analyze(config, program, topology)`` builds the training step (``train_step.build_program(...,
-abstract=True)``: the preset DiT, trainable subset, optimizer state, frozen VAE encode, batch
+abstract=True)``: the preset DiT, trainable subset or its LoRA adapters, optimizer state, frozen VAE encode, batch
 over (data, fsdp)) or the sampling program (``sp.sample_program``: both Wan2.2 A14B
 experts in one jitted Euler loop with CFG, plus the VAE encode and decode that run beside
 them) from the factory's abstract models, on the config's mesh over the devices of a named
 TPU topology (``chips.tpu_topology``) or the local devices. It compiles them and reports
-(``fit_report.Report``) per-device memory from XLA's buffer plan, the device's memory, the
+(``fit_report.Report``) the trained parameters and optimizer-state bytes, per-device memory
+from XLA's buffer plan, the device's memory, the
 analytic FLOPs (``flops.step_flops``), the time at the bf16 peak, and a verdict.
 """
 
@@ -88,14 +89,18 @@ def _under_mesh(mesh, rules, jitted, *args):
     return lower
 
 
-def _train_programs(config, mesh, rules, hbm: int | None) -> tuple[list[Compiled], dict]:
+def _train_programs(config, mesh, rules, hbm: int | None, info: dict) -> list[Compiled]:
+    """The training step; ``info`` receives its parameter counts and optimizer-state bytes
+    (before a compile that may not fit)."""
     # Built outside the mesh context (optax's state-sharding helper runs an init eagerly, which a
     # compile-only device cannot execute); traced inside it, where activations are pinned.
     program = build_program(config, mesh, rules, abstract=True)
-    info = {"params": program.num_params, "trainable": program.num_trainable, "experts": 1}
+    info.update(params=program.num_params, trainable=program.num_trainable, experts=1,
+                optimizer_bytes=program.optimizer_bytes,
+                optimizer_device_bytes=device_bytes(program.state.opt_state))
     args = (program.state, program.frozen, program.vae_state, program.context, program.batch)
     _check_arguments("train step", device_bytes(args), hbm)
-    return [_compile("train step", _under_mesh(mesh, rules, program.step, *args))], info
+    return [_compile("train step", _under_mesh(mesh, rules, program.step, *args))]
 
 
 def _on_host(tree):
@@ -206,24 +211,29 @@ def analyze(config, program: str, topology: str | None = None, *, config_name: s
         chips=target.chips, mesh=dict(mesh.shape), model=config.model.dit, remat=config.model.remat,
         attention=attention_used(config, target), tokens=tokens,
         batch=d.batch_size if program == "train" else 1, params=0, trainable=0, experts=1,
+        lora_rank=config.train.lora_rank if program == "train" else 0,
         hbm=target.hbm_per_device, hbm_source=target.hbm_source, flops=_program_flops(config, program, frames),
         peak_flops=target.peak_flops,
     )
     start = time.perf_counter()
+    info: dict = {}
     try:
         if program == "train":
-            report.compiled, info = _train_programs(config, mesh, rules, target.hbm_per_device)
+            report.compiled = _train_programs(config, mesh, rules, target.hbm_per_device, info)
         else:
-            report.compiled, info = _sample_programs(config, mesh, rules, target.hbm_per_device, with_vae=with_vae,
-                                                     frames=frames)
+            report.compiled, sampled = _sample_programs(config, mesh, rules, target.hbm_per_device, with_vae=with_vae,
+                                                        frames=frames)
+            info.update(sampled)
             report.options, report.host_traffic = info["options"], info["host_traffic"]
             report.host_bandwidth = target.host_bandwidth
-        report.params, report.trainable, report.experts = info["params"], info["trainable"], info["experts"]
     except OutOfMemory as e:
         report.out_of_memory = {"program": e.name, "required": e.required, "available": e.available,
                                 "message": str(e), "seconds": e.seconds}
-        n = build.num_experts(config) if program == "sample" else 1
-        report.experts = n
-        report.params = n * wan_dit.param_count(wan_dit.abstract_model(dit_config))
+        if not info:  # the sampling program: counted from the preset
+            n = build.num_experts(config) if program == "sample" else 1
+            info = {"experts": n, "params": n * wan_dit.param_count(wan_dit.abstract_model(dit_config)), "trainable": 0}
+    report.params, report.trainable, report.experts = info["params"], info["trainable"], info["experts"]
+    report.optimizer_bytes = info.get("optimizer_bytes", 0)
+    report.optimizer_device_bytes = info.get("optimizer_device_bytes", 0)
     report.seconds = time.perf_counter() - start
     return report

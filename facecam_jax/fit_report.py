@@ -71,6 +71,7 @@ class Report:
     params: int
     trainable: int
     experts: int
+    lora_rank: int
     hbm: int | None
     hbm_source: str
     flops: dict
@@ -81,6 +82,8 @@ class Report:
     host_bandwidth: float | None = None  # bytes/s of one chip's host link (assumed, chips.CHIPS)
     out_of_memory: dict | None = None  # {"program", "required", "available", "message"}
     seconds: float = 0.0  # all compiles
+    optimizer_bytes: int = 0  # the training step's optimizer state, all devices together
+    optimizer_device_bytes: int = 0  # ... on one device
 
     @property
     def peak(self) -> Compiled | None:
@@ -123,9 +126,13 @@ class Report:
             f"{'s' if self.chips > 1 else ''}), mesh {mesh}",
             f"model      {self.model}, {self.experts} x {_count(self.params / self.experts)} parameters"
             + (f", {_count(self.trainable)} trainable" if self.trainable else "")
+            + (f" (LoRA rank {self.lora_rank}: adapters, and the selection's non-linear parameters in full)"
+               if self.lora_rank else "")
             + (f", remat {self.remat}" if self.program == "train" else "") + f", attention {self.attention}",
             f"input      batch {self.batch}, {self.tokens:,} tokens per sample",
         ]
+        if self.optimizer_bytes:
+            lines.append(f"optimizer  {gib(self.optimizer_bytes)} of AdamW state ({gib(self.optimizer_device_bytes)} per device)")
         if self.options:
             lines.append(f"sampling   {self.options}")
         lines += [c.line() for c in self.compiled]

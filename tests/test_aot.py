@@ -17,7 +17,7 @@ from facecam_jax import build, chips, fit, train_step
 from facecam_jax import flops as flops_lib
 from facecam_jax import sharding as sh
 from facecam_jax.config_file import load_config
-from facecam_jax.models import wan_dit
+from facecam_jax.models import lora, wan_dit
 from facecam_jax.models.wan_vae import VAEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +44,16 @@ def test_dit_flops_hand_count():
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_dit_flops_equal_the_traced_step(remat):
-    """The analytic forward, backward (FaceCam's trainable subset) and remat FLOPs are exactly
-    the dots JAX traces for the DiT's loss and gradient (scan bodies times their length)."""
+@pytest.mark.parametrize("trainable,lora_rank", [(FACECAM_TRAINABLE, 0), (FACECAM_TRAINABLE, 4), (("ffn",), 4)])
+def test_dit_flops_equal_the_traced_step(remat, trainable, lora_rank):
+    """The analytic forward, backward (FaceCam's trainable subset; with LoRA adapters, also on
+    the FFN, whose fc2 remat leaves out) and remat FLOPs are exactly the dots JAX traces for the
+    DiT's loss and gradient (scan bodies times their length)."""
     model = nnx.eval_shape(lambda: wan_dit.WanDiT(TINY, rngs=nnx.Rngs(0), remat=remat))
-    graphdef, params, frozen = nnx.split(
-        model, nnx.All(nnx.Param, build.trainable_filter(FACECAM_TRAINABLE)), ...)
+    if lora_rank:
+        lora.add_lora(model, lora_rank, names=trainable)
+    rule = build.trainable_filter(trainable, build.lora_layers(model) if lora_rank else None)
+    graphdef, params, frozen = nnx.split(model, nnx.All(nnx.Param, rule), ...)
     lat = jax.ShapeDtypeStruct((1, 1, 4, 4, 16), jnp.float32)  # 2 x 4 tokens
     args = (lat, lat, lat, jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, 16, 32), jnp.float32))
 
@@ -59,11 +63,14 @@ def test_dit_flops_equal_the_traced_step(remat):
     loss = lambda p, f, *a: (velocity(p, f, *a) ** 2).sum()  # noqa: E731
     traced_forward = flops_lib.jaxpr_flops(jax.make_jaxpr(velocity)(params, frozen, *args))
     traced_step = flops_lib.jaxpr_flops(jax.make_jaxpr(jax.value_and_grad(loss))(params, frozen, *args))
-    flops = flops_lib.dit_flops(TINY, 1, 8, 4, FACECAM_TRAINABLE, remat)
-    print(f"\n[remat {remat}] traced forward {traced_forward:.0f}, step {traced_step:.0f}; analytic {flops}")
+    flops = flops_lib.dit_flops(TINY, 1, 8, 4, trainable, remat, lora_rank)
+    print(f"\n[remat {remat}, {trainable}, LoRA rank {lora_rank}] traced forward {traced_forward:.0f}, "
+          f"step {traced_step:.0f}; analytic {flops}")
     assert flops["forward"] == traced_forward
     assert flops["forward"] + flops["backward"] + flops["remat"] == traced_step
     assert (flops["remat"] > 0) == (remat == "full")
+    if lora_rank:  # the frozen base kernels' weight gradients are gone: a cheaper backward
+        assert flops["backward"] < flops_lib.dit_flops(TINY, 1, 8, 4, trainable, remat)["backward"]
 
 
 def test_vae_flops_count_the_scan_per_chunk():
@@ -104,10 +111,12 @@ def test_local_devices_report_without_a_memory_limit():
     assert report.fits is None and report.exit_code == fit.FITS and "verdict    unknown" in report.text()
 
 
-def test_the_fit_tool_compiles_the_program_a_run_builds():
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_fit_tool_compiles_the_program_a_run_builds(lora_rank):
     """The train step the fit tool lowers from shapes alone is the step a run builds from real
-    weights: the same HLO (fingerprint of the lowered text), on a 2-device fsdp mesh."""
-    config = load_config("mini,frames=5,batch_size=2")
+    weights: the same HLO (fingerprint of the lowered text), on a 2-device fsdp mesh; with LoRA
+    adapters too (abstract in the fit tool, placed arrays in a run)."""
+    config = load_config(f"mini,frames=5,batch_size=2,train.lora_rank={lora_rank}")
     mesh, rules = build.mesh_and_rules(config, devices=jax.devices()[:2])
     fingerprints = {}
     for abstract in (True, False):

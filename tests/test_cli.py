@@ -56,6 +56,16 @@ def test_sample_on_a_corrupt_video_and_verbose_traceback(tmp_path, corrupt):
     assert verbose.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_sample_with_a_missing_lora(tmp_path, corrupt):
+    # The second --lora is missing: every --lora is checked before anything is read (bad
+    # strengths: tests/test_lora.py).
+    missing = str(tmp_path / "missing_lora.safetensors")
+    out = str(tmp_path / "o.mp4")
+    result = _run("-m", "facecam_jax.sample", "--lora", corrupt, "--lora", missing + ":0.5", "--out", out)
+    _assert_one_error_line(result, 1, missing, "does not exist")
+    assert not os.path.exists(out)
+
+
 def test_preview_on_a_bad_trajectory_and_a_corrupt_video(tmp_path, corrupt):
     out = str(tmp_path / "cond.mp4")
     result = _run("-m", "facecam_jax.camera.preview", "--trajectory", "sideways", "--out", out)

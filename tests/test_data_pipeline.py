@@ -178,3 +178,22 @@ def test_broken_and_short_videos_are_skipped_and_counted(built, tmp_path):
     (folder / "a_good.mp4").write_bytes(os.urandom(4096))
     with pytest.raises(RuntimeError, match="samples in a row could not be read"):
         next(later)
+
+
+def test_target_cameras_restrict_the_training_targets(built):
+    """data.target_cameras: every multi-view target shot is from those cameras, the source never
+    (camera 4, as bench/learn_lora.py fine-tunes on it, and 4 again with camera 1 held out, where
+    the training split's positions shift by one)."""
+    for holdout, position in (((), 4), ((1,), 3)):
+        config = get_config("mini,frames=9,batch_size=4,wild_ratio=0.0")
+        config.data.target_cameras, config.data.holdout_cameras = (4,), holdout
+        cameras = np.concatenate([b["cameras"] for b in _take(pipeline.make_train_iterator(config), 2)])
+        targets = cameras[:, 1:]
+        assert (cameras[:, 0] != position).all() and (cameras[:, 0] >= 0).all()
+        assert set(targets[targets >= 0].tolist()) == {position}
+    config.data.holdout_cameras = (4,)
+    with pytest.raises(ValueError, match="overlap: a held-out camera is never a training target"):
+        pipeline.make_dataset(config.data)
+    config.data.target_cameras, config.data.holdout_cameras = (9,), ()
+    with pytest.raises(ValueError, match=r"data.target_cameras \[9\] do not fit sequence"):
+        pipeline.make_dataset(config.data)

@@ -13,7 +13,7 @@ from facecam_jax import sharding as sh
 from facecam_jax.checkpoints import CheckpointError, dit_naming, load_dit, save_dit
 from facecam_jax.checkpoints import dit as ckpt
 from facecam_jax.checkpoints.io import open_checkpoint, write_safetensors
-from facecam_jax.checkpoints.lora import apply_loras, save_lora
+from facecam_jax.checkpoints.lora import apply_loras, parse_lora_spec, save_lora
 from facecam_jax.models import lora as L
 from facecam_jax.models import wan_dit as W
 
@@ -390,3 +390,26 @@ def test_a_lora_for_another_model_size_is_one_clear_error(ref, tmp_path):
         load_dit(ref["base_file"], config=CFG, loras=[path])
     with pytest.raises(CheckpointError, match="another model size"):  # also in warn mode
         load_dit(ref["base_file"], config=CFG, loras=[path], lora_unmatched="warn")
+
+
+def test_lora_specs_parse_path_and_strength_and_bad_ones_are_one_clear_error(tmp_path):
+    plain = tmp_path / "style.safetensors"
+    colon = tmp_path / "run:7" / "facecam_lora.safetensors"  # a POSIX path may hold ':'
+    odd = tmp_path / "v:2"  # ... even where it ends in something like a number
+    for f in (plain, colon, odd):
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"")
+    assert parse_lora_spec(str(plain)) == (str(plain), 1.0)
+    assert parse_lora_spec(f"{plain}:0.75") == (str(plain), 0.75)
+    assert parse_lora_spec(f" {plain}:-1e-1 ") == (str(plain), -0.1)
+    assert parse_lora_spec(str(colon)) == (str(colon), 1.0)
+    assert parse_lora_spec(f"{colon}:2") == (str(colon), 2.0)
+    assert parse_lora_spec(f"{odd}:0.5") == (str(odd), 0.5)
+    with pytest.raises(ValueError, match=r"strength 'strong' is not a number .*style.safetensors:0.8"):
+        parse_lora_spec(f"{plain}:strong")
+    with pytest.raises(ValueError, match="strength 'nan' is not a finite number"):
+        parse_lora_spec(f"{plain}:nan")
+    with pytest.raises(FileNotFoundError, match=r"LoRA file '.*missing.safetensors' does not exist"):
+        parse_lora_spec(f"{tmp_path}/missing.safetensors:0.5")
+    with pytest.raises(ValueError, match="has no file"):
+        parse_lora_spec(":0.5")

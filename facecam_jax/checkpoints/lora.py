@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import os
 import warnings
 from typing import Any, Mapping, Sequence
@@ -172,6 +173,31 @@ def apply_loras(
         pairs = sum(e.down is not None for e in lora.entries)
         reports.append(LoraReport(lora.source, strength, pairs, len(lora.entries) - pairs, len(lora.unmatched)))
     return reports
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``"path"`` (strength 1) or ``"path:strength"`` -> ``(path, strength)``, as ``sample.loras``
+    and the sample CLI's ``--lora`` take them. The text after the last ``:`` is a strength only
+    when it parses as a number (a path may contain ``:``); a file that does not exist, an empty
+    path or a strength that is not finite is a ValueError / FileNotFoundError naming the spec."""
+    spec = os.fspath(spec).strip()
+    path, strength = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            strength = float(tail)
+            path = head
+        except ValueError:
+            pass
+    if not path:
+        raise ValueError(f"LoRA {spec!r} has no file: give PATH or PATH:STRENGTH")
+    if not math.isfinite(strength):
+        raise ValueError(f"LoRA {spec!r}: strength {tail!r} is not a finite number (PATH:STRENGTH, e.g. {path}:0.8)")
+    if not os.path.exists(path):
+        if path == spec and sep and head and os.path.exists(head):
+            raise ValueError(f"LoRA {spec!r}: strength {tail!r} is not a number (PATH:STRENGTH, e.g. {head}:0.8)")
+        raise FileNotFoundError(f"LoRA file {path!r} does not exist (from {spec!r}; give PATH or PATH:STRENGTH)")
+    return path, strength
 
 
 # ------------------------------------------------------------------ export

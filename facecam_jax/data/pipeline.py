@@ -12,7 +12,8 @@ is therefore one global number, the count of batches consumed: a checkpoint writ
 processes resumes with M (`start_batch`). A sample a transform had to drop (unreadable
 video, no face) is replaced by a fixed other position of the stream, again the same for
 every process count. Windows and cameras named by data.holdout_windows / holdout_cameras never
-enter the stream; `heldout_source` returns the held-out windows for evaluation.
+enter the stream; `heldout_source` returns the held-out windows for evaluation. With
+data.target_cameras, multi-view targets come from those cameras only (sources from the others).
 
 A batch is a dict of numpy arrays with a leading per-process batch dimension B:
   source, target, camera   uint8 [B, T, H, W, 3]   (camera: the landmark-map video)
@@ -62,6 +63,24 @@ def _data_roots(data) -> tuple[str, str, str]:
     if data.dataset != "files":
         raise ValueError(f"data.dataset must be 'mini' or 'files', got {data.dataset!r}")
     return data.multiview_root, data.wild_root, data.multiview_layout
+
+
+def target_positions(data, multiview: sources_lib.MultiViewSource) -> tuple[int, ...]:
+    """data.target_cameras (positions in serial order) as positions in the training split's
+    sequences, which lack the held-out cameras; checked against every sequence."""
+    targets = tuple(int(c) for c in data.get("target_cameras", ()))
+    if not targets:
+        return ()
+    held = {int(c) for c in data.get("holdout_cameras", ())}
+    if held & set(targets):
+        raise ValueError(f"data.target_cameras {list(targets)} and data.holdout_cameras {sorted(held)} overlap: "
+                         "a held-out camera is never a training target")
+    positions = tuple(c - sum(h < c for h in held) for c in targets)
+    for seq in multiview.sequences:
+        if max(positions) >= len(seq.cameras) or min(positions) < 0 or len(seq.cameras) <= len(set(positions)):
+            raise ValueError(f"data.target_cameras {list(targets)} do not fit sequence {seq.name}: it has "
+                             f"{len(seq.cameras) + len(held)} cameras, and a source needs a camera that is no target")
+    return positions
 
 
 def _holdout(data) -> dict:
@@ -209,7 +228,8 @@ def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0
     if multiview is not None and len(multiview):
         branches.append(_branch(multiview, [
             tr.MultiShotStitch(data.height, data.width, max_shots=data.max_shots,
-                               composite=data.composite, detect_missing=data.detect_missing),
+                               composite=data.composite, detect_missing=data.detect_missing,
+                               target_cameras=target_positions(data, multiview)),
             tr.ScaleAndColour(tuple(data.multiview_source_scale)),
             tr.SyntheticCameraMotion(tuple(data.multiview_target_zoom)),
             finish], tag=_MULTIVIEW_TAG, **common))

@@ -150,12 +150,15 @@ class _SkipOnFailure:
 @dataclasses.dataclass
 class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
     """Alg. 3: source camera, 1..max_shots time-aligned target shots, their anchor landmark
-    maps; decodes only the frames used and crops them to [height, width]."""
+    maps; decodes only the frames used and crops them to [height, width]. ``target_cameras``
+    (camera positions in the sequence as given): targets only from these, the source from the
+    others; (): any camera for either."""
     height: int
     width: int
     max_shots: int = 4
     composite: bool = True  # read foreground masks for ScaleAndColour
     detect_missing: bool = False  # run MediaPipe for annotations that were not prepared
+    target_cameras: tuple[int, ...] = ()
 
     def random_map(self, record: dict, rng: np.random.Generator):
         return self._guarded(self._stitch, record, rng)
@@ -176,10 +179,18 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
                                  f"{seq.name} has no prepared landmarks at frame {start}; run "
                                  "tools/prepare_dataset.py or set data.detect_missing=True")
             raise SkipSample("no face", f"no camera of {seq.name} shows a face at frame {start}")
+        target_eligible = eligible
+        if self.target_cameras:
+            is_target = np.isin(np.arange(len(seq.cameras)), self.target_cameras)
+            target_eligible = np.flatnonzero(usable & is_target)
+            eligible = np.flatnonzero(usable & ~is_target)  # sources
+            if eligible.size == 0 or target_eligible.size == 0:
+                raise SkipSample("no face", f"{seq.name} at frame {start}: no target camera "
+                                 f"{list(self.target_cameras)} or no other camera shows a face")
         source_cam = int(rng.choice(eligible))
         num_shots = int(rng.integers(1, self.max_shots + 1))
-        num_shots = min(num_shots, eligible.size)
-        targets = rng.choice(eligible, size=num_shots, replace=False).astype(np.int64)
+        num_shots = min(num_shots, target_eligible.size)
+        targets = rng.choice(target_eligible, size=num_shots, replace=False).astype(np.int64)
         starts = augment.shot_starts(num_frames, num_shots)
         targets = targets[:len(starts)]
         shot = augment.shot_of_frame(num_frames, starts)  # [T]

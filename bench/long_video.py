@@ -99,7 +99,6 @@ def decode_windows(vae, latents, windows) -> np.ndarray:
 def one_length(args) -> dict:
     """The child process: one length, timed stage by stage (printed as one JSON line)."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 

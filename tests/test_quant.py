@@ -11,6 +11,7 @@ from flax import nnx
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints import dit as ckpt
 from facecam_jax.checkpoints import dit_naming as naming
+from facecam_jax.checkpoints.io import open_checkpoint
 from facecam_jax.models import quant as Q
 from facecam_jax.models import wan_dit as W
 
@@ -145,6 +146,11 @@ def test_load_dit_quantize_equals_quantize_dit(mode, tmp_path):
     assert not np.array_equal(
         np.asarray(loaded.blocks.ffn.fc1.kernel.get_value()), np.asarray(want.blocks.ffn.fc1.kernel.get_value())
     )
+    # A quantized model's float tensors save (a QLoRA run's patch embedding and norms); its kernels do not.
+    floats = [k for k in keys if "norm" in k]
+    assert set(open_checkpoint(ckpt.save_dit(want, tmp_path / "f.safetensors", naming="original", keys=floats)))
+    with pytest.raises(ValueError, match=f"{mode}-quantized \\(blocks.1.*, which no Wan checkpoint format holds"):
+        ckpt.save_dit(want, tmp_path / "k.safetensors", naming="original", keys=keys)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -218,8 +218,9 @@ def overlay_dit(model: WanDiT, path: str | os.PathLike | Mapping[str, TensorRef]
 
 
 def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[[], np.ndarray]]:
-    """name -> callable producing the torch-layout tensor (streams one tensor at a time)."""
-    _refuse_quantized(model)
+    """name -> callable producing the torch-layout tensor (streams one tensor at a time). Of a
+    quantized model only float tensors can be written (``keys``: e.g. a QLoRA run's trained
+    patch embedding and norms)."""
     variables = dict(named_variables(nnx.state(model)))
     slots = model_slots(model.config)
     if keys is not None:
@@ -227,6 +228,9 @@ def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[
         if unknown:
             raise ValueError(f"not parameters of this model (original naming expected): {unknown[:10]}")
         slots = {k: slots[k] for k in keys}
+    quantized = [k for k, slot in slots.items() if np.dtype(variables[slot.path].get_value().dtype).itemsize == 1]
+    if quantized:
+        _refuse_quantized(model, f" ({quantized[0]} and {len(quantized) - 1} more)")
     out = {}
     for name, slot in slots.items():
         var = variables[slot.path]
@@ -239,11 +243,11 @@ def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[
     return out
 
 
-def _refuse_quantized(model: WanDiT):
+def _refuse_quantized(model: WanDiT, which: str = ""):
     mode = quant.quantization_mode(model)
     if mode != "none":
         raise ValueError(
-            f"this model's block linears are {mode}-quantized, which no Wan checkpoint format holds; save the "
+            f"this model's block linears are {mode}-quantized{which}, which no Wan checkpoint format holds; save the "
             "float model and quantize when loading it (load_dit(..., quantize=...))"
         )
 

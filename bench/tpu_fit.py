@@ -8,6 +8,7 @@ slices (libtpu's compile-only client: no TPU needed) and prints the table of ben
 Recipes (configs/facecam.py:nersemble, 81 x 704 x 480, bf16, attention auto -> splash):
   a14b-train   one Wan2.2-I2V-A14B expert, FaceCam's trainable subset, AdamW, full remat
   a14b-lora64-train  the same with LoRA rank 64 adapters on the self-attention (patch embedding in full)
+  a14b-qlora64-train the same over an int8 base (weight-only, per output channel; adapters fp32)
   1.3b-train   wan2.1-t2v-1.3b widened to 36 channels, the same recipe
   a14b-sample  both A14B experts resident, 50 Euler steps with CFG (batch 2), VAE encode/decode
   1.3b-sample  the 1.3B, 50 steps with CFG
@@ -34,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
     "a14b-train": ("train", "nersemble"),
     "a14b-lora64-train": ("train", "nersemble,train.lora_rank=64"),
+    "a14b-qlora64-train": ("train", "nersemble,train.lora_rank=64,model.quantize=int8"),
     "1.3b-train": ("train", "nersemble,model.dit=wan2.1-t2v-1.3b"),
     "a14b-sample": ("sample", "nersemble,num_steps=50"),
     "1.3b-sample": ("sample", "nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=50"),
@@ -99,6 +101,7 @@ CASES = [case(*c) for c in [
     ("a14b-lora64-train", "v5e", 16, 8),
     ("a14b-lora64-train", "v6e", 8, 4),
     ("a14b-lora64-train", "v6e", 2, 2),  # 4 chips fit with LoRA: the next smaller one
+    ("a14b-qlora64-train", "v5p", 1, 1),  # the frozen base in int8 (QLoRA): one v5p chip fits
 ]]
 
 

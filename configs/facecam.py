@@ -207,7 +207,7 @@ def sample_config() -> ml_collections.ConfigDict:
     # Videos longer than the model's window (data.frames) are re-rendered in windows that
     # overlap by window_overlap latent frames, denoised jointly; window_batch windows per
     # forward pass (0: all at once); at most max_frames frames.
-    sample.window_overlap = 1
+    sample.window_overlap = 2
     sample.window_batch = 0
     sample.max_frames = 481
     return sample

@@ -163,7 +163,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.cache_retention": _number(0.0, 1.0),
     "sample.offload": _one_of(OFFLOADS),
     "sample.cfg": _one_of(CFG_MODES),
-    "sample.window_overlap": _int_at_least(1),
+    "sample.window_overlap": _int_at_least(2),  # a later window's latent 0 is its own
     "sample.window_batch": _int_at_least(0),
     "sample.max_frames": (_frames, f"must be 4k+1 frames, 1..{MAX_FRAMES}"),
     "distributed.num_processes": _int_at_least(1),

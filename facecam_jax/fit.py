@@ -132,8 +132,9 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     rows = windows.count if windows else 1
     lat = jax.ShapeDtypeStruct(build.latent_shape(vae_config, window_frames, d.height, d.width, batch=rows),
                                jnp.float32, sharding=replicated)
-    noise = jax.ShapeDtypeStruct(build.latent_shape(vae_config, frames, d.height, d.width), jnp.float32,
-                                 sharding=replicated)
+    timeline = build.latent_shape(vae_config, frames, d.height, d.width)
+    state_shape = (timeline[0], windows.state_frames, *timeline[2:]) if windows else timeline
+    noise = jax.ShapeDtypeStruct(state_shape, jnp.float32, sharding=replicated)
     ctx = jax.ShapeDtypeStruct((1, dit.config.text_len, dit.config.text_dim), jnp.float32, sharding=replicated)
     program = sp.sample_program(graphdef, options)
     expert_device = device_bytes(states[0], "device")

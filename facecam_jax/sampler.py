@@ -147,11 +147,13 @@ def _encode_windows(vae, videos: np.ndarray, windows: Windows | None) -> jax.Arr
     return jnp.stack(per_window, axis=1).reshape(-1, *per_window[0].shape[1:])  # [N * K, F, ...]
 
 
-def _decode_windows(vae, latents: jax.Array, windows: Windows | None) -> np.ndarray:
+def _decode(vae, latents: jax.Array, windows: Windows | None) -> np.ndarray:
+    """Sampled latents -> uint8 videos; a long video's windows decoded one clip at a time (the
+    VAE's memory does not grow with the video) and cross-faded where they meet."""
     if windows is None:
         return to_uint8(vae.decode(latents))
     out = []
-    for video in latents:  # [total, h, w, C]: its windows decoded one at a time, then cross-faded
+    for video in latents:  # [state_frames, h, w, C]
         clips = windows.gather(video[None])
         out.append(windows.blend_frames(np.concatenate([to_uint8(vae.decode(clip[None])) for clip in clips])))
     return np.stack(out)
@@ -186,7 +188,7 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions: np.nd
         src, cond = sources[lo:lo + batch], conditions[lo:lo + batch]
         source_lat = _encode_windows(vae, src, windows)
         camera_lat = _encode_windows(vae, cond, windows)
-        total = windows.total if windows else source_lat.shape[1]
+        total = windows.state_frames if windows else source_lat.shape[1]
         noise = jnp.concatenate([noise_for(int(s), (1, total, *source_lat.shape[2:])) for s in seeds[lo:lo + batch]])
         ctx = [np.broadcast_to(c, (len(src), *c.shape[1:])) for c in (ctx_cond, ctx_uncond)]
         args = jax.device_put((source_lat, camera_lat, *ctx, noise), replicated)
@@ -203,7 +205,7 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions: np.nd
                 latents, compile_s = _run_phases(program, options, experts, states, args, mesh)
         log.info("model evaluations: %d of %d steps (sampled in %.1f s; compile %.1f s)", ran, steps,
                  time.perf_counter() - t0 - compile_s, compile_s)
-        out.append(_decode_windows(vae, latents, windows))
+        out.append(_decode(vae, latents, windows))
     return np.concatenate(out)
 
 
@@ -223,7 +225,7 @@ def residual_norms(config, experts: Experts, vae, sources: np.ndarray, condition
     for k in range(len(sources)):
         source_lat = _encode_windows(vae, sources[k:k + 1], windows)
         camera_lat = _encode_windows(vae, conditions[k:k + 1], windows)
-        total = windows.total if windows else source_lat.shape[1]
+        total = windows.state_frames if windows else source_lat.shape[1]
         noise = noise_for(int(seeds[k]), (1, total, *source_lat.shape[2:]))
         args = jax.device_put((source_lat, camera_lat, ctx_cond, ctx_uncond, noise), replicated)
         norms.append(np.asarray(fn(states, *args)))

@@ -1,14 +1,20 @@
 """Temporal windows of a long video, denoised jointly (the temporal form of MultiDiffusion).
 
 The DiT sees windows of its own length (``length`` latent frames, ``4 (length - 1) + 1`` video
-frames). A longer video's latent timeline (``total`` frames) is covered by windows that
-overlap by ``overlap`` latent frames; at every solver step each window's velocity is computed
-and the overlapping velocities are blended with smooth weights, so the whole video is one
-sample and a seam never exists as a separate one. Latent frame ``g`` of the timeline is
-video frame ``4 g`` (the last frame of its 4-frame chunk; frame 0 alone for ``g = 0``), which
-is also what latent ``g - start`` of a window starting at ``start`` encodes. After
-sampling, every window is decoded on its own and the frames the windows share are
-cross-faded with the same weights (``blend_frames``).
+frames). A longer video's latent timeline (``total`` frames: what the causal Wan VAE makes of
+the whole video; latent ``g > 0`` holds video frames ``4g - 3 .. 4g``) is covered by windows
+that overlap by ``overlap`` latent frames; at every solver step each window's velocity is
+computed and the overlapping velocities are blended with smooth weights, so the whole video
+is one sample and a seam never exists as a separate one. A window's latent ``j > 0`` holds
+the same frames as timeline latent ``start + j``; its latent 0 does not: the VAE encodes a
+clip's first frame alone (an image latent), and that is what the DiT was trained to see
+there. So every later window keeps a latent 0 of its own, denoised by it alone beside the
+timeline (the sampled state is ``state_frames`` = the timeline + one per later window),
+and the timeline frame it would sit on belongs to the window before. After sampling every
+window is decoded as the clip it is (its latent 0, then its timeline latents: what the VAE was
+trained to decode), one at a time, and the frames neighbours share are cross-faded
+(``blend_frames``). A single causal decode of the whole timeline is not used: a VAE trained
+on short clips (the mini one) drifts in colour over a long timeline.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ class Windows:
             raise ValueError(f"need a window and a video of at least one latent frame, got {length} and {total}")
         if total <= length:
             return cls(total, total, (0,))
-        if not 0 < overlap < length:
-            raise ValueError(f"sample.window_overlap must be in [1, {length - 1}] latent frames for windows of "
+        if not 1 < overlap < length:  # a later window's latent 0 is its own: 1 would share nothing
+            raise ValueError(f"sample.window_overlap must be in [2, {length - 1}] latent frames for windows of "
                              f"{length}, got {overlap}")
         stride = length - overlap
         count = 1 + math.ceil((total - length) / stride)
@@ -65,13 +71,14 @@ class Windows:
         return first, first + video_frames(self.length)
 
     def weights(self) -> np.ndarray:
-        """float32 [K, length]: each window's blending weight per latent frame. 1 inside; across a
+        """float32 [K, length]: each window's blending weight per latent frame on the timeline. 1
+        inside; a later window's latent 0 (its own, not on the timeline) 0; across the rest of a
         shared stretch of n frames the earlier window falls and the later rises along a raised
         cosine, so the weights of the windows covering a frame add up to 1."""
         w = np.ones((self.count, self.length), np.float64)
         for k in range(1, self.count):
             shared = self.starts[k - 1] + self.length - self.starts[k]  # frames windows k-1 and k share
-            ramp = np.sin(0.5 * np.pi * np.arange(1, shared + 1) / (shared + 1)) ** 2  # rises, < 1
+            ramp = np.sin(0.5 * np.pi * np.arange(shared) / shared) ** 2  # 0 at latent 0, then rises, < 1
             w[k, :shared] *= ramp
             w[k - 1, self.length - shared:] *= 1.0 - ramp
         total = np.zeros(self.total)
@@ -81,25 +88,46 @@ class Windows:
             w[k] /= total[s:s + self.length]
         return w.astype(np.float32)
 
+    @property
+    def state_frames(self) -> int:
+        """Latent frames of the sampled state: the timeline, then each later window's latent 0."""
+        return self.total + self.count - 1
+
+    def timeline(self, x: jnp.ndarray) -> jnp.ndarray:
+        """The sampled state ``[B, state_frames, ...]`` -> its timeline ``[B, total, ...]``."""
+        return x[:, :self.total]
+
     def gather(self, x: jnp.ndarray) -> jnp.ndarray:
-        """Latents ``[B, total, ...]`` -> the windows ``[B * K, length, ...]`` (video-major)."""
-        w = jnp.stack([x[:, s:s + self.length] for s in self.starts], axis=1)  # [B, K, length, ...]
+        """The state ``[B, state_frames, ...]`` -> the windows ``[B * K, length, ...]`` (video-major):
+        window 0 is the timeline's start; window ``k > 0`` is its own latent 0, then timeline
+        latents ``start + 1 ..``."""
+        w = [x[:, :self.length]] + [
+            jnp.concatenate([x[:, self.total + k - 1:self.total + k], x[:, s + 1:s + self.length]], axis=1)
+            for k, s in enumerate(self.starts) if k > 0]
+        w = jnp.stack(w, axis=1)  # [B, K, length, ...]
         return w.reshape(-1, *w.shape[2:])
 
     def blend(self, windows: jnp.ndarray) -> jnp.ndarray:
-        """Per-window values ``[B * K, length, ...]`` -> the weighted blend ``[B, total, ...]``."""
+        """Per-window values ``[B * K, length, ...]`` -> the state ``[B, state_frames, ...]``: the
+        weighted blend on the timeline, each later window's latent 0 as it is."""
         w = windows.reshape(-1, self.count, *windows.shape[1:])  # [B, K, length, ...]
         weights = jnp.asarray(self.weights()).reshape(self.count, self.length, *([1] * (w.ndim - 3)))
         out = jnp.zeros((w.shape[0], self.total, *w.shape[3:]), w.dtype)
         for k, s in enumerate(self.starts):
             out = out.at[:, s:s + self.length].add(w[:, k] * weights[k])
-        return out
+        return jnp.concatenate([out, w[:, 1:, 0]], axis=1)
 
     def frame_weights(self) -> np.ndarray:
-        """float32 [K, video frames of a window]: ``weights`` carried to video frames (frame ``q``
-        of a window belongs to its latent ``ceil(q / 4)``), normalised over the windows."""
-        q = np.arange(video_frames(self.length))
-        w = self.weights()[:, (q + TEMPORAL_STRIDE - 1) // TEMPORAL_STRIDE]
+        """float32 [K, video frames of a window]: each decoded window's weight per frame. 1 inside;
+        across the n frames two neighbours share, the later one rises along a raised cosine from
+        0 at its first frame (decoded from its own image latent), so the weights add up to 1."""
+        n_frames = video_frames(self.length)
+        w = np.ones((self.count, n_frames), np.float64)
+        for k in range(1, self.count):
+            shared = self.frame_range(k - 1)[1] - self.frame_range(k)[0]
+            ramp = np.sin(0.5 * np.pi * np.arange(shared) / shared) ** 2
+            w[k, :shared] *= ramp
+            w[k - 1, n_frames - shared:] *= 1.0 - ramp
         total = np.zeros(video_frames(self.total))
         for k in range(self.count):
             a, b = self.frame_range(k)
@@ -119,5 +147,5 @@ class Windows:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
     def seams(self) -> list[int]:
-        """Video frames where a window's weight changes (the frames a seam would show at)."""
+        """Video frames where a window begins or ends (where a seam would show)."""
         return sorted({f for k in range(1, self.count) for f in (self.frame_range(k)[0], self.frame_range(k - 1)[1] - 1)})

@@ -19,22 +19,27 @@ CFG = W.PRESETS["tiny"].replace(in_dim=36)
 
 
 def test_windows_cover_the_video_and_their_weights_add_up_to_one():
-    w = Windows.cover(9, 3, 1)  # 33 frames in windows of 9 frames overlapping by 1 latent frame
-    assert w.starts == (0, 2, 4, 6) and w.count == 4 and (latent_frames(33), video_frames(9)) == (9, 33)
-    assert Windows.cover(8, 3, 1).starts == (0, 2, 4, 5)  # the last window ends at the video's end
+    w = Windows.cover(9, 4, 2)  # 33 frames in windows of 13 frames overlapping by 2 latent frames
+    assert w.starts == (0, 2, 4, 5) and w.count == 4 and (latent_frames(33), video_frames(9)) == (9, 33)
+    assert Windows.cover(9, 3, 2).starts == tuple(range(7))  # the last window ends at the video's end
     assert Windows.cover(3, 3, 1).starts == (0,) and Windows.cover(2, 3, 1).length == 2
-    for layout in (w, Windows.cover(8, 3, 1), Windows.cover(21, 6, 2)):
+    for layout in (w, Windows.cover(9, 3, 2), Windows.cover(21, 6, 3)):
         total = np.zeros(layout.total)
         for k, s in enumerate(layout.starts):
             total[s:s + layout.length] += layout.weights()[k]
         np.testing.assert_allclose(total, 1.0, atol=1e-6)
-        frames = np.zeros(video_frames(layout.total))
+        # A later window's latent 0 is its own (the VAE's image latent of its first frame, not
+        # the timeline's 4-frame latent there): no weight on the timeline.
+        assert (layout.weights()[1:, 0] == 0).all() and (layout.weights()[:, 1:] > 0).all()
+        frames = np.zeros(video_frames(layout.total))  # the decoded windows' cross-fade, likewise
         for k in range(layout.count):
             a, b = layout.frame_range(k)
             frames[a:b] += layout.frame_weights()[k]
         np.testing.assert_allclose(frames, 1.0, atol=1e-6)
+        assert (layout.frame_weights()[1:, 0] == 0).all()
     # Blending per-window copies of one timeline gives the timeline back; gather is its inverse.
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 3)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, w.state_frames, 3)), jnp.float32)
+    assert w.state_frames == 9 + 3  # the timeline, then the own latent 0 of windows 1, 2, 3
     np.testing.assert_allclose(w.blend(w.gather(x)), x, atol=1e-6)
     with pytest.raises(ValueError, match="window_overlap"):
         Windows.cover(9, 3, 3)
@@ -68,10 +73,10 @@ def test_output_frames_and_sizes_for_odd_sources(caplog):
 def _windowed(model, windows, mesh, options_kw=None):
     rng = np.random.default_rng(1)
     k = 1 if windows is None else windows.count
-    total = 3 if windows is None else windows.total
-    length = total if windows is None else windows.length
+    length = 3 if windows is None else windows.length
+    state = length if windows is None else windows.state_frames
     source, camera = (jnp.asarray(rng.standard_normal((k, length, 4, 4, 16)), jnp.float32) for _ in range(2))
-    noise = jnp.asarray(rng.standard_normal((1, total, 4, 4, 16)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((1, state, 4, 4, 16)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((1, 3, CFG.text_dim)), jnp.float32)
     options = sp.SampleOptions(3, 5.0, 1.0, windows=windows, **(options_kw or {}))
     with sh.use_mesh(mesh, sh.DEFAULT_RULES):
@@ -87,12 +92,12 @@ def test_overlapping_windows_are_denoised_jointly_without_seams():
     single, _ = _windowed(model, Windows(3, 3, (0,)), one)
     plain, _ = _windowed(model, None, one)
     np.testing.assert_array_equal(single, plain)
-    # Four windows of 3 latent frames over 9: at every latent frame the blend is continuous. Seam
-    # metric: the mean absolute change between consecutive latent frames where two windows meet
-    # (frames 2 | 3, 4 | 5, 6 | 7) against the same inside windows; a seam shows as a jump.
-    layout = Windows.cover(9, 3, 1)
+    # Four windows of 4 latent frames over 9: at every latent frame the blend is continuous. Seam
+    # metric: the mean absolute change between consecutive timeline frames where a window ends
+    # (frames 3 | 4, 5 | 6, 7 | 8) against the same inside windows; a seam shows as a jump.
+    layout = Windows.cover(9, 4, 2)
     out, _ = _windowed(model, layout, one)
-    steps = np.abs(np.diff(out[0], axis=0)).mean(axis=(1, 2, 3))  # [8]
+    steps = np.abs(np.diff(layout.timeline(out)[0], axis=0)).mean(axis=(1, 2, 3))  # [8]
     seams = [s + layout.length - 1 for s in layout.starts[:-1]]  # frame g -> g + 1 across a window end
     inside = [g for g in range(8) if g not in seams]
     ratio = steps[seams].mean() / steps[inside].mean()

@@ -43,7 +43,6 @@ setup(
     extras_require={
         "test": [
             "pytest",
-            "pytest-xdist",  # the README's test command runs a process per core (at most 4), a file each
             # The CPU wheel of this exact version is on the build machines; an open range pulls CUDA torch.
             "torch==2.13.0",
             "diffusers",

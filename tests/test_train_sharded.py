@@ -122,8 +122,9 @@ def _launch(process_id: int, num_processes: int, port: int, workdir: str, *extra
 
 def test_two_processes_train_like_one_stop_together_and_resume_in_one(one_device, tmp_path):
     """2 processes x 4 devices (fsdp 8 over both, gloo all-reduces): SIGTERM to process 1 alone
-    in step 1 stops both after step 1 with one checkpoint, exit 0; restarted, they restore it,
-    give the 1-device losses, write one checkpoint together, and that resumes in a single process."""
+    in step 1 stops both after step 1 with one checkpoint written together, exit 0; that
+    checkpoint resumes in a single process on 8 devices and gives the 1-device losses and weights.
+    (A 2-process launch costs a minute on two cores, so the suite launches one round.)"""
     losses, params = one_device
     workdir = str(tmp_path / "two")
     port = _free_port()
@@ -136,19 +137,13 @@ def test_two_processes_train_like_one_stop_together_and_resume_in_one(one_device
     assert "run summary: steps 0 -> 1 of 2 (1 this run, preempted by a signal to another process)" in outs[0][1]
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"] and list(_losses(workdir)) == [1]
     assert not os.path.exists(os.path.join(workdir, "facecam.safetensors"))
-    port = _free_port()
-    procs = [_launch(i, 2, port, workdir) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert "resumed from step 1" in outs[0][1]
-    got = _losses(workdir)  # written by process 0 only: step 1 before the stop, step 2 after
-    np.testing.assert_allclose([got[1], got[2]], [losses[1], losses[2]], rtol=TOL)
-    exported = open_checkpoint(os.path.join(workdir, "facecam.safetensors"))
-    # One process, 8 devices, the same mesh size: the checkpoint restores (nothing left to do).
+    # One process, 8 devices, the same mesh size: step 2 from the 2-process checkpoint.
     again = trainer.train(get_config(BASE + ",steps=2"), workdir, mesh=_mesh(fsdp=8))
     assert again.step == 2
-    _assert_close(_trained(again.model), params, "2 processes vs 1 device")
+    got = _losses(workdir)  # step 1 by the 2 processes, step 2 after the resume
+    np.testing.assert_allclose([got[1], got[2]], [losses[1], losses[2]], rtol=TOL)
+    _assert_close(_trained(again.model), params, "2 processes, then 1, vs 1 device")
+    exported = open_checkpoint(os.path.join(workdir, "facecam.safetensors"))
     assert set(exported) == set(keys_of_paths(again.model.config, [p for p, _ in named_variables(
         nnx.split(again.model, nnx.All(nnx.Param, build.trainable_filter(("self_attn", "patch_embedding"))), ...)[1])]))
 

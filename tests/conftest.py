@@ -27,6 +27,12 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    import forked_runs
+
+    forked_runs.close()
+
+
 @pytest.fixture(scope="session")
 def torch():
     """The torch module for parity references; tests using it skip (with a reason) without it."""

@@ -1,14 +1,17 @@
-"""Command lines run as processes forked from one warm interpreter (tests/test_cli.py).
+"""Command lines run as processes forked from one warm interpreter: ``run("-m", "facecam_jax.train", ...)``.
 
 Each command line still runs in a process of its own, with its own argv, exit code, stdout
 and stderr, through the entry point's real ``__main__`` code; only the import of jax, flax,
 orbax and the project, which is most of a usage error's cost (~5 s a run on two cores), is
 done once, before the forks. Nothing here initialises a JAX backend, so forking is safe.
 
-Protocol: one JSON request per line on stdin, ``{"argv": [...], "timeout": seconds}``, where
-argv is what follows ``python`` (``-m module ...`` or ``script.py ...``); one JSON answer per
-line on stdout, ``{"returncode": int, "stdout": str, "stderr": str}`` (returncode -9: killed
-at the timeout).
+``run`` starts the interpreter (``python tests/forked_runs.py``) at its first call and keeps it
+for the session (``close`` ends it). Protocol: one JSON request per line on its stdin,
+``{"argv": [...], "timeout": seconds, "env": {...}}``, where argv is what follows ``python``
+(``-m module ...`` or ``script.py ...``) and env is set in the child before it runs; one JSON
+answer per line on its stdout, ``{"returncode": int, "stdout": str, "stderr": str}``
+(returncode -9: killed at the timeout). The interpreter runs from the repository root with
+``JAX_PLATFORMS=cpu`` and the checkout first on the path.
 """
 
 import importlib
@@ -16,18 +19,50 @@ import json
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from types import SimpleNamespace
 
 # The entry points' heavy imports; the entry modules themselves are not imported here (they
 # define absl flags when imported, and each child imports its own as __main__).
 WARM = ("facecam_jax.trainer", "facecam_jax.sampler", "facecam_jax.evaluation.report",
-        "facecam_jax.camera.condition", "facecam_jax.checkpoints.dit")
+        "facecam_jax.camera.condition", "facecam_jax.checkpoints.dit", "facecam_jax.fit", "facecam_jax.fit_report")
 
 
-def _child(argv: list[str], out: str, err: str) -> None:
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SERVER: list[subprocess.Popen] = []
+
+
+def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> SimpleNamespace:
+    """``python *args`` from the repository root, forked: ``returncode``, ``stdout``, ``stderr``."""
+    if not _SERVER:
+        # The checkout first on the path: the tools/ scripts run from it even where the
+        # installed package points elsewhere.
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+        server_env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
+        server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=server_env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if json.loads(server.stdout.readline() or "{}") != {"ready": True}:
+            raise RuntimeError("tests/forked_runs.py did not start")
+        _SERVER.append(server)
+    server = _SERVER[0]
+    server.stdin.write(json.dumps({"argv": list(args), "timeout": timeout, "env": env or {}}) + "\n")
+    server.stdin.flush()
+    return SimpleNamespace(**json.loads(server.stdout.readline()))
+
+
+def close() -> None:
+    while _SERVER:
+        server = _SERVER.pop()
+        server.stdin.close()
+        server.wait(timeout=60)
+
+
+def _child(argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    os.environ.update(env)
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     code = 0
@@ -54,14 +89,14 @@ def _child(argv: list[str], out: str, err: str) -> None:
     os._exit(code)
 
 
-def _run(argv: list[str], timeout: float) -> dict:
+def _run(argv: list[str], timeout: float, env: dict[str, str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(argv, out, err)
+            _child(argv, env, out, err)
         deadline = time.monotonic() + timeout
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -89,7 +124,7 @@ def main() -> None:
     print(json.dumps({"ready": True}), file=answers, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        print(json.dumps(_run(request["argv"], float(request["timeout"]))), file=answers, flush=True)
+        print(json.dumps(_run(request["argv"], float(request["timeout"]), request.get("env", {}))), file=answers, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ fit (exit 0), do not fit (exit 3) or cannot be built (exit 2)."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
+import forked_runs
 import jax
 import jax.numpy as jnp
 import pytest
@@ -20,7 +19,6 @@ from facecam_jax.config_file import load_config
 from facecam_jax.models import lora, wan_dit
 from facecam_jax.models.wan_vae import VAEConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = wan_dit.PRESETS["tiny"].replace(in_dim=36)  # D 64, ffn 128, 2 layers, text 16 x 32
 FACECAM_TRAINABLE = ("self_attn", "patch_embedding")
 
@@ -130,10 +128,8 @@ def test_the_fit_tool_compiles_the_program_a_run_builds(lora_rank):
 # ------------------------------------------------------------------ the command line, TPU targets
 
 
-def _aot(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "facecam_jax.aot", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+def _aot(*args: str, timeout: float = 600):
+    return forked_runs.run("-m", "facecam_jax.aot", *args, timeout=timeout)
 
 
 def test_an_unwritable_json_path_fails_before_compiling(tmp_path):

@@ -5,51 +5,17 @@ the runs are processes forked from one interpreter that has done the heavy impor
 (tests/forked_runs.py), each through its entry point's own `__main__`.
 """
 
-import json
 import os
 import shutil
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import pytest
+from forked_runs import run as _run
 
 from facecam_jax import cli
 from facecam_jax.checkpoints.io import format_key_problems
 from facecam_jax.video_io import VideoDecodeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_RUNNER: list[subprocess.Popen] = []
-
-
-def _runner() -> subprocess.Popen:
-    if not _RUNNER:
-        # The checkout first on the path: the tools/ scripts run from it even where the
-        # installed package points elsewhere.
-        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forked_runs.py")], cwd=ROOT, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert json.loads(proc.stdout.readline()) == {"ready": True}
-        _RUNNER.append(proc)
-    return _RUNNER[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_runner():
-    yield
-    while _RUNNER:
-        proc = _RUNNER.pop()
-        proc.stdin.close()
-        proc.wait(timeout=60)
-
-
-def _run(*args: str, timeout: float = 300) -> SimpleNamespace:
-    """``python *args`` from the repository root: returncode, stdout, stderr."""
-    proc = _runner()
-    proc.stdin.write(json.dumps({"argv": list(args), "timeout": timeout}) + "\n")
-    proc.stdin.flush()
-    return SimpleNamespace(**json.loads(proc.stdout.readline()))
 
 
 def _assert_one_error_line(result, code, *fragments):

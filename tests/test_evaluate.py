@@ -2,11 +2,9 @@
 camera motions, PSNR/SSIM (SSIM against scikit-image), identity, the manifest and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 
 import cv2
+import forked_runs
 import numpy as np
 import pytest
 
@@ -206,8 +204,7 @@ def test_manifest_csv_and_json_resolve_paths_and_reject_bad_input(tmp_path):
 
 
 def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "facecam_jax.evaluate", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return forked_runs.run("-m", "facecam_jax.evaluate", *args, timeout=300)
 
 
 def test_cli_end_to_end(carphone, tmp_path):

@@ -21,7 +21,9 @@ from facecam_jax.models import wan_vae as wv
 
 PARITY_TOL = 1e-4  # fp32, max abs error vs diffusers
 MEAN_TILE_TOL, MAX_TILE_TOL = 0.01, 0.1  # tiled vs untiled decode, random weights (see the test)
-FRAMES = (1, 5, 9, 13)
+# One frame; one 4-frame chunk after it; three chunks with carried caches, batch 2 (9 frames,
+# two chunks, was dropped: it compiles its own shapes and covers nothing 13 does not).
+FRAMES = (1, 5, 13)
 
 
 def _video(cfg, t, batch=1, seed=0):

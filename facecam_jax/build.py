@@ -151,13 +151,12 @@ def add_adapters(dit: WanDiT, config, mesh=None, rules=sh.DEFAULT_RULES) -> WanD
         raise ValueError(f"train.lora_alpha must be >= 0 (0: the rank), got {t.lora_alpha!r}")
     if t.lora_rank == 0:
         return dit
-    with sh.outside_mesh():
-        rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), _LORA_STREAM))
-        try:
-            lora.add_lora(dit, int(t.lora_rank), t.lora_alpha or None, tuple(t.trainable), rngs=rngs,
-                          param_dtype=jnp.float32, mesh=mesh, rules=rules)
-        except ValueError as e:
-            raise ValueError(f"train.lora_rank={t.lora_rank} with train.trainable={tuple(t.trainable)}: {e}") from e
+    rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), _LORA_STREAM))
+    try:
+        lora.add_lora(dit, int(t.lora_rank), t.lora_alpha or None, tuple(t.trainable), rngs=rngs,
+                      param_dtype=jnp.float32, mesh=mesh, rules=rules)
+    except ValueError as e:
+        raise ValueError(f"train.lora_rank={t.lora_rank} with train.trainable={tuple(t.trainable)}: {e}") from e
     return dit
 
 
@@ -177,13 +176,6 @@ def build_dit(config, mesh, rules, *, seed: int | None = None, adapters: bool = 
     ``adapters``: the training model, with ``train.lora_rank``'s adapters (``add_adapters``)."""
     m = config.model
     quant.check_mode(m.quantize, list(mesh.devices.flat))
-    with sh.outside_mesh():
-        dit = _dit_on_mesh(config, mesh, rules, seed)
-    return add_adapters(dit, config, mesh, rules) if adapters else dit
-
-
-def _dit_on_mesh(config, mesh, rules, seed: int | None) -> WanDiT:
-    m = config.model
     if m.dit_checkpoint:
         dit = load_dit(m.dit_checkpoint, config=m.dit, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                        overlay=list(m.dit_overlay) or None, mesh=mesh, rules=rules, attention=m.attention,
@@ -195,7 +187,7 @@ def _dit_on_mesh(config, mesh, rules, seed: int | None) -> WanDiT:
     dit = sh.shard_module(dit, mesh, rules)
     if not m.dit_checkpoint and quant.quantization_mode(dit) != m.quantize:
         quant.quantize_dit(dit, m.quantize)
-    return dit
+    return add_adapters(dit, config, mesh, rules) if adapters else dit
 
 
 def abstract_dit(config, mesh, rules, *, adapters: bool = False) -> WanDiT:
@@ -218,12 +210,11 @@ def build_vae(config, mesh) -> WanVAE:
     """The frozen VAE, replicated: its 127 M (Wan2.1) parameters are cheap to hold on every
     device, while its activations shard spatially under the mesh (``ACT_HEIGHT``)."""
     v = config.vae
-    with sh.outside_mesh():
-        if v.checkpoint:
-            vae = load_vae(v.checkpoint, dtype=jnp.dtype(v.dtype))
-        else:
-            vae = WanVAE(vae_config(v.config), dtype=jnp.dtype(v.dtype), rngs=nnx.Rngs(config.seed + 1))
-        return replicate(vae, mesh)
+    if v.checkpoint:
+        vae = load_vae(v.checkpoint, dtype=jnp.dtype(v.dtype))
+    else:
+        vae = WanVAE(vae_config(v.config), dtype=jnp.dtype(v.dtype), rngs=nnx.Rngs(config.seed + 1))
+    return replicate(vae, mesh)
 
 
 def abstract_vae(config, mesh) -> WanVAE:

@@ -200,27 +200,22 @@ _ACTIVE: list[tuple[Mesh, Rules]] = []
 
 
 class use_mesh:
-    """Context manager making ``mesh`` (and rules) the target of ``constrain`` while tracing."""
+    """Context manager making ``mesh`` (and rules) the target of ``constrain`` while tracing.
+
+    It does not enter ``jax.set_mesh``: every sharding here names its mesh (``NamedSharding``,
+    ``shard_map(mesh=...)``), and JAX keys its cache of eager ops by the mesh in that context,
+    so random init and weight conversion under each new mesh would compile every op again
+    (20 s per training run for the mini models on two CPU cores)."""
 
     def __init__(self, mesh: Mesh, rules: Rules = DEFAULT_RULES):
         self.mesh, self.rules = mesh, rules
 
     def __enter__(self):
         _ACTIVE.append((self.mesh, self.rules))
-        self._set = jax.set_mesh(self.mesh)
-        self._set.__enter__()
         return self.mesh
 
     def __exit__(self, *exc):
         _ACTIVE.pop()
-        return self._set.__exit__(*exc)
-
-
-def outside_mesh():
-    """A context with no mesh for eager work (random init, weight conversion) inside a caller's
-    ``use_mesh``: JAX keys its cache of eager ops by the mesh in context, so the same init run
-    under another mesh would compile each of its ops again (20 s for the mini models on CPU)."""
-    return jax.set_mesh(None)
 
 
 def current_mesh() -> Mesh | None:

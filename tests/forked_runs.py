@@ -8,7 +8,7 @@ done once, before the forks. Nothing here initialises a JAX backend, so forking 
 ``run`` starts the interpreter (``python tests/forked_runs.py``) at its first call and keeps it
 for the session (``close`` ends it). Protocol: one JSON request per line on its stdin,
 ``{"argv": [...], "timeout": seconds, "env": {...}}``, where argv is what follows ``python``
-(``-m module ...`` or ``script.py ...``) and env is set in the child before it runs; one JSON
+(``-m module ...``, ``-c code ...`` or ``script.py ...``) and env is set in the child before it runs; one JSON
 answer per line on its stdout, ``{"returncode": int, "stdout": str, "stderr": str}``
 (returncode -9: killed at the timeout). The interpreter runs from the repository root with
 ``JAX_PLATFORMS=cpu`` and the checkout first on the path.
@@ -67,7 +67,11 @@ def _child(argv: list[str], env: dict[str, str], out: str, err: str) -> None:
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     code = 0
     try:
-        if argv[0] == "-m":
+        if argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path[0] = ""
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        elif argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
             sys.path[0] = os.getcwd()
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

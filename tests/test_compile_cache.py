@@ -2,11 +2,9 @@
 directory in the next, several times faster."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import forked_runs
 
 PROGRAM = textwrap.dedent("""
     import sys, time
@@ -26,12 +24,9 @@ PROGRAM = textwrap.dedent("""
 
 def test_the_compile_cache_is_written_and_reused(tmp_path):
     cache = str(tmp_path / "xla")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)  # one device, as an entry point runs here
     times = []
-    for _ in range(2):
-        run = subprocess.run([sys.executable, "-c", PROGRAM, cache], env=env, capture_output=True, text=True,
-                             timeout=300)
+    for _ in range(2):  # two processes (forked before JAX starts), one device as an entry point runs here
+        run = forked_runs.run("-c", PROGRAM, cache, timeout=300, env={"XLA_FLAGS": ""})
         assert run.returncode == 0, run.stderr[-2000:]
         times.append(float(run.stdout.strip().splitlines()[-1]))
     print(f"\nfirst call {times[0]:.2f} s (compile), second process {times[1]:.2f} s (from the cache)")

@@ -6,9 +6,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
+import forked_runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,10 +164,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
               "    print('stop after the step:', p.stop(), p.signal_name, flush=True)\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    print('still running', flush=True)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                            check=False)
+    result = forked_runs.run("-c", script, timeout=120)
     assert result.returncode == -signal.SIGINT, result.stderr
     assert "stop after the step: True SIGINT" in result.stdout and "still running" not in result.stdout
     assert "SIGINT again: exiting at once" in result.stderr

@@ -51,7 +51,10 @@ def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> 
     server = _SERVER[0]
     server.stdin.write(json.dumps({"argv": list(args), "timeout": timeout, "env": env or {}}) + "\n")
     server.stdin.flush()
-    return SimpleNamespace(**json.loads(server.stdout.readline()))
+    answer = server.stdout.readline()
+    if not answer:
+        raise RuntimeError(f"tests/forked_runs.py exited (code {server.wait()}) while running {args}")
+    return SimpleNamespace(**json.loads(answer))
 
 
 def close() -> None:

@@ -231,8 +231,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.variant = "mini"
     # JAX's persistent compilation cache: a program compiled once loads in seconds the next
-    # time; "" turns it off.
-    config.compile_cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "facecam_jax", "xla")
+    # time. None: $FACECAM_CACHE/xla (~/.cache/facecam_jax/xla); "" turns it off.
+    config.compile_cache_dir = config_dict.placeholder(str)
     config.distributed = distributed_config()
     config.data = data_config()
     config.model, config.vae, config.text = model_config()

@@ -24,6 +24,12 @@ from facecam_jax.errors import OutputPathError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def cache_root() -> str:
+    """Where the project caches what it builds (the mini dataset, compiled programs):
+    ``$FACECAM_CACHE``, default ``~/.cache/facecam_jax``."""
+    return os.environ.get("FACECAM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "facecam_jax"))
+
+
 def _real(path: PathLike) -> str:
     return os.path.realpath(os.path.abspath(os.fspath(path)))
 

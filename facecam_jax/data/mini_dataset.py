@@ -32,7 +32,7 @@ from collections import Counter
 import cv2
 import numpy as np
 
-from facecam_jax import progress, video_io
+from facecam_jax import paths, progress, video_io
 from facecam_jax.camera import landmarks as lm
 from facecam_jax.camera import mesh_topology as topo
 from facecam_jax.data import prepare
@@ -319,11 +319,6 @@ class MiniDataset:
                             "images", f"cam_{serial}.mp4")
 
 
-def cache_root() -> str:
-    return os.environ.get("FACECAM_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                       "facecam_jax"))
-
-
 def serials(num_cameras: int) -> list[str]:
     """NeRSemble-style numeric camera serials of the virtual cameras."""
     return [f"99000{i:04d}" for i in range(num_cameras)]
@@ -342,7 +337,7 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
     params = {"version": BUILD_VERSION, "height": int(height), "width": int(width),
               "num_cameras": int(num_cameras)}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    root = os.path.join(cache_dir or cache_root(), "mini_dataset", f"{height}x{width}_{key}")
+    root = os.path.join(cache_dir or paths.cache_root(), "mini_dataset", f"{height}x{width}_{key}")
     dataset = MiniDataset(root, os.path.join(root, "nersemble"), os.path.join(root, "wild"),
                           os.path.join(root, "mesh.npz"))
     done = os.path.join(root, "build.json")

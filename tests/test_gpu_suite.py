@@ -3,19 +3,14 @@ on a GPU machine at the first try (its own test of the package set is in the clo
 issue 18: a virtualenv with only that machine's packages plus bench/gpu_wheels.txt)."""
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import forked_runs
 
 
 def test_gpu_suite_tiny_runs_every_section(tmp_path):
     out = str(tmp_path / "suite")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)  # one CPU device, as on a one-GPU machine
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--tiny", "--out", out],
-                         env=env, capture_output=True, text=True, timeout=900)
+    # Its own process (forked before JAX starts), with one CPU device as on a one-GPU machine.
+    run = forked_runs.run("bench/gpu_suite.py", "--tiny", "--out", out, timeout=900, env={"XLA_FLAGS": ""})
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     with open(out + ".json") as f:
         report = json.load(f)

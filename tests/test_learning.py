@@ -16,12 +16,14 @@ from facecam_jax import sharding as sh
 from facecam_jax.config_file import load_config
 from facecam_jax.data.pipeline import make_train_iterator
 
-STEPS = 60
+# Measured probe loss after / before: 0.46 after 20 steps, 0.41 after 30 (lr 4e-3); at lr 2e-3
+# it is 0.45 after 40 steps.
+STEPS = 30
 PROBES = 8  # fixed (level, noise) draws the loss is measured on, before and after
 
 
 def _setup():
-    config = load_config("mini,frames=9,batch_size=2,optimizer.lr=2e-3,weight_decay=0.0,model.shift=1.0")
+    config = load_config("mini,frames=9,batch_size=2,optimizer.lr=4e-3,weight_decay=0.0,model.shift=1.0")
     config.train.trainable = ("all",)
     mesh = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     rules = sh.DEFAULT_RULES

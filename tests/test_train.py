@@ -9,12 +9,11 @@ import signal
 
 import forked_runs
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import build, flops, flow, metric_logger, trainer
+from facecam_jax import build, flops, metric_logger, trainer
 from facecam_jax import sharding as sh
 from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import overlay_dit
@@ -278,13 +277,15 @@ def test_the_summary_counts_the_samples_skipped_during_the_run():
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path, monkeypatch, caplog):
     workdir = str(tmp_path / "run")
     good = train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
-    real_loss = flow.flow_loss
-    monkeypatch.setattr(flow, "flow_loss", lambda pred, target, weight: real_loss(pred, target, weight) * jnp.nan)
+    # A NaN text context (an input of the step, so the program is the one compiled above) makes
+    # the loss and every gradient NaN inside the step.
+    real_contexts = build.text_contexts
+    monkeypatch.setattr(build, "text_contexts", lambda *a, **k: real_contexts(*a, **k) * np.nan)
     with pytest.raises(TrainingDiverged, match=r"step 1: loss nan .* not finite.*checkpointed"), \
             caplog.at_level("INFO", logger="facecam_jax.trainer"):
         train(get_config(BASE + ",steps=3,checkpoint_every=1"), workdir)
     assert "run summary: steps 1 -> 1 of 3 (0 this run, stopped: the loss diverged)" in caplog.text
-    monkeypatch.setattr(flow, "flow_loss", real_loss)
+    monkeypatch.setattr(build, "text_contexts", real_contexts)
     # The checkpoint holds the last finite state: resuming from it with 0 more steps returns it.
     again = train(get_config(BASE + ",steps=1,checkpoint_every=1"), workdir)
     for a, b in zip(_trained_params(again), _trained_params(good)):

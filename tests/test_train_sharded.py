@@ -60,9 +60,11 @@ def one_device(tmp_path_factory):
     return _losses(workdir), _trained(result.model)
 
 
-def test_fsdp8_then_resume_on_data2_fsdp4(one_device, tmp_path):
-    """fsdp 8 trains like one device; its step-1 checkpoint resumes on data 2 x fsdp 4 and
-    reaches the same step 2 as the uninterrupted runs."""
+def test_fsdp8_trains_like_one_device_and_resumes_on_data_context_and_tensor_parallel(one_device, tmp_path):
+    """fsdp 8 trains like one device; its step-1 checkpoint resumes on data 2 x context 2 x
+    tensor 2 (batch split over data, the sequence over context with chunked attention, each
+    device attending with KV all-gathered; heads and MLP tensor-parallel) and reaches the same
+    step 2 as the uninterrupted runs."""
     losses, params = one_device
     fsdp = str(tmp_path / "fsdp8")
     straight = trainer.train(get_config(BASE + ",steps=2,checkpoint_every=1"), fsdp, mesh=_mesh(fsdp=8))
@@ -71,21 +73,12 @@ def test_fsdp8_then_resume_on_data2_fsdp4(one_device, tmp_path):
 
     moved = str(tmp_path / "moved")
     shutil.copytree(os.path.join(fsdp, "checkpoints", "1"), os.path.join(moved, "checkpoints", "1"))
-    resumed = trainer.train(get_config(BASE + ",steps=2,checkpoint_every=1"), moved, mesh=_mesh(data=2, fsdp=4))
+    resumed = trainer.train(get_config(BASE + ",steps=2,checkpoint_every=1,model.attention=chunked"), moved,
+                            mesh=_mesh(data=2, context=2, tensor=2))
     assert resumed.step == 2 and list(_losses(moved)) == [2]  # it ran step 2 only
     np.testing.assert_allclose(_losses(moved)[2], losses[2], rtol=TOL)
-    _assert_close(_trained(resumed.model), _trained(straight.model), "resumed on data 2 x fsdp 4 vs straight fsdp 8")
-
-
-def test_context_and_tensor_parallel_with_chunked_attention(one_device, tmp_path):
-    """fsdp 2 x context 2 x tensor 2: the sequence is split, attention runs per device
-    (KV all-gather: one head per tensor shard), heads and MLP are tensor-parallel."""
-    losses, params = one_device
-    workdir = str(tmp_path / "cp")
-    result = trainer.train(get_config(BASE + ",steps=2,model.attention=chunked"), workdir,
-                           mesh=_mesh(fsdp=2, context=2, tensor=2))
-    np.testing.assert_allclose([_losses(workdir)[s] for s in (1, 2)], [losses[1], losses[2]], rtol=TOL)
-    _assert_close(_trained(result.model), params, "fsdp 2 x context 2 x tensor 2 vs 1 device")
+    _assert_close(_trained(resumed.model), _trained(straight.model),
+                  "resumed on data 2 x context 2 x tensor 2 vs straight fsdp 8")
 
 
 def _free_port() -> int:

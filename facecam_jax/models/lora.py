@@ -36,7 +36,7 @@ class LoRAParam(nnx.Param):
 def linears(model: nnx.Module, names: Sequence[str] = ("all",)) -> list[tuple[tuple[str, ...], Linear]]:
     """``(module path, Linear)`` for every ``Linear`` whose path contains one of ``names``.
 
-    The rule of ``trainer.trainable_filter``: a path element equal to a name; ``("all",)``: all.
+    The rule of ``build.trainable_filter``: a path element equal to a name; ``("all",)``: all.
     """
     names = tuple(names)
     out = []

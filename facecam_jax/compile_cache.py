@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def default_dir() -> str:
     """``$FACECAM_CACHE/xla`` (default ``~/.cache/facecam_jax/xla``)."""
-    return os.path.join(paths.cache_root(), "xla")
+    return paths.cache_root("xla")
 
 
 def enable(directory: str | None, *, min_compile_seconds: float = 0.0) -> str | None:

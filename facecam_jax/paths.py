@@ -24,10 +24,11 @@ from facecam_jax.errors import OutputPathError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def cache_root() -> str:
-    """Where the project caches what it builds (the mini dataset, compiled programs):
-    ``$FACECAM_CACHE``, default ``~/.cache/facecam_jax``."""
-    return os.environ.get("FACECAM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "facecam_jax"))
+def cache_root(*parts: str) -> str:
+    """Where the project caches what it builds (the mini dataset, compiled programs), joined
+    with ``parts``: ``$FACECAM_CACHE``, default ``~/.cache/facecam_jax``."""
+    root = os.environ.get("FACECAM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "facecam_jax"))
+    return os.path.join(root, *parts)
 
 
 def _real(path: PathLike) -> str:

@@ -20,19 +20,12 @@ from facecam_jax.paths import cache_root  # noqa: E402  (imports no JAX)
 
 # Identical programs compiled again (a resumed training run, a reloaded model, the same model
 # built in another test or in a launched process) load from JAX's persistent cache instead of
-# compiling: one cache, the entry points' default (compile_cache.default_dir), for this process
-# and every process it starts (JAX reads these when it is imported), small programs included
-# (facecam_jax/compile_cache.py: building a model runs ~100 of them).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(cache_root(), "xla"))
+# compiling: one cache, the entry points' default (compile_cache.default_dir), small programs
+# included (facecam_jax/compile_cache.py: building a model runs ~100 of them). Set, like
+# XLA_FLAGS, before JAX is first imported: JAX reads them then, here and in every process the
+# tests start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache_root("xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
-
-def pytest_configure(config):
-    import jax  # the same settings where a plugin imported JAX before this file set the environment
-
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -93,11 +93,9 @@ def test_sampling_on_8_devices_equals_one_device():
     experts = sampler.Experts([W.WanDiT(CFG, rngs=nnx.Rngs(0), attention="chunked")])
     one = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     vae = build.build_vae(config, one)
-    videos = {}
-    for name, sizes in (("1 device", (1, 1, 1, 1)), ("fsdp 4 x context 2", (1, 4, 2, 1))):
-        mesh = sh.make_mesh(*sizes, devices=jax.devices()[: int(np.prod(sizes))])
-        videos[name] = sampler.generate(config, frames, path, seed=0, experts=experts, vae=vae, mesh=mesh).video
-    diff = np.abs(videos["fsdp 4 x context 2"].astype(int) - videos["1 device"].astype(int)).max()
+    want, got = (sampler.generate(config, frames, path, seed=0, experts=experts, vae=vae, mesh=mesh).video
+                 for mesh in (one, sh.make_mesh(1, 4, 2, 1)))
+    diff = np.abs(got.astype(int) - want.astype(int)).max()
     print(f"fsdp 4 x context 2 vs 1 device: max {diff} grey levels")
     assert diff <= 1
 
@@ -137,26 +135,28 @@ def test_solvers_and_the_step_cache_inside_the_program(toy):
                                _latents([a], _options(4, cache=loose), inputs), atol=1e-5)
 
 
-def _render_pair(config, mesh, offload, a, b, vae, frames, condition):
+def _placed_pair(config, mesh, offload, a, b):
+    """(config with ``sample.offload``, experts a and b placed on ``mesh`` as that offload says);
+    call inside ``sh.use_mesh(mesh)``."""
     config = config.copy_and_resolve_references()
     config.sample.offload = offload
+    experts = sampler.Experts([nnx.merge(nnx.graphdef(m), sampler.on_mesh(nnx.state(m), mesh, sh.DEFAULT_RULES))
+                               for m in (a, b)], 0.9)
+    return config, sampler.place_experts(experts, mesh, sh.DEFAULT_RULES, offload)
+
+
+def _render_pair(config, mesh, offload, a, b, vae, frames, condition):
     with sh.use_mesh(mesh, sh.DEFAULT_RULES):
-        experts = sampler.Experts([nnx.merge(nnx.graphdef(m), sampler.on_mesh(nnx.state(m), mesh, sh.DEFAULT_RULES))
-                                   for m in (a, b)], 0.9)
-        experts = sampler.place_experts(experts, mesh, sh.DEFAULT_RULES, offload)
+        config, experts = _placed_pair(config, mesh, offload, a, b)
         return sampler.render(config, experts, build.replicate(nnx.merge(*nnx.split(vae)), mesh), frames[None],
                               condition[None], [0], mesh=mesh, show_progress=False)[0]
 
 
 def _sample_pair(config, mesh, offload, a, b, toy_inputs):
     """The sampling program alone (no VAE) of experts a and b on ``mesh`` -> latents."""
-    config = config.copy_and_resolve_references()
-    config.sample.offload = offload
     source, camera, noise, ctx_c, ctx_u = toy_inputs
     with sh.use_mesh(mesh, sh.DEFAULT_RULES):
-        experts = sampler.Experts([nnx.merge(nnx.graphdef(m), sampler.on_mesh(nnx.state(m), mesh, sh.DEFAULT_RULES))
-                                   for m in (a, b)], 0.9)
-        experts = sampler.place_experts(experts, mesh, sh.DEFAULT_RULES, offload)
+        config, experts = _placed_pair(config, mesh, offload, a, b)
         program = sp.sample_program(nnx.graphdef(experts.models[0]), sp.SampleOptions.of(config, 2, guidance=5.0))
         args = jax.device_put((source, camera, ctx_c, ctx_u, noise), NamedSharding(mesh, PartitionSpec()))
         return np.asarray(program.fn(tuple(nnx.state(m) for m in experts.models), *args))

@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from facecam_jax import chips  # noqa: E402
 from facecam_jax.checkpoints import dit as ckpt  # noqa: E402
 from facecam_jax.checkpoints.io import write_safetensors  # noqa: E402
-from facecam_jax.flops import dit_flops  # noqa: E402
 from facecam_jax.models import wan_dit as W  # noqa: E402
+from facecam_jax.perf import chips
+from facecam_jax.perf.flops import dit_flops  # noqa: E402
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench import dit_forward, sample, train_step  # noqa: E402
 from bench.common import machine  # noqa: E402
-from facecam_jax.config_file import load_config  # noqa: E402
 from facecam_jax.models import wan_dit  # noqa: E402
+from facecam_jax.runtime.config_file import load_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

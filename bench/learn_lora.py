@@ -10,7 +10,7 @@ windows only (data.holdout_windows unchanged), with camera 4 as the target of ev
 (data.target_cameras=(4,), sources from the other cameras; no in-the-wild samples). Two runs
 of the same steps, batch, seed and data stream: LoRA (train.lora_rank, adapters on the
 self-attention, patch embedding and q/k norm scales in full) and the full fine-tune of the
-same selection (the paper's trainable subset). Both go through `facecam_jax.trainer.train`,
+same selection (the paper's trainable subset). Both go through `facecam_jax.training.trainer.train`,
 export, and are loaded back with `sampler.load_experts` (the LoRA merged at strength 1).
 
 Scored: held-out windows x the 7 other cameras as source -> camera 4 (the fine-tuned camera),
@@ -40,7 +40,7 @@ TARGET = 4  # the camera `learn` holds out: yaw 12, pitch -9
 
 def configs(args) -> dict:
     """The fine-tuning config of each run by its name (also its folder under --out)."""
-    from facecam_jax.config_file import load_config
+    from facecam_jax.runtime.config_file import load_config
 
     common = (f"learn,steps={args.steps},log_every=10,checkpoint_every={args.steps},preview_every={10 * args.steps}"
               f",batch_size={args.batch},wild_ratio=0.0,seed={args.seed},num_steps={args.sample_steps}")
@@ -67,7 +67,7 @@ def base_export(out: str) -> str:
     widened, 36-channel) architecture, so `model.dit_checkpoint` can start training from it."""
     from facecam_jax import build
     from facecam_jax.checkpoints.dit import overlay_dit, save_dit_orbax
-    from facecam_jax.config_file import load_config
+    from facecam_jax.runtime.config_file import load_config
 
     path = os.path.join(out, "base_orbax")
     if not os.path.exists(path):
@@ -81,8 +81,7 @@ def base_export(out: str) -> str:
 
 def memory(config) -> dict:
     """Trained parameters, optimizer-state bytes and the compiled step's per-device plan."""
-    from facecam_jax import fit
-
+    from facecam_jax.fit import programs as fit
     report = fit.analyze(config, "train", None, config_name="learn_lora")
     return {"trainable": report.trainable, "optimizer_bytes": report.optimizer_bytes,
             "memory": report.memory, "arguments": report.peak.arguments, "temporaries": report.peak.temporaries}
@@ -105,10 +104,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     start = time.time()
 
-    from facecam_jax import build, sampler, trainer
+    from facecam_jax import build
     from facecam_jax import sharding as sh
     from facecam_jax.data import heldout, pipeline
     from facecam_jax.evaluation.scores import psnr, ssim
+    from facecam_jax.sampling import sampler
+    from facecam_jax.training import trainer
 
     os.makedirs(args.out, exist_ok=True)
     args.base = os.path.abspath(args.base or base_export(args.out))  # Orbax reads absolute paths only

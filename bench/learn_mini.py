@@ -148,11 +148,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     start = time.time()
 
-    from facecam_jax import build, sampler
+    from facecam_jax import build
     from facecam_jax import sharding as sh
     from facecam_jax.camera import trajectories
-    from facecam_jax.config_file import load_config
     from facecam_jax.data import heldout, pipeline
+    from facecam_jax.runtime.config_file import load_config
+    from facecam_jax.sampling import sampler
 
     config = load_config(args.config)
     d = config.data
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
                 for p in heldout.heldout_pairs(source, [(i, i) for i in train_cams], d.height, d.width)}
         stay_cond = np.stack([stay[(p.start, p.source_camera)] for p in pairs])
         outputs[CONTROL] = sampler.render(config, models["trained"], vae, src, stay_cond, seeds, mesh=mesh)
-        from facecam_jax.vae_training import reconstruct
+        from facecam_jax.training.vae_training import reconstruct
 
         outputs["VAE reconstruction of the truth (ceiling)"] = reconstruct(vae, truth)
 

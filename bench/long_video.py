@@ -65,10 +65,10 @@ def seam_row(name: str, video: np.ndarray, windows) -> dict:
 
 def setup(frames: int, trajectory: str, config_arg: str):
     """(config, windows, source frames, trajectory) of an N-frame carphone re-render."""
-    from facecam_jax import sampler
     from facecam_jax.camera import source as source_lib
     from facecam_jax.camera import trajectories
-    from facecam_jax.config_file import load_config
+    from facecam_jax.runtime.config_file import load_config
+    from facecam_jax.sampling import sampler
 
     video = sampler.default_source_video()
     config, count = sampler.plan_output(load_config(config_arg), video, frames=frames)
@@ -102,9 +102,10 @@ def one_length(args) -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from facecam_jax import build, sampler
+    from facecam_jax import build
     from facecam_jax import sharding as sh
     from facecam_jax.camera.condition import build_condition
+    from facecam_jax.sampling import sampler
 
     config, windows, source, path = setup(args.one, args.trajectory, args.config)
     d, s = config.data, config.sample
@@ -157,9 +158,9 @@ def one_length(args) -> dict:
 
 def independent_windows(config, windows, source, condition, seed: int) -> np.ndarray:
     """The baseline: every window rendered on its own (seed + k), cut at each window's first frame."""
-    from facecam_jax import build, sampler
+    from facecam_jax import build
     from facecam_jax import sharding as sh
-
+    from facecam_jax.sampling import sampler
     mesh, rules = build.mesh_and_rules(config)
     ranges = [windows.frame_range(k) for k in range(windows.count)]
     with sh.use_mesh(mesh, rules):

@@ -27,13 +27,15 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from bench.common import machine, peak_bytes, si  # noqa: E402
-from facecam_jax import build, chips, sampler  # noqa: E402
-from facecam_jax import sample_program as sp  # noqa: E402
+from facecam_jax import build  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
-from facecam_jax.config_file import load_config  # noqa: E402
-from facecam_jax.fit_report import Compiled  # noqa: E402
-from facecam_jax.flops import step_flops  # noqa: E402
+from facecam_jax.fit.report import Compiled  # noqa: E402
 from facecam_jax.models import wan_dit  # noqa: E402
+from facecam_jax.perf import chips
+from facecam_jax.perf.flops import step_flops  # noqa: E402
+from facecam_jax.runtime.config_file import load_config  # noqa: E402
+from facecam_jax.sampling import program as sp
+from facecam_jax.sampling import sampler
 
 FULL = "nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=50"
 A14B = "nersemble,num_steps=50"  # wan2.2-i2v-a14b: two experts

@@ -89,9 +89,10 @@ class HeldoutBench:
     Use inside ``sharding.use_mesh(bench.mesh, bench.rules)``."""
 
     def __init__(self, config_arg: str, sources=DEFAULT_SOURCES, targets=DEFAULT_TARGETS, seed: int = 0):
-        from facecam_jax import build, sampler
-        from facecam_jax.config_file import load_config
+        from facecam_jax import build
         from facecam_jax.data import heldout, pipeline
+        from facecam_jax.runtime.config_file import load_config
+        from facecam_jax.sampling import sampler
 
         self.config_arg = config_arg
         self.config = config = load_config(config_arg)
@@ -138,7 +139,7 @@ class HeldoutBench:
         return self
 
     def config_with(self, overrides: str):
-        from facecam_jax.config_file import load_config
+        from facecam_jax.runtime.config_file import load_config
 
         return load_config(f"{self.config_arg},{overrides}" if overrides else self.config_arg)
 
@@ -219,7 +220,6 @@ def output_path(out: str, solver: str, steps: int) -> str:
 
 def sweep(args) -> None:
     from facecam_jax import sharding as sh
-
     bench = HeldoutBench(**TABLE_BENCH)
     print(f"machine: {machine()} | {load_line()}")
     print(bench.describe())
@@ -301,7 +301,6 @@ TABLE_BENCH: dict = {"config_arg": "learn"}  # main() sets the pairs
 
 def cache(args) -> None:
     from facecam_jax import sharding as sh
-
     bench = HeldoutBench(**TABLE_BENCH)
     print(f"machine: {machine()} | {load_line()}")
     print(bench.describe())
@@ -393,7 +392,6 @@ def race(args) -> None:
     """Loop time of whole settings against each other, interleaved: A B C ... A B C ..., ``--repeats``
     rounds; each setting's median, and its ratio to the first setting's median."""
     from facecam_jax import sharding as sh
-
     bench = HeldoutBench(**TABLE_BENCH)
     print(f"machine: {machine()} | {load_line()}")
     print(bench.describe())
@@ -478,8 +476,10 @@ def smoothness(args) -> None:
 def a14b_seconds(solver: str, steps: int, cache_setting: tuple[float, int, float] | None,
                  calibration: str) -> dict:
     """FLOPs and seconds at each TPU chip's peak for one A14B FaceCam video (81 x 704 x 480, CFG 5)."""
-    from facecam_jax import build, chips, flops, sampler
-    from facecam_jax.config_file import load_config
+    from facecam_jax import build
+    from facecam_jax.perf import chips, flops
+    from facecam_jax.runtime.config_file import load_config
+    from facecam_jax.sampling import sampler
 
     overrides = f"nersemble,sample.solver={solver},sample.num_steps={steps}"
     if cache_setting is not None:
@@ -506,7 +506,7 @@ def a14b_seconds(solver: str, steps: int, cache_setting: tuple[float, int, float
 
 
 def flops_table(args) -> None:
-    from facecam_jax.config_file import load_config
+    from facecam_jax.runtime.config_file import load_config
 
     calibration = load_config("learn").sample.cache_calibration
     print(f"machine: {machine()} (analytic: nothing runs)")

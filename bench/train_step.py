@@ -29,12 +29,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import machine, peak_bytes, si  # noqa: E402
-from facecam_jax import build, train_step  # noqa: E402
+from facecam_jax import build  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
-from facecam_jax.config_file import load_config  # noqa: E402
-from facecam_jax.fit_report import Compiled  # noqa: E402
-from facecam_jax.flops import Throughput, step_flops  # noqa: E402
+from facecam_jax.fit.report import Compiled  # noqa: E402
 from facecam_jax.models.wan_vae import to_unit_range  # noqa: E402
+from facecam_jax.perf.flops import Throughput, step_flops  # noqa: E402
+from facecam_jax.runtime.config_file import load_config  # noqa: E402
+from facecam_jax.training import train_step
 
 FULL = "nersemble,model.dit=wan2.1-t2v-1.3b,batch_size=1"
 TINY = "mini,frames=9,batch_size=1"

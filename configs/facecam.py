@@ -147,7 +147,7 @@ def train_config() -> tuple[ml_collections.ConfigDict, ...]:
     train.lora_rank = 0
     train.lora_alpha = 0.0
     # Chip utilisation: every step logs tflops_per_device and, against the device's dense bf16
-    # peak (facecam_jax.chips), mfu; peak_tflops > 0 overrides the peak (TFLOP/s per device).
+    # peak (facecam_jax.perf.chips), mfu; peak_tflops > 0 overrides the peak (TFLOP/s per device).
     train.peak_tflops = 0.0
     # A jax.profiler trace of profile_steps steps from profile_start_step (1-based) into
     # <workdir>/profile (xprof --logdir <workdir>/profile); 0 steps: no trace.
@@ -171,7 +171,7 @@ def train_config() -> tuple[ml_collections.ConfigDict, ...]:
 
 
 def sample_config() -> ml_collections.ConfigDict:
-    """The `sample` section (facecam_jax.sampler; the model sections are shared with training)."""
+    """The `sample` section (facecam_jax.sampling.sampler; the model sections are shared with training)."""
     sample = ml_collections.ConfigDict()
     sample.num_steps = 8  # Euler steps (the paper: 50)
     sample.cfg_scale = 5.0  # text guidance; skipped without text.embeddings (no negative prompt)
@@ -188,9 +188,9 @@ def sample_config() -> ml_collections.ConfigDict:
     # LoRA files merged into every expert after the weights above: "path" (strength 1) or
     # "path:strength"; the sample CLI's --lora PATH[:STRENGTH] appends here.
     sample.loras = ()
-    # The ODE solver on the shifted sigma grid (facecam_jax.flow): euler (the paper's) | unipc | dpmpp_2m.
+    # The ODE solver on the shifted sigma grid (facecam_jax.diffusion.flow): euler (the paper's) | unipc | dpmpp_2m.
     sample.solver = "euler"
-    # Step caching (facecam_jax.step_cache): none | magcache, with its rule's knobs and the ratio
+    # Step caching (facecam_jax.diffusion.step_cache): none | magcache, with its rule's knobs and the ratio
     # curve tools/calibrate_cache.py writes for the model.
     sample.cache = "none"
     sample.cache_calibration = ""

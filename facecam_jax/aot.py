@@ -27,7 +27,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from facecam_jax import cli, compile_cache, fit, paths
+from facecam_jax.fit import programs as fit
+from facecam_jax.runtime import cli, compile_cache, paths
 
 _CONFIG = cli.define_config("the config whose program is compiled (configs/facecam.py[:variant,key=value])")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "a TPU topology to compile for (v5e:2x2, v5p:2x2x2, v6e:2x4, "

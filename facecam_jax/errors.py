@@ -1,5 +1,5 @@
 """The errors a user can cause, in one low module: every layer raises them, and the command
-lines (``facecam_jax.cli``) turn them into one ``error:`` line without importing the layers.
+lines (``facecam_jax.runtime.cli``) turn them into one ``error:`` line without importing the layers.
 
 Each is also importable from the module that raises it (``facecam_jax.video_io.VideoDecodeError``,
 ``facecam_jax.camera.landmarks.NoFaceError``, ``facecam_jax.checkpoints.io.CheckpointError``).

@@ -17,11 +17,11 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import cli, paths
 from facecam_jax.evaluation.camera_correctness import REFERENCES
 from facecam_jax.evaluation.identity import IDENTITY_FRAMES
 from facecam_jax.evaluation.manifest import ManifestError, read_manifest
 from facecam_jax.evaluation.report import default_outputs, evaluate_rows
+from facecam_jax.runtime import cli, paths
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "JSON list or CSV of output, source, motion[, target] rows")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "report JSON (default: <manifest>_eval.json)")

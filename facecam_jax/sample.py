@@ -16,7 +16,7 @@ kohya or original Wan naming) into every expert after those.
 Writes ``out`` and ``<out>_compare.mp4`` (source | camera condition | output), both H.264.
 A source whose first frame shows no face is centre-cropped with a warning (``--require_face``
 makes it an error). A missing or corrupt input ends in one ``error:`` line; ``--verbose`` adds
-the traceback. The logic lives in ``facecam_jax.sampler``.
+the traceback. The logic lives in ``facecam_jax.sampling.sampler``.
 """
 
 import glob
@@ -25,9 +25,10 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import cli, compile_cache, paths, sampler
 from facecam_jax.checkpoints.lora import parse_lora_spec
-from facecam_jax.config_file import DEFAULT_CONFIG
+from facecam_jax.runtime import cli, compile_cache, paths
+from facecam_jax.runtime.config_file import DEFAULT_CONFIG
+from facecam_jax.sampling import sampler
 
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
                             default=f"{DEFAULT_CONFIG}:learn")

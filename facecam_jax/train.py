@@ -4,7 +4,7 @@ With no flags it trains the small default (``mini``) on the shipped mini dataset
 ``--config.train.steps=100 --config.optimizer.lr=5e-5``. A restarted run resumes from the
 newest usable checkpoint in its workdir. SIGTERM or Ctrl-C (a preemption) finishes the step,
 saves a checkpoint and exits 0; a second one exits at once. The logic lives in
-``facecam_jax.trainer``. A bad input or a diverged run ends in one ``error:`` line;
+``facecam_jax.training.trainer``. A bad input or a diverged run ends in one ``error:`` line;
 ``--verbose`` adds the traceback.
 """
 
@@ -13,7 +13,8 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import cli, compile_cache, paths, trainer
+from facecam_jax.runtime import cli, compile_cache, paths
+from facecam_jax.training import trainer
 
 _CONFIG = cli.define_config("training config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/facecam-<variant>)")

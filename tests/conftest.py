@@ -16,12 +16,12 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402
 
-from facecam_jax.paths import cache_root  # noqa: E402  (imports no JAX)
+from facecam_jax.runtime.paths import cache_root  # noqa: E402  (imports no JAX)
 
 # Identical programs compiled again (a resumed training run, a reloaded model, the same model
 # built in another test or in a launched process) load from JAX's persistent cache instead of
 # compiling: one cache, the entry points' default (compile_cache.default_dir), small programs
-# included (facecam_jax/compile_cache.py: building a model runs ~100 of them). Set, like
+# included (facecam_jax/runtime/compile_cache.py: building a model runs ~100 of them). Set, like
 # XLA_FLAGS, before JAX is first imported: JAX reads them then, here and in every process the
 # tests start.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache_root("xla"))

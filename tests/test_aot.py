@@ -12,12 +12,15 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from facecam_jax import build, chips, fit, train_step
-from facecam_jax import flops as flops_lib
+from facecam_jax import build
 from facecam_jax import sharding as sh
-from facecam_jax.config_file import load_config
+from facecam_jax.fit import programs as fit
 from facecam_jax.models import lora, wan_dit
 from facecam_jax.models.wan_vae import VAEConfig
+from facecam_jax.perf import chips
+from facecam_jax.perf import flops as flops_lib
+from facecam_jax.runtime.config_file import load_config
+from facecam_jax.training import train_step
 
 TINY = wan_dit.PRESETS["tiny"].replace(in_dim=36)  # D 64, ffn 128, 2 layers, text 16 x 32
 FACECAM_TRAINABLE = ("self_attn", "patch_embedding")

@@ -11,8 +11,8 @@ import shutil
 import pytest
 from forked_runs import run as _run
 
-from facecam_jax import cli
 from facecam_jax.checkpoints.io import format_key_problems
+from facecam_jax.runtime import cli
 from facecam_jax.video_io import VideoDecodeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ PROGRAM = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp
     from flax import nnx
-    from facecam_jax import compile_cache
+    from facecam_jax.runtime import compile_cache
     from facecam_jax.models import wan_dit as W
     compile_cache.enable(sys.argv[1], min_compile_seconds=0.0)
     model = W.WanDiT(W.PRESETS["tiny"].replace(in_dim=36), rngs=nnx.Rngs(0))

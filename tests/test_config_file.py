@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from facecam_jax.config_file import DEFAULT_CONFIG, load_config
+from facecam_jax.runtime.config_file import DEFAULT_CONFIG, load_config
 
 
 def _config_module():
@@ -65,9 +65,10 @@ def test_overrides_of_the_wrong_type_and_typos_name_the_key():
 
 
 def test_the_config_checks_know_the_modes_the_code_has():
-    from facecam_jax import config_check, flow
-    from facecam_jax import sample_program as sp
+    from facecam_jax.diffusion import flow
     from facecam_jax.models import quant
+    from facecam_jax.runtime import config_check
+    from facecam_jax.sampling import program as sp
 
     assert config_check.SOLVERS == flow.SOLVERS and config_check.QUANTIZE == quant.MODES
     assert config_check.OFFLOADS == sp.OFFLOAD_MODES and config_check.CACHES == sp.CACHE_MODES

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from facecam_jax.camera import draw
-from facecam_jax.config_file import load_config
 from facecam_jax.data import augment, heldout, pipeline, sources
+from facecam_jax.runtime.config_file import load_config
 
 
 def _data(**overrides):

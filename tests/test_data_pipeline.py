@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from facecam_jax import video_io
-from facecam_jax.config_file import load_config as get_config
 from facecam_jax.data import mini_dataset, pipeline, sources
 from facecam_jax.data import transforms as tr
+from facecam_jax.runtime.config_file import load_config as get_config
 
 
 @pytest.fixture(scope="module")

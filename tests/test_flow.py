@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facecam_jax import flow
+from facecam_jax.diffusion import flow
 
 
 def test_train_grid_is_the_shifted_1000_level_grid_with_grid_normalised_weights():

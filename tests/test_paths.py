@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from facecam_jax import paths
 from facecam_jax.camera import preview
 from facecam_jax.errors import OutputPathError
+from facecam_jax.runtime import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,7 @@ def test_unwritable_outputs(files, monkeypatch):
 
 
 def test_config_inputs_are_its_existing_path_fields(files):
-    from facecam_jax.config_file import load_config
+    from facecam_jax.runtime.config_file import load_config
 
     config = load_config(f"mini,vae.checkpoint='{files / 'ckpt'}'")
     config.model.dit_overlay = (str(files / "in.mp4"), str(files / "missing.safetensors"))

@@ -5,7 +5,7 @@ import time
 
 import jax
 
-from facecam_jax import progress
+from facecam_jax.runtime import progress
 
 
 class _Terminal(io.StringIO):

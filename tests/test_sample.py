@@ -8,11 +8,13 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, flow, sampler
-from facecam_jax import sample_program as sp
+from facecam_jax import build
 from facecam_jax import sharding as sh
-from facecam_jax.config_file import load_config as get_config
+from facecam_jax.diffusion import flow
 from facecam_jax.models import wan_dit as W
+from facecam_jax.runtime.config_file import load_config as get_config
+from facecam_jax.sampling import program as sp
+from facecam_jax.sampling import sampler
 
 CFG = W.PRESETS["tiny"].replace(in_dim=36)
 
@@ -111,7 +113,7 @@ def _latents(models, options, toy_inputs):
 
 
 def test_solvers_and_the_step_cache_inside_the_program(toy):
-    from facecam_jax.step_cache import MagCache
+    from facecam_jax.diffusion.step_cache import MagCache
 
     a, _, *inputs = toy
     euler = _latents([a], _options(4), inputs)

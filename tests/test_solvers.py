@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facecam_jax import flow
+from facecam_jax.diffusion import flow
 
 SHIFT = 5.0
 

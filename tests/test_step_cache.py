@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import flow
-from facecam_jax import step_cache as sc
+from facecam_jax.diffusion import flow
+from facecam_jax.diffusion import step_cache as sc
 from facecam_jax.models import wan_dit as W
 
 CFG = W.PRESETS["tiny"].replace(in_dim=36)

@@ -12,7 +12,7 @@ import pytest
 from facecam_jax import text
 from facecam_jax.checkpoints.io import CheckpointError, write_safetensors
 from facecam_jax.checkpoints.umt5 import load_umt5
-from facecam_jax.config_file import load_config
+from facecam_jax.runtime.config_file import load_config
 
 FACECAM = load_config()  # its text.prompt and sample.negative_prompt are FaceCam's prompts
 

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import build, flops, metric_logger, trainer
+from facecam_jax import build
 from facecam_jax import sharding as sh
-from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import overlay_dit
-from facecam_jax.config_file import load_config as get_config
 from facecam_jax.errors import CheckpointError, TrainingDiverged
-from facecam_jax.train_step import build_program
+from facecam_jax.perf import flops
+from facecam_jax.runtime.config_file import load_config as get_config
+from facecam_jax.training import metric_logger, trainer
+from facecam_jax.training.run_state import Checkpoints
+from facecam_jax.training.train_step import build_program
 
 # Small and fast: 9 frames at 64x48 (3 latent frames of 8x6), one device, no worker processes.
 BASE = "mini,frames=9,batch_size=2"
@@ -157,7 +159,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_like_an_uninterrupted
 
 def test_a_second_signal_exits_at_once(tmp_path):
     script = ("import os, signal\n"
-              "from facecam_jax.preemption import Preemption\n"
+              "from facecam_jax.training.preemption import Preemption\n"
               "with Preemption() as p:\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    print('stop after the step:', p.stop(), p.signal_name, flush=True)\n"
@@ -206,12 +208,12 @@ def test_a_damaged_newest_checkpoint_is_kept_aside_and_the_previous_step_restore
     workdir = _copy(run2, tmp_path)
     _damage(os.path.join(workdir, "checkpoints", "2"), how)
     ckpt = Checkpoints(workdir, 3, config)
-    with caplog.at_level("WARNING", logger="facecam_jax.checkpointing"), sh.use_mesh(one_device_mesh(), sh.DEFAULT_RULES):
+    with caplog.at_level("WARNING", logger="facecam_jax.training.run_state"), sh.use_mesh(one_device_mesh(), sh.DEFAULT_RULES):
         restored = ckpt.restore(prog.state)
     ckpt.close()
     assert (restored.step, restored.batches, int(restored.state.step)) == (1, 1, 1)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", f"2.damaged-{name}"]  # nothing deleted
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "facecam_jax.checkpointing"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "facecam_jax.training.run_state"]
     assert "checkpoint step 2" in warning and what in warning and "resuming from step 1" in warning
 
 
@@ -282,7 +284,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_p
     real_contexts = build.text_contexts
     monkeypatch.setattr(build, "text_contexts", lambda *a, **k: real_contexts(*a, **k) * np.nan)
     with pytest.raises(TrainingDiverged, match=r"step 1: loss nan .* not finite.*checkpointed"), \
-            caplog.at_level("INFO", logger="facecam_jax.trainer"):
+            caplog.at_level("INFO", logger="facecam_jax.training.trainer"):
         train(get_config(BASE + ",steps=3,checkpoint_every=1"), workdir)
     assert "run summary: steps 1 -> 1 of 3 (0 this run, stopped: the loss diverged)" in caplog.text
     monkeypatch.setattr(build, "text_contexts", real_contexts)

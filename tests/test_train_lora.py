@@ -15,14 +15,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import build, sampler, train_step, trainer
+from facecam_jax import build
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints.dit import overlay_dit
 from facecam_jax.checkpoints.dit_naming import named_variables
 from facecam_jax.checkpoints.lora_files import read_lora
-from facecam_jax.config_file import load_config as get_config
 from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import facecam_velocity
+from facecam_jax.runtime.config_file import load_config as get_config
+from facecam_jax.sampling import sampler
+from facecam_jax.training import train_step, trainer
 
 BASE = "mini,frames=9,batch_size=2,train.lora_rank=4,train.lora_alpha=8.0,optimizer.lr=1e-3"
 TOL = 1e-5

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import build, trainer
+from facecam_jax import build
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
 from facecam_jax.checkpoints.io import open_checkpoint
-from facecam_jax.config_file import load_config as get_config
-from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import DistributedSetupError
+from facecam_jax.runtime.config_file import load_config as get_config
+from facecam_jax.training import trainer
+from facecam_jax.training.distributed import initialize_distributed
 
 BASE = "mini,frames=9,batch_size=2"
 TOL = 1e-5
@@ -90,7 +91,7 @@ def _free_port() -> int:
 # `python -m facecam_jax.train` whose process sends itself SIGTERM while logging step N (as a
 # preemption would, mid-run), so that the test knows which step it lands in.
 _SIGTERM_AT = """import os, runpy, signal, sys
-from facecam_jax import metric_logger
+from facecam_jax.training import metric_logger
 at, log = int(sys.argv.pop(1)), metric_logger.Logger.__call__
 def preempted(self, step, metrics):
     log(self, step, metrics)

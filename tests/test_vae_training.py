@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 
 from facecam_jax import build
-from facecam_jax import vae_training as vt
 from facecam_jax import video_io as video
 from facecam_jax.checkpoints.vae import load_vae, save_vae
 from facecam_jax.data import augment, mini_dataset
 from facecam_jax.models.wan_vae import VAEConfig, WanVAE, to_unit_range
+from facecam_jax.training import vae_training as vt
 
 # Measured: 8 random-init frames reconstruct at ~10 dB; after the short run below at ~21.6 dB
 # (fixed frames, 40 steps at lr 1e-3; 17.8 dB after 20, 23.9 after 80; ~15 s on 2 CPU cores).

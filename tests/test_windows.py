@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax import sample_program as sp
-from facecam_jax import sampler
 from facecam_jax import sharding as sh
 from facecam_jax.camera import source as source_lib
-from facecam_jax.config_file import load_config
+from facecam_jax.diffusion.windows import Windows, latent_frames, video_frames
 from facecam_jax.models import wan_dit as W
-from facecam_jax.windows import Windows, latent_frames, video_frames
+from facecam_jax.runtime.config_file import load_config
+from facecam_jax.sampling import program as sp
+from facecam_jax.sampling import sampler
 
 CFG = W.PRESETS["tiny"].replace(in_dim=36)
 

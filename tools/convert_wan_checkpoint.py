@@ -14,7 +14,7 @@ import argparse
 import logging
 import time
 
-from facecam_jax import cli, paths
+from facecam_jax.runtime import cli, paths
 
 
 def main(argv=None) -> str:

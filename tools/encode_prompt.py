@@ -20,9 +20,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from facecam_jax import cli, sharding, text
+from facecam_jax import sharding, text
 from facecam_jax.checkpoints.umt5 import load_umt5
-from facecam_jax.config_file import load_config
+from facecam_jax.runtime import cli
+from facecam_jax.runtime.config_file import load_config
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 

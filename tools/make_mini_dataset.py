@@ -17,7 +17,7 @@ import argparse
 import logging
 import time
 
-from facecam_jax import cli
+from facecam_jax.runtime import cli
 
 
 def main(argv=None) -> int:

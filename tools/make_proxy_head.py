@@ -12,8 +12,8 @@ import argparse
 
 import numpy as np
 
-from facecam_jax import cli
 from facecam_jax.camera import landmarks, proxy_head
+from facecam_jax.runtime import cli
 
 
 def make() -> np.ndarray:

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 
-from facecam_jax import cli
+from facecam_jax.runtime import cli
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ latents stay valid). Saved as a diffusers
 AutoencoderKLWan folder (default: the config's vae.checkpoint, data/learned_mini/vae) with a
 training.json of the run; prints the reconstruction PSNR on the held-out windows of every
 camera. Stage 2: `python -m facecam_jax.train --config configs/facecam.py:learn --workdir runs/learn`.
-The logic lives in facecam_jax.vae_training.
+The logic lives in facecam_jax.training.vae_training.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import logging
 import os
 import time
 
-from facecam_jax import cli
+from facecam_jax.runtime import cli
 
 
 def main(argv=None) -> int:
-    from facecam_jax.vae_training import VAETraining
+    from facecam_jax.training.vae_training import VAETraining
 
     defaults = VAETraining()
     parser = argparse.ArgumentParser(description=__doc__,
@@ -62,11 +62,11 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from facecam_jax import build
-    from facecam_jax import vae_training as vt
     from facecam_jax.checkpoints.vae import save_vae
-    from facecam_jax.config_file import load_config
     from facecam_jax.data import heldout, pipeline
     from facecam_jax.models.wan_vae import WanVAE
+    from facecam_jax.runtime.config_file import load_config
+    from facecam_jax.training import vae_training as vt
 
     config = load_config(args.config)
     out = args.out or config.vae.checkpoint

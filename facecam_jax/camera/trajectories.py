@@ -33,7 +33,7 @@ import numpy as np
 
 from facecam_jax.camera import geometry, proxy_head
 from facecam_jax.camera.geometry import BASE_FOV, project
-from facecam_jax.config_check import MAX_FRAMES
+from facecam_jax.runtime.config_check import MAX_FRAMES
 
 # Official orbit constants (`get_proxy_video_cameras` in the release).
 RADIUS = 2.7

@@ -24,7 +24,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from facecam_jax import progress as progress_lib
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints.dit_naming import (
     BLOCK_RE,
@@ -49,6 +48,7 @@ from facecam_jax.checkpoints.io import (
 from facecam_jax.checkpoints.lora import apply_loras
 from facecam_jax.models import quant
 from facecam_jax.models.wan_dit import DiTConfig, WanDiT, get_config
+from facecam_jax.runtime import progress as progress_lib
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from facecam_jax import progress as progress_lib
 from facecam_jax import sharding
 from facecam_jax.checkpoints.io import CheckpointError, format_key_problems, open_checkpoint, strip_prefix
 from facecam_jax.checkpoints.tensor_ref import TensorRef
 from facecam_jax.models.umt5 import UMT5Config, UMT5Encoder
+from facecam_jax.runtime import progress as progress_lib
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from facecam_jax import progress as progress_lib
 from facecam_jax.checkpoints.io import (
     CheckpointError,
     format_key_problems,
@@ -32,6 +31,7 @@ from facecam_jax.checkpoints.io import (
     write_safetensors,
 )
 from facecam_jax.models import wan_vae as wv
+from facecam_jax.runtime import progress as progress_lib
 
 log = logging.getLogger(__name__)
 

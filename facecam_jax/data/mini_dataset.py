@@ -32,10 +32,11 @@ from collections import Counter
 import cv2
 import numpy as np
 
-from facecam_jax import paths, progress, video_io
+from facecam_jax import video_io
 from facecam_jax.camera import landmarks as lm
 from facecam_jax.camera import mesh_topology as topo
 from facecam_jax.data import prepare
+from facecam_jax.runtime import paths, progress
 
 log = logging.getLogger(__name__)
 

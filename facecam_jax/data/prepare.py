@@ -23,11 +23,11 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from facecam_jax import progress as progress_lib
 from facecam_jax import video_io
 from facecam_jax.camera import landmarks as landmarks_lib
 from facecam_jax.data import sources
 from facecam_jax.data import store as store_lib
+from facecam_jax.runtime import progress as progress_lib
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What a chip can do: the one table of dense bf16 peaks and memory, the devices of a named TPU
 topology (libtpu's compile-only client: no TPU needed), and the memory a device may use.
 
-Used by the fit tool (``facecam_jax.fit``) and by training's MFU (``facecam_jax.trainer``).
+Used by the fit tool (``facecam_jax.fit``) and by training's MFU (``facecam_jax.training.trainer``).
 """
 
 from __future__ import annotations

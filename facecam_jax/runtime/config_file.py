@@ -1,10 +1,10 @@
 """Loads a config file the way ``--config path[:arg]`` does: for notebooks, scripts and tests.
 
-    from facecam_jax.config_file import load_config
+    from facecam_jax.runtime.config_file import load_config
     config = load_config("mini,frames=21")                     # the default configs/facecam.py
     config = load_config("configs/facecam.py:nersemble,train.steps=100")
 
-Every value is checked once loaded (``facecam_jax.config_check.validate``: a ValueError naming
+Every value is checked once loaded (``facecam_jax.runtime.config_check.validate``: a ValueError naming
 each bad key).
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from facecam_jax.config_check import validate
+from facecam_jax.runtime.config_check import validate
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "facecam.py")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "facecam.py")
 
 
 def load_config(spec: str | None = None):

@@ -26,8 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, flow
+from facecam_jax import build
 from facecam_jax import sharding as sh
+from facecam_jax.diffusion import flow
 from facecam_jax.models import wan_dit
 from facecam_jax.models.wan_dit import facecam_velocity
 from facecam_jax.models.wan_vae import to_unit_range

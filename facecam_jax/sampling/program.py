@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from facecam_jax import flow, progress
+from facecam_jax.diffusion import flow
+from facecam_jax.diffusion.step_cache import MagCache, load_calibration
+from facecam_jax.diffusion.windows import Windows, latent_frames
 from facecam_jax.models.wan_dit import facecam_token_shape, facecam_velocity, facecam_velocity_cached
-from facecam_jax.step_cache import MagCache, load_calibration
-from facecam_jax.windows import Windows, latent_frames
+from facecam_jax.runtime import progress
 
 OFFLOAD_MODES = ("none", "experts", "blocks")
 CACHE_MODES = ("none", "magcache")

@@ -1,7 +1,7 @@
 """Checks the values of a config where it is loaded: one ``ValueError`` naming every bad key.
 
-``validate(config)`` runs in ``facecam_jax.config_file.load_config``, behind the ``--config``
-flag of every command line (``facecam_jax.cli.define_config``) and at the start of training,
+``validate(config)`` runs in ``facecam_jax.runtime.config_file.load_config``, behind the ``--config``
+flag of every command line (``facecam_jax.runtime.cli.define_config``) and at the start of training,
 so a zero width, a checkpoint interval of 0, negative steps or 100,000 frames fail in one
 line before anything is built, whichever route the config took. Only fields that exist are
 checked (a custom config file may lack sections); enumerations that their owners check
@@ -24,7 +24,7 @@ SIZE_MULTIPLE = 16  # the Wan VAE's 8x spatial stride times the DiT's 2x2 patch
 FRAMINGS = ("official", "source")  # facecam_jax.camera.trajectories.FRAMINGS
 EXPERTS = ("", "high", "low")
 QUANTIZE = ("none", "int8", "fp8")  # facecam_jax.models.quant.MODES
-SOLVERS = ("euler", "unipc", "dpmpp_2m")  # facecam_jax.flow.SOLVERS
+SOLVERS = ("euler", "unipc", "dpmpp_2m")  # facecam_jax.diffusion.flow.SOLVERS
 CACHES = ("none", "magcache")
 OFFLOADS = ("none", "experts", "blocks")
 CFG_MODES = ("batch", "sequential")

@@ -37,7 +37,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from facecam_jax.errors import CheckpointError
-from facecam_jax.train_step import TrainState
+from facecam_jax.training.train_step import TrainState
 
 log = logging.getLogger(__name__)
 

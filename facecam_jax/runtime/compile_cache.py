@@ -18,7 +18,7 @@ import os
 
 import jax
 
-from facecam_jax import paths
+from facecam_jax.runtime import paths
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, chips
-from facecam_jax import sample_program as sp
+from facecam_jax import build
 from facecam_jax import sharding as sh
-from facecam_jax.chips import BadTarget, GiB, Target
-from facecam_jax.fit_report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
-from facecam_jax.flops import step_flops
+from facecam_jax.fit.report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
 from facecam_jax.models import attention, wan_dit
-from facecam_jax.train_step import build_program
+from facecam_jax.perf import chips
+from facecam_jax.perf.chips import BadTarget, GiB, Target
+from facecam_jax.perf.flops import step_flops
+from facecam_jax.sampling import program as sp
+from facecam_jax.training.train_step import build_program
 
 log = logging.getLogger(__name__)
 

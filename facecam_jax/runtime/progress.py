@@ -1,6 +1,6 @@
 """Progress bars for every long step (training, sampling, dataset preparation, checkpoints).
 
-    from facecam_jax import progress
+    from facecam_jax.runtime import progress
     for path in progress.bar(paths, desc="convert", unit="file"): ...
     with progress.bar(total=steps, initial=start, desc="train", unit="step") as pbar:
         ...

@@ -30,9 +30,9 @@ from typing import Any, NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
-from facecam_jax.config_check import validate
-from facecam_jax.config_file import DEFAULT_CONFIG
 from facecam_jax.errors import CheckpointError, NoFaceError, TrainingDiverged, VideoDecodeError
+from facecam_jax.runtime.config_check import validate
+from facecam_jax.runtime.config_file import DEFAULT_CONFIG
 
 # ValueError and KeyError are broad, but they are how this project reports bad inputs
 # (trajectories, config values, shapes); NoFaceError and CheckpointError are ValueErrors too,

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend import core as jex_core
 
-from facecam_jax import build, chips
+from facecam_jax import build
 from facecam_jax.models.wan_vae import WanVAE
+from facecam_jax.perf import chips
 
 
 def jaxpr_flops(jaxpr) -> float:

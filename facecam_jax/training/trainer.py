@@ -1,13 +1,13 @@
-"""FaceCam fine-tuning: the loop around the jitted step (``facecam_jax.train_step``).
+"""FaceCam fine-tuning: the loop around the jitted step (``facecam_jax.training.train_step``).
 
 ``train(config, workdir)`` checks the config (``config_check``), joins the processes of a
 multi-process run, builds the program on the mesh, resumes from the newest usable checkpoint
 in ``workdir`` (Orbax: trainable parameters, optimizer state, step, the data position and the
-config; any mesh or process count; damaged steps are set aside, ``facecam_jax.checkpointing``),
+config; any mesh or process count; damaged steps are set aside, ``facecam_jax.training.run_state``),
 compiles the step once, and steps the Grain stream. Always on: loss, grad / param / update
 norms, step time, and a NaN/Inf guard that keeps the last finite state, checkpoints it and
 stops with a clear message. SIGTERM / SIGINT finish the current step, checkpoint it on every
-process and return (``facecam_jax.preemption``); a restart resumes there. Every run ends with
+process and return (``facecam_jax.training.preemption``); a restart resumes there. Every run ends with
 a one-line summary (steps, skipped samples by reason, checkpoints written). At the end the
 trained parameters are also written as a partial state dict (original Wan naming) that
 ``load_dit(..., overlay=...)`` applies over the base model, the same form as the released
@@ -28,24 +28,26 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build, chips, progress
+from facecam_jax import build
 from facecam_jax import sharding as sh
-from facecam_jax.checkpointing import Checkpoints
 from facecam_jax.checkpoints.dit import save_dit
 from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
 from facecam_jax.checkpoints.lora import save_lora
-from facecam_jax.config_check import validate
 from facecam_jax.data import transforms
 from facecam_jax.data.pipeline import make_train_iterator
-from facecam_jax.distributed import initialize_distributed
 from facecam_jax.errors import TrainingDiverged
-from facecam_jax.fit_report import Compiled
-from facecam_jax.flops import Throughput
-from facecam_jax.metric_logger import Logger
+from facecam_jax.fit.report import Compiled
 from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import WanDiT
-from facecam_jax.preemption import Preemption
-from facecam_jax.train_step import VIDEO_KEYS, TrainProgram, build_program
+from facecam_jax.perf import chips
+from facecam_jax.perf.flops import Throughput
+from facecam_jax.runtime import progress
+from facecam_jax.runtime.config_check import validate
+from facecam_jax.training.distributed import initialize_distributed
+from facecam_jax.training.metric_logger import Logger
+from facecam_jax.training.preemption import Preemption
+from facecam_jax.training.run_state import Checkpoints
+from facecam_jax.training.train_step import VIDEO_KEYS, TrainProgram, build_program
 
 log = logging.getLogger(__name__)
 

@@ -29,29 +29,26 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from facecam_jax import build  # noqa: E402
+from facecam_jax import build, conditioning  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
 from facecam_jax.fit.report import Compiled  # noqa: E402
 from facecam_jax.models import wan_dit  # noqa: E402
 from facecam_jax.perf import chips
 from facecam_jax.runtime.config_file import load_config  # noqa: E402
-from facecam_jax.sampling import program as sp
+from facecam_jax.sampling import program as sp  # noqa: E402
+from facecam_jax.sampling.inputs import abstract_inputs  # noqa: E402
 
 
 def programs(config, devices, layouts, steps):
-    d = config.data
     cfg = build.dit_config(config)
-    shape = build.latent_shape(build.vae_config(config.vae.config), d.frames, d.height, d.width)
-    options = sp.SampleOptions(steps, config.model.shift, 5.0)
+    options = sp.SampleOptions(steps, config.model.shift, 5.0, camera=conditioning.of(config).name)
     for name, (data, fsdp) in layouts.items():
         mesh = sh.make_mesh(data, fsdp, 1, 1, devices=devices)
         with sh.use_mesh(mesh, sh.DEFAULT_RULES):
             dit = build.abstract_dit(config, mesh, sh.DEFAULT_RULES)
             fn = jax.jit(sp.make_sample_fn(nnx.graphdef(dit), options))
-            rep = NamedSharding(mesh, PartitionSpec())
-            lat = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rep)
-            ctx = jax.ShapeDtypeStruct((1, cfg.text_len, cfg.text_dim), jnp.float32, sharding=rep)
-            lowered = fn.lower((nnx.state(dit),), lat, lat, ctx, ctx, lat)
+            inputs = abstract_inputs(config, conditioning.of(config), cfg, mesh, config.data.frames, None)
+            lowered = fn.lower((nnx.state(dit),), inputs)
         yield name, mesh, dit, fn, lowered
 
 
@@ -72,16 +69,14 @@ def main(argv=None):
             compiled = lowered.compile()
             model = wan_dit.WanDiT(build.dit_config(config), rngs=nnx.Rngs(0))
             state = (jax.device_put(nnx.state(model), sh.state_shardings(nnx.state(model), mesh)),)
-            d = config.data
-            shape = build.latent_shape(build.vae_config(config.vae.config), d.frames, d.height, d.width)
-            lat = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-            ctx = jnp.asarray(0.1 * rng.standard_normal((1, dit.config.text_len, dit.config.text_dim)), jnp.float32)
-            call = jax.device_put((lat, lat, ctx, ctx, lat), NamedSharding(mesh, PartitionSpec()))
-            compiled(state, *call).block_until_ready()
+            shapes = abstract_inputs(config, conditioning.of(config), dit.config, mesh, config.data.frames, None)
+            call = jax.device_put(jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), jnp.float32),
+                                               shapes), NamedSharding(mesh, PartitionSpec()))
+            compiled(state, call).block_until_ready()
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                compiled(state, *call).block_until_ready()
+                compiled(state, call).block_until_ready()
                 times.append(time.perf_counter() - start)
             plan = Compiled.of(name, compiled, 0.0)
             print(f"{name:<40} loop {statistics.median(times):.3f} s (median of {args.repeats}), per device: "

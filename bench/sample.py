@@ -27,7 +27,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from bench.common import machine, peak_bytes, si  # noqa: E402
-from facecam_jax import build  # noqa: E402
+from facecam_jax import build, conditioning  # noqa: E402
+from facecam_jax import sampling as sampler
 from facecam_jax import sharding as sh  # noqa: E402
 from facecam_jax.fit.report import Compiled  # noqa: E402
 from facecam_jax.models import wan_dit  # noqa: E402
@@ -35,7 +36,6 @@ from facecam_jax.perf import chips
 from facecam_jax.perf.flops import step_flops  # noqa: E402
 from facecam_jax.runtime.config_file import load_config  # noqa: E402
 from facecam_jax.sampling import program as sp
-from facecam_jax.sampling import sampler
 
 FULL = "nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=50"
 A14B = "nersemble,num_steps=50"  # wan2.2-i2v-a14b: two experts
@@ -75,13 +75,14 @@ def run(config, *, with_vae: bool = True, experts: int | None = None) -> dict:
         dit_cfg = models[0].config
         ctx = jnp.asarray(0.1 * rng.standard_normal((2, 1, dit_cfg.text_len, dit_cfg.text_dim)), jnp.float32)
         noise = sampler.noise_for(0, latents[:1].shape)
-        call = jax.device_put((latents[:1], latents[1:], ctx[0], ctx[1], noise), replicated)
+        condition = {k: latents[1:] for k in conditioning.of(config).batch_videos}  # the camera kind's videos
+        call = jax.device_put(sampler.SampleInputs(latents[:1], condition, ctx[0], ctx[1], noise), replicated)
         fn = sp.sample_program(nnx.graphdef(models[0]), sp.SampleOptions.of(config, n_experts)).fn
         start = time.perf_counter()
-        compiled = fn.lower(states, *call).compile()
+        compiled = fn.lower(states, call).compile()
         plan = Compiled.of("sample loop", compiled, time.perf_counter() - start)
         start = time.perf_counter()
-        result = compiled(states, *call).block_until_ready()
+        result = compiled(states, call).block_until_ready()
         out["loop_s"] = time.perf_counter() - start
         if with_vae:
             vae.decode(result).block_until_ready()  # compile

@@ -90,9 +90,9 @@ class HeldoutBench:
 
     def __init__(self, config_arg: str, sources=DEFAULT_SOURCES, targets=DEFAULT_TARGETS, seed: int = 0):
         from facecam_jax import build
+        from facecam_jax import sampling as sampler
         from facecam_jax.data import heldout, pipeline
         from facecam_jax.runtime.config_file import load_config
-        from facecam_jax.sampling import sampler
 
         self.config_arg = config_arg
         self.config = config = load_config(config_arg)
@@ -120,22 +120,15 @@ class HeldoutBench:
 
     def load(self, experts=None):
         """The VAE, the experts (default: ``load_experts`` of the config with its shipped weights)
-        and the encoded pairs."""
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from facecam_jax.models.wan_vae import to_unit_range
+        and the encoded pairs (the sampling program's inputs, ``sampling.make_inputs``)."""
+        from facecam_jax import conditioning
 
         s = self._sampler
         self.vae = self._build.build_vae(self.config, self.mesh)
         self.experts = experts or s.load_experts(self.config, self.mesh, self.rules, self.config.sample.weights)
-        source_lat = self.vae.encode(to_unit_range(self.sources))
-        camera_lat = self.vae.encode(to_unit_range(self.conditions))
-        noise = jnp.concatenate([s.noise_for(k, (1, *source_lat.shape[1:])) for k in self.seeds])
         self.ctx_cond, self.ctx_uncond, self.guidance = s.contexts(self.config, self.experts)
-        ctx = [np.broadcast_to(c, (len(self.pairs), *c.shape[1:])) for c in (self.ctx_cond, self.ctx_uncond)]
-        self._args = jax.device_put((source_lat, camera_lat, *ctx, noise), NamedSharding(self.mesh, PartitionSpec()))
+        self.inputs = s.make_inputs(conditioning.of(self.config), self.vae, self.sources, self.conditions, self.seeds,
+                                    (self.ctx_cond, self.ctx_uncond), None, self.mesh)
         return self
 
     def config_with(self, overrides: str):
@@ -153,14 +146,14 @@ class HeldoutBench:
         program = self._sampler.sample_program(nnx.graphdef(experts.models[0]), options)
         states = tuple(nnx.state(m) for m in experts.models)
         t0 = time.perf_counter()
-        compiled = program.fn.lower(states, *self._args).compile()
+        compiled = program.fn.lower(states, self.inputs).compile()
         return compiled, options, states, time.perf_counter() - t0
 
     def loop(self, compiled, states) -> tuple[object, float]:
         import jax
 
         t0 = time.perf_counter()
-        latents = jax.block_until_ready(compiled(states, *self._args))
+        latents = jax.block_until_ready(compiled(states, self.inputs))
         return latents, time.perf_counter() - t0
 
     def decode(self, latents) -> np.ndarray:
@@ -437,8 +430,8 @@ def smoothness(args) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
+    from facecam_jax import conditioning
     from facecam_jax import sharding as sh
-    from facecam_jax.models.wan_dit import facecam_velocity
 
     bench = HeldoutBench(**TABLE_BENCH)
     print(f"machine: {machine()} | {load_line()}")
@@ -448,10 +441,13 @@ def smoothness(args) -> None:
     n = args.pairs
     with sh.use_mesh(bench.mesh, bench.rules):
         bench.load()
-        source, camera, ctx, _, noise = (a[:n] for a in bench._args)
+        inputs = jax.tree.map(lambda a: a[:n], bench.inputs)
         z0 = jnp.asarray(Output.load(path).latents[:n])
+        noise = inputs.noise
         graphdef, state = nnx.split(bench.experts.models[0])
-        fn = jax.jit(lambda st, x, t: facecam_velocity(nnx.merge(graphdef, st), x, camera, source, t, ctx))
+        kind = conditioning.of(bench.config)
+        fn = jax.jit(lambda st, x, t: kind.velocity(nnx.merge(graphdef, st), x, inputs.source, inputs.condition, t,
+                                                    inputs.ctx_cond))
         starts = [float(t) for t in args.windows.split(",")]
         wanted = sorted({round(a + 0.5 * k, 1) for a in starts for k in range(21)})
         vs = {}
@@ -477,9 +473,9 @@ def a14b_seconds(solver: str, steps: int, cache_setting: tuple[float, int, float
                  calibration: str) -> dict:
     """FLOPs and seconds at each TPU chip's peak for one A14B FaceCam video (81 x 704 x 480, CFG 5)."""
     from facecam_jax import build
+    from facecam_jax import sampling as sampler
     from facecam_jax.perf import chips, flops
     from facecam_jax.runtime.config_file import load_config
-    from facecam_jax.sampling import sampler
 
     overrides = f"nersemble,sample.solver={solver},sample.num_steps={steps}"
     if cache_setting is not None:
@@ -489,9 +485,7 @@ def a14b_seconds(solver: str, steps: int, cache_setting: tuple[float, int, float
     config = load_config(overrides)
     parts = flops.step_flops(config, "sample")  # every step a full forward, plus the VAE
     dit_config = build.dit_config(config)
-    vae_config = build.vae_config(config.vae.config)
-    tokens, out_tokens = build.token_counts(dit_config, vae_config, config.data.frames, config.data.height,
-                                            config.data.width)
+    tokens, out_tokens = build.token_counts(config)
     cfg_batch = 2 if config.sample.cfg_scale != 1.0 else 1
     full = flops.dit_flops(dit_config, cfg_batch, tokens, out_tokens)["forward"]
     no_blocks = flops.dit_flops(dit_config.replace(num_layers=0), cfg_batch, tokens, out_tokens)["forward"]

@@ -69,7 +69,7 @@ def run(config, steps: int = 3, *, time_vae: bool = True) -> dict:
         vae_s = None
         if time_vae:  # the frozen VAE encode alone, on the step's three videos
             vae = nnx.merge(program.vae_graphdef, program.vae_state)
-            videos = jax.jit(lambda b: jax.numpy.concatenate([to_unit_range(b[k]) for k in train_step.VIDEO_KEYS]))(batch)
+            videos = jax.jit(lambda b: jax.numpy.concatenate([to_unit_range(b[k]) for k in program.video_keys]))(batch)
             vae.encode(videos).block_until_ready()  # compile
             start = time.perf_counter()
             vae.encode(videos).block_until_ready()
@@ -79,7 +79,7 @@ def run(config, steps: int = 3, *, time_vae: bool = True) -> dict:
     out = {"config": f"{config.model.dit}, {d.frames} x {d.height} x {d.width}, batch {d.batch_size}, "
                      f"{config.model.compute_dtype}, attention {config.model.attention}, remat {config.model.remat}",
            "mesh": dict(mesh.shape), "params": program.num_params, "trainable": program.num_trainable,
-           "tokens": 2 * build.token_counts(program.dit_config, program.vae_config, d.frames, d.height, d.width)[1],
+           "tokens": build.token_counts(config)[0],
            "flops": step_flops(config, "train"), "compile_s": plan.seconds, "step_s": step_s, "steps_timed": steps,
            "vae_encode_s": vae_s, "plan_bytes": plan.total, "plan": plan.line(), "peak_bytes": peak_bytes()}
     out.update(throughput(step_s))

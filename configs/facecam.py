@@ -225,6 +225,15 @@ def distributed_config() -> ml_collections.ConfigDict:
     return d
 
 
+def camera_config() -> ml_collections.ConfigDict:
+    """The `camera` section: which camera representation conditions the DiT."""
+    camera = ml_collections.ConfigDict()
+    # A module of facecam_jax/conditioning/ (facecam_jax.options.camera_kinds()): landmarks is
+    # FaceCam's rasterized MediaPipe landmark maps.
+    camera.kind = "landmarks"
+    return camera
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every section at its default: the `mini` variant."""
     config = ml_collections.ConfigDict()
@@ -238,6 +247,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model, config.vae, config.text = model_config()
     config.train, config.optimizer, config.mesh = train_config()
     config.sample = sample_config()
+    config.camera = camera_config()
     # Logical axis -> mesh axes (facecam_jax.sharding); None: the defaults there.
     config.sharding_rules = config_dict.placeholder(tuple)
     return config
@@ -300,7 +310,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
 }
 
-_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh", "sample", "distributed")
+_SECTIONS = ("data", "model", "vae", "text", "train", "optimizer", "mesh", "sample", "camera", "distributed")
 
 
 def _parse_value(text: str):

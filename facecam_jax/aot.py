@@ -20,15 +20,14 @@ Topology names: ``v5e:2x2``, ``v5e:4x8``, ``v5p:2x2x1``, ``v5p:4x4x4``, ``v6e:2x
 """
 
 import json
-import logging
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from facecam_jax.fit import programs as fit
-from facecam_jax.runtime import cli, compile_cache, paths
+from facecam_jax.runtime import cli, paths
 
 _CONFIG = cli.define_config("the config whose program is compiled (configs/facecam.py[:variant,key=value])")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "a TPU topology to compile for (v5e:2x2, v5p:2x2x2, v6e:2x4, "
@@ -41,14 +40,10 @@ _FRAMES = flags.DEFINE_integer("frames", None, "sample: a video of this many fra
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger("facecam_jax").setLevel(logging.INFO)
     if _TOPOLOGY.value and not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # host-side work stays off any local accelerator
-    compile_cache.from_config(_CONFIG.value)  # local targets; compile-only TPU targets switch it off
+    config = cli.start(argv, _CONFIG)  # the compile cache: local targets; compile-only TPU targets switch it off
     name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
-    config = _CONFIG.value
     paths.check_outputs({"--json": _JSON.value}, {"--config": name, **paths.config_inputs(config)})
     try:
         report = fit.analyze(config, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value,

@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from facecam_jax import conditioning, text
 from facecam_jax import sharding as sh
-from facecam_jax import text
 from facecam_jax.checkpoints.dit import load_dit
 from facecam_jax.checkpoints.vae import load_vae
 from facecam_jax.models import lora, quant, wan_dit
@@ -62,12 +62,12 @@ def latent_shape(vae: VAEConfig, frames: int, height: int, width: int, batch: in
     return (batch, 1 + (frames - 1) // vae.temporal_stride, height // s, width // s, vae.z_dim)
 
 
-def token_counts(dit: wan_dit.DiTConfig, vae: VAEConfig, frames: int, height: int, width: int) -> tuple[int, int]:
-    """(tokens of FaceCam's two halves, tokens of the target half) for one video size."""
-    _, f, h, w, _ = latent_shape(vae, frames, height, width)
-    pt, ph, pw = dit.patch_size
-    half = (f // pt) * (h // ph) * (w // pw)
-    return 2 * half, half
+def token_counts(config, frames: int | None = None) -> tuple[int, int]:
+    """(tokens the DiT's blocks see, tokens its head keeps) per sample of ``config``'s videos
+    (``frames``, default ``data.frames``), as the camera kind lays out its input."""
+    d = config.data
+    shape = latent_shape(vae_config(config.vae.config), frames or d.frames, d.height, d.width)
+    return conditioning.of(config).token_counts(dit_config(config), shape)
 
 
 def num_experts(config) -> int:
@@ -124,14 +124,16 @@ def lora_layers(model: nnx.Module) -> frozenset[tuple[str, ...]]:
 
 def train_filter(config, model: nnx.Module):
     """The filter of what a run of ``config`` trains in ``model`` (``build_dit(..., adapters=True)``):
-    ``trainable_filter`` of ``train.trainable``, with the model's adapters when ``train.lora_rank > 0``."""
+    ``trainable_filter`` of ``train.trainable`` plus the camera kind's own layers, with the model's
+    adapters when ``train.lora_rank > 0``."""
+    names = conditioning.of(config).trainable_names(tuple(config.train.trainable))
     if config.train.lora_rank <= 0:
-        return trainable_filter(config.train.trainable)
+        return trainable_filter(names)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"train.lora_rank={config.train.lora_rank} but the DiT has no LoRA adapters; "
                          "build it with build_dit(..., adapters=True)")
-    return trainable_filter(config.train.trainable, layers)
+    return trainable_filter(names, layers)
 
 
 # The adapters' random A matrices come from their own stream of config.seed (not the DiT's).
@@ -144,11 +146,7 @@ def add_adapters(dit: WanDiT, config, mesh=None, rules=sh.DEFAULT_RULES) -> WanD
     selects; fp32 (they are small, and AdamW on bf16 adapters would round their updates away),
     ``A`` drawn from ``config.seed`` (the same on every process), ``B = 0``; placed on ``mesh`` by
     the base kernel's logical axes (abstract adapters on an abstract model). Returns ``dit``."""
-    t = config.train
-    if t.lora_rank < 0 or int(t.lora_rank) != t.lora_rank:
-        raise ValueError(f"train.lora_rank must be 0 (full fine-tuning) or a positive integer, got {t.lora_rank!r}")
-    if t.lora_alpha < 0:
-        raise ValueError(f"train.lora_alpha must be >= 0 (0: the rank), got {t.lora_alpha!r}")
+    t = config.train  # rank and alpha were checked where the config loaded
     if t.lora_rank == 0:
         return dit
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), _LORA_STREAM))
@@ -171,7 +169,8 @@ def _dit_kwargs(config) -> dict:
 
 def build_dit(config, mesh, rules, *, seed: int | None = None, adapters: bool = False) -> WanDiT:
     """The DiT of ``config.model`` on ``mesh``: loaded (and overlaid) or random (``seed``,
-    default ``config.seed``), widened to ``model.in_dim``, placed by its logical axes, its
+    default ``config.seed``), made ready for the camera kind (``CameraKind.prepare``: FaceCam's
+    landmarks widen the patch embedding to ``model.in_dim``), placed by its logical axes, its
     block linears quantized as ``model.quantize`` says (checked before anything loads).
     ``adapters``: the training model, with ``train.lora_rank``'s adapters (``add_adapters``)."""
     m = config.model
@@ -182,9 +181,7 @@ def build_dit(config, mesh, rules, *, seed: int | None = None, adapters: bool = 
                        remat=m.remat, quantize=m.quantize)
     else:
         dit = WanDiT(m.dit, rngs=nnx.Rngs(config.seed if seed is None else seed), **_dit_kwargs(config))
-    if m.in_dim > dit.config.in_dim:
-        wan_dit.widen_patch_embedding(dit, m.in_dim)
-    dit = sh.shard_module(dit, mesh, rules)
+    dit = sh.shard_module(conditioning.of(config).prepare(dit, config), mesh, rules)
     if not m.dit_checkpoint and quant.quantization_mode(dit) != m.quantize:
         quant.quantize_dit(dit, m.quantize)
     return add_adapters(dit, config, mesh, rules) if adapters else dit
@@ -194,8 +191,7 @@ def abstract_dit(config, mesh, rules, *, adapters: bool = False) -> WanDiT:
     """``build_dit``'s model as shapes with their shardings (the preset; nothing is read)."""
 
     def make():
-        dit = WanDiT(config.model.dit, rngs=nnx.Rngs(0), **_dit_kwargs(config))
-        return wan_dit.widen_patch_embedding(dit, max(config.model.in_dim, dit.config.in_dim))
+        return conditioning.of(config).prepare(WanDiT(config.model.dit, rngs=nnx.Rngs(0), **_dit_kwargs(config)), config)
 
     dit = quant.quantize_dit(nnx.eval_shape(make), config.model.quantize)
     if adapters:

@@ -12,10 +12,9 @@ failures are rows with an error; a bad manifest is one ``error:`` line and exit 
 ``facecam_jax.evaluation``.
 """
 
-import logging
 import os
 
-from absl import app, flags
+from absl import flags
 
 from facecam_jax.evaluation.camera_correctness import REFERENCES
 from facecam_jax.evaluation.identity import IDENTITY_FRAMES
@@ -36,10 +35,7 @@ flags.mark_flag_as_required("manifest")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("facecam_jax").setLevel(logging.INFO)
+    cli.start(argv)
     manifest = _MANIFEST.value
     try:
         entries = read_manifest(manifest)

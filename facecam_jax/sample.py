@@ -16,19 +16,18 @@ kohya or original Wan naming) into every expert after those.
 Writes ``out`` and ``<out>_compare.mp4`` (source | camera condition | output), both H.264.
 A source whose first frame shows no face is centre-cropped with a warning (``--require_face``
 makes it an error). A missing or corrupt input ends in one ``error:`` line; ``--verbose`` adds
-the traceback. The logic lives in ``facecam_jax.sampling.sampler``.
+the traceback. The logic lives in ``facecam_jax.sampling`` (``plan.run``).
 """
 
-import glob
 import logging
 import os
 
-from absl import app, flags
+from absl import flags
 
-from facecam_jax.checkpoints.lora import parse_lora_spec
-from facecam_jax.runtime import cli, compile_cache, paths
+from facecam_jax import options
+from facecam_jax.runtime import cli, paths
 from facecam_jax.runtime.config_file import DEFAULT_CONFIG
-from facecam_jax.sampling import sampler
+from facecam_jax.sampling import experts, plan
 
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
                             default=f"{DEFAULT_CONFIG}:learn")
@@ -46,7 +45,7 @@ _FRAMES = flags.DEFINE_integer("frames", None, "output frames, 4k + 1 (default: 
                                "jointly")
 _HEIGHT = flags.DEFINE_integer("height", None, "output height, a multiple of 16 (default: data.height)")
 _WIDTH = flags.DEFINE_integer("width", None, "output width, a multiple of 16 (default: data.width)")
-_ASPECT = flags.DEFINE_enum("aspect", None, ["config", "source"],
+_ASPECT = flags.DEFINE_enum("aspect", None, list(options.ASPECTS),
                             "source: fit the source's aspect ratio to the model's pixel budget")
 _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
                                   "fail when the source's first frame has no detectable face "
@@ -54,34 +53,26 @@ _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
 
 
 def _check_paths(config) -> None:
-    """Before any model loads: ``--out`` and its ``_compare.mp4`` (as ``sampler.run`` names it)
+    """Before any model loads: ``--out`` and its ``_compare.mp4`` (as ``plan.run`` names it)
     can be written and are none of the inputs (the video, the trajectory file, the weights, the
-    config's checkpoints, the LoRA files)."""
+    config's checkpoints, the LoRA files: each LoRA spec is parsed and its file checked here)."""
     out = _OUT.value
-    weights = _WORKDIR.value or config.sample.get("weights") or None
     paths.check_outputs(
         {"--out": out, "the compare video": os.path.splitext(out)[0] + "_compare.mp4"},
-        {"--video": _VIDEO.value or sampler.default_source_video(), "--trajectory": _TRAJECTORY.value,
-         "the trained weights": glob.glob(os.path.join(weights, "facecam*.safetensors")) if weights else None,
-         "the LoRA files": [parse_lora_spec(spec)[0] for spec in config.sample.loras] or None,
+        {"--video": _VIDEO.value or plan.default_source_video(), "--trajectory": _TRAJECTORY.value,
+         "the trained weights": experts.trained_files(experts.weights_dir(config, _WORKDIR.value)) or None,
+         "the LoRA files": [path for path, _ in experts.lora_files(config)] or None,
          **paths.config_inputs(config)})
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("facecam_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
+    config = cli.start(argv, _CONFIG)
     config.sample.loras = tuple(config.sample.loras) + tuple(_LORA.value)
-    for spec in config.sample.loras:  # a bad file or strength fails before anything is read
-        parse_lora_spec(spec)
     _check_paths(config)
-    compile_cache.from_config(config)
-    written = sampler.run(config, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
-                          workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value,
-                          profile=_PROFILE.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
-                          aspect=_ASPECT.value)
+    written = plan.run(config, video=_VIDEO.value, trajectory=_TRAJECTORY.value, out=_OUT.value,
+                       workdir=_WORKDIR.value, seed=_SEED.value, require_face=_REQUIRE_FACE.value,
+                       profile=_PROFILE.value, frames=_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
+                       aspect=_ASPECT.value)
     logging.getLogger("facecam_jax").info("wrote %s", ", ".join(written))
 
 

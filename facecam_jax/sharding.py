@@ -14,6 +14,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
@@ -233,3 +234,12 @@ def rules_from_config(table: Mapping[str, Any] | Rules | None) -> Rules:
     if isinstance(table, Mapping):
         return tuple((k, v) for k, v in table.items())
     return tuple(tuple(pair) for pair in table)
+
+
+def place_host(host, sharding) -> jax.Array:
+    """A host (numpy) array on ``sharding`` (the default device when None), each device reading
+    only its own slice: how weights go from a file or the host to a mesh without a full copy
+    per device."""
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

@@ -11,9 +11,9 @@ saves a checkpoint and exits 0; a second one exits at once. The logic lives in
 import logging
 import os
 
-from absl import app, flags
+from absl import flags
 
-from facecam_jax.runtime import cli, compile_cache, paths
+from facecam_jax.runtime import cli, paths
 from facecam_jax.training import trainer
 
 _CONFIG = cli.define_config("training config file")
@@ -21,12 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/fa
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.WARNING)  # orbax / grain chatter
-    logging.getLogger("facecam_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
-    compile_cache.from_config(config)
+    config = cli.start(argv, _CONFIG)
     workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
     paths.check_outputs(directories={"--workdir": workdir})  # a run resumes there: only not a file, writable
     result = trainer.train(config, workdir)

@@ -64,14 +64,26 @@ def test_overrides_of_the_wrong_type_and_typos_name_the_key():
     assert load_config("mini,steps=0").train.steps == 0  # zero steps is allowed: nothing to train
 
 
-def test_the_config_checks_know_the_modes_the_code_has():
-    from facecam_jax.diffusion import flow
-    from facecam_jax.models import quant
-    from facecam_jax.runtime import config_check
-    from facecam_jax.sampling import program as sp
+def test_each_enumeration_is_spelled_once_and_checked_where_the_config_loads():
+    """The choices live in facecam_jax.options alone: the code that acts on them imports them
+    (the same objects), and no module of the package writes one of the tuples out again."""
+    import pathlib
 
-    assert config_check.SOLVERS == flow.SOLVERS and config_check.QUANTIZE == quant.MODES
-    assert config_check.OFFLOADS == sp.OFFLOAD_MODES and config_check.CACHES == sp.CACHE_MODES
-    assert config_check.CFG_MODES == sp.CFG_MODES
+    from facecam_jax import options
+    from facecam_jax.camera import trajectories
+    from facecam_jax.diffusion import solvers
+    from facecam_jax.models import quant
+
+    assert solvers.SOLVERS is options.SOLVERS and quant.MODES is options.QUANTIZE
+    assert trajectories.FRAMINGS is options.FRAMINGS
+    assert options.camera_kinds() == ("landmarks",) and options.DEFAULT_CAMERA_KIND in options.camera_kinds()
+    package = pathlib.Path(options.__file__).parent
+    sources = {p: p.read_text() for p in package.rglob("*.py")}
+    for name in ("SOLVERS", "CACHES", "OFFLOADS", "CFG_MODES", "QUANTIZE", "FRAMINGS", "EXPERTS", "ASPECTS"):
+        spelled = repr(getattr(options, name)).replace("'", '"')
+        where = [str(p.relative_to(package)) for p, text in sources.items() if spelled in text]
+        assert where == ["options.py"], (name, where)
+    with pytest.raises(ValueError, match="camera.kind='extrinsics' must be one of 'landmarks'"):
+        load_config("mini,camera.kind=extrinsics")
     with pytest.raises(ValueError, match="sample.solver='heun'.*sample.window_overlap=0"):
         load_config("mini,sample.solver=heun,sample.window_overlap=0")

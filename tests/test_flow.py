@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facecam_jax.diffusion import flow
+from facecam_jax.diffusion import flow, solvers
 
 
 def test_train_grid_is_the_shifted_1000_level_grid_with_grid_normalised_weights():
@@ -59,15 +59,15 @@ def test_inference_sigmas_and_exact_euler_on_a_straight_flow():
     # The straight path from noise to c has velocity (x - c) / s: Euler lands exactly on c.
     c = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5)), jnp.float32)
     x1 = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5)), jnp.float32)
-    out = jax.jit(lambda x: flow.euler_sample(lambda x, t: (x - c) / (t[:, None] / 1000.0), x, sig))(x1)
+    out = jax.jit(lambda x: solvers.euler_sample(lambda x, t: (x - c) / (t[:, None] / 1000.0), x, sig))(x1)
     np.testing.assert_allclose(np.asarray(out), np.asarray(c), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(flow.guided(jnp.array(3.0), jnp.array(1.0), 5.0)), 11.0)
+    np.testing.assert_allclose(np.asarray(solvers.guided(jnp.array(3.0), jnp.array(1.0), 5.0)), 11.0)
 
 
 def test_euler_sampler_reports_every_finished_step_to_the_host():
     seen = []
     sigmas = flow.inference_sigmas(4, 5.0)
-    x = jax.jit(lambda x: flow.euler_sample(lambda x, t: -x, x, sigmas, on_step=lambda i, _: seen.append(int(i))))(
+    x = jax.jit(lambda x: solvers.euler_sample(lambda x, t: -x, x, sigmas, on_step=lambda i, _: seen.append(int(i))))(
         jnp.ones((1, 3)))
     jax.block_until_ready(x)
     assert seen == [0, 1, 2, 3]

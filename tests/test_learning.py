@@ -32,7 +32,7 @@ def _setup():
         program = train_step.build_program(config, mesh, rules)
         compiled = program.lower().compile()
     local = next(make_train_iterator(config))
-    batch = {k: jax.device_put(local[k], program.batch_sharding) for k in train_step.VIDEO_KEYS}
+    batch = {k: jax.device_put(local[k], program.batch_sharding) for k in program.batch}
     return config, mesh, rules, program, compiled, batch
 
 

@@ -219,10 +219,10 @@ def test_the_shipped_mini_model_renders_alike_with_quantized_weights():
     block weights against float ones. Measured: int8 60 dB, fp8 52 dB PSNR to the float video
     (4 steps); asserted with margin."""
     from facecam_jax import build
+    from facecam_jax import sampling as sampler
     from facecam_jax.camera import source, trajectories
     from facecam_jax.evaluation.scores import psnr
     from facecam_jax.runtime.config_file import load_config
-    from facecam_jax.sampling import sampler
 
     frames = source.load_source(sampler.default_source_video(), 9, 64, 48)
     path = trajectories.load_trajectory("arc_left", 9)

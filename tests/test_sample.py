@@ -9,12 +9,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from facecam_jax import build
+from facecam_jax import sampling as sampler
 from facecam_jax import sharding as sh
 from facecam_jax.diffusion import flow
 from facecam_jax.models import wan_dit as W
 from facecam_jax.runtime.config_file import load_config as get_config
 from facecam_jax.sampling import program as sp
-from facecam_jax.sampling import sampler
+from facecam_jax.sampling.inputs import SampleInputs
 
 CFG = W.PRESETS["tiny"].replace(in_dim=36)
 
@@ -32,7 +33,7 @@ def toy():
 def _run(models, boundary, guidance, steps, toy_inputs):
     source, camera, noise, ctx_c, ctx_u = toy_inputs
     fn = jax.jit(sp.make_sample_fn(nnx.graphdef(models[0]), sp.SampleOptions(steps, 5.0, guidance, len(models), boundary)))
-    return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
+    return np.asarray(fn(tuple(nnx.state(m) for m in models), SampleInputs(source, {"camera": camera}, ctx_c, ctx_u, noise)))
 
 
 def test_one_euler_step_is_the_guided_facecam_velocity(toy):
@@ -109,7 +110,7 @@ def _options(steps, guidance=5.0, **kw):
 def _latents(models, options, toy_inputs):
     source, camera, noise, ctx_c, ctx_u = toy_inputs
     fn = jax.jit(sp.make_sample_fn(nnx.graphdef(models[0]), options))
-    return np.asarray(fn(tuple(nnx.state(m) for m in models), source, camera, ctx_c, ctx_u, noise))
+    return np.asarray(fn(tuple(nnx.state(m) for m in models), SampleInputs(source, {"camera": camera}, ctx_c, ctx_u, noise)))
 
 
 def test_solvers_and_the_step_cache_inside_the_program(toy):
@@ -160,8 +161,9 @@ def _sample_pair(config, mesh, offload, a, b, toy_inputs):
     with sh.use_mesh(mesh, sh.DEFAULT_RULES):
         config, experts = _placed_pair(config, mesh, offload, a, b)
         program = sp.sample_program(nnx.graphdef(experts.models[0]), sp.SampleOptions.of(config, 2, guidance=5.0))
-        args = jax.device_put((source, camera, ctx_c, ctx_u, noise), NamedSharding(mesh, PartitionSpec()))
-        return np.asarray(program.fn(tuple(nnx.state(m) for m in experts.models), *args))
+        inputs = jax.device_put(SampleInputs(source, {"camera": camera}, ctx_c, ctx_u, noise),
+                                NamedSharding(mesh, PartitionSpec()))
+        return np.asarray(program.fn(tuple(nnx.state(m) for m in experts.models), inputs))
 
 
 def test_offloaded_experts_and_streamed_blocks_sample_the_same_video(toy):

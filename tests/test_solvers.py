@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facecam_jax.diffusion import flow
+from facecam_jax.diffusion import flow, solvers
 
 SHIFT = 5.0
 
@@ -21,7 +21,7 @@ def nonlinear_velocity_np(x, s):
 
 
 def old_euler_sample(velocity, x, sigmas):
-    """``flow.euler_sample`` as it was before the multistep solvers (the reference for bit equality)."""
+    """``solvers.euler_sample`` as it was before the multistep solvers (the reference for bit equality)."""
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
     def step(x, inputs):
@@ -56,8 +56,8 @@ def x1():
 def test_euler_is_the_old_euler_sample_bit_for_bit():
     sig = flow.inference_sigmas(7, SHIFT)
     want = np.asarray(jax.jit(lambda x: old_euler_sample(nonlinear_velocity, x, sig))(x1()))
-    got = np.asarray(jax.jit(lambda x: flow.sample(nonlinear_velocity, x, sig, solver="euler"))(x1()))
-    kept = np.asarray(jax.jit(lambda x: flow.euler_sample(nonlinear_velocity, x, sig))(x1()))
+    got = np.asarray(jax.jit(lambda x: solvers.sample(nonlinear_velocity, x, sig, solver="euler"))(x1()))
+    kept = np.asarray(jax.jit(lambda x: solvers.euler_sample(nonlinear_velocity, x, sig))(x1()))
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(kept, want)
 
@@ -91,13 +91,13 @@ def test_solvers_converge_at_their_order_on_a_gaussian_flow():
         sig = flow.inference_sigmas(n, SHIFT)
 
         def errors_at(x, sig=sig):
-            return [jnp.max(jnp.abs(flow.sample(velocity, x, sig, solver=s) - exact)) for s in flow.SOLVERS]
+            return [jnp.max(jnp.abs(solvers.sample(velocity, x, sig, solver=s) - exact)) for s in solvers.SOLVERS]
 
         errors[n] = np.asarray(jax.jit(errors_at)(noise), np.float64)
     err = np.stack([errors[n] for n in counts], axis=1)  # [solver, count]
     fit = slice(counts.index(32), None)
     slopes = {}
-    for k, solver in enumerate(flow.SOLVERS):
+    for k, solver in enumerate(solvers.SOLVERS):
         slopes[solver] = -np.polyfit(np.log(counts[fit]), np.log(err[k, fit]), 1)[0]
         print(f"\n[{solver}] max error at {counts} steps: {np.array2string(err[k], precision=3)}; "
               f"slope over 32..256: {slopes[solver]:.2f}", end="")
@@ -120,7 +120,7 @@ def test_first_multistep_step_is_the_euler_step():
     x = x1()
     euler_step = np.asarray(x + nonlinear_velocity(x, jnp.full((3,), 1000.0)) * (sig[1] - sig[0]))
     for solver in ("unipc", "dpmpp_2m"):
-        _, (count, xs, _) = jax.jit(lambda x, solver=solver: flow.sample(fn, x, sig, solver=solver, state=init(x)))(x)
+        _, (count, xs, _) = jax.jit(lambda x, solver=solver: solvers.sample(fn, x, sig, solver=solver, state=init(x)))(x)
         assert int(count) == n
         np.testing.assert_array_equal(np.asarray(xs[0]), np.asarray(x))
         np.testing.assert_allclose(np.asarray(xs[1]), euler_step, rtol=1e-6, atol=1e-6)
@@ -186,19 +186,19 @@ def test_multistep_solvers_match_the_reference_recursions(grid):
         sig = np.append(flow.shift_sigmas(np.linspace(0.999, 0.0, n + 1)[:-1], SHIFT), 0.0).astype(np.float32)
     x = x1()
     for solver in ("unipc", "dpmpp_2m"):
-        got = np.asarray(jax.jit(lambda x, solver=solver: flow.sample(nonlinear_velocity, x, sig, solver=solver))(x))
+        got = np.asarray(jax.jit(lambda x, solver=solver: solvers.sample(nonlinear_velocity, x, sig, solver=solver))(x))
         want = reference_sample(nonlinear_velocity_np, np.asarray(x, np.float64), sig, solver)
         assert np.all(np.isfinite(want))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=solver)
-    unipc = np.asarray(jax.jit(lambda x: flow.sample(nonlinear_velocity, x, sig, solver="unipc"))(x))
-    dpm = np.asarray(jax.jit(lambda x: flow.sample(nonlinear_velocity, x, sig, solver="dpmpp_2m"))(x))
+    unipc = np.asarray(jax.jit(lambda x: solvers.sample(nonlinear_velocity, x, sig, solver="unipc"))(x))
+    dpm = np.asarray(jax.jit(lambda x: solvers.sample(nonlinear_velocity, x, sig, solver="dpmpp_2m"))(x))
     assert np.abs(unipc - dpm).max() > 1e-4  # the corrector changes the result
 
 
 def test_edge_levels_stay_finite_and_the_last_step_is_the_data_prediction():
     sig = flow.inference_sigmas(8, SHIFT)
     for solver in ("unipc", "dpmpp_2m"):
-        c = flow.multistep_coefficients(sig, solver)
+        c = solvers.multistep_coefficients(sig, solver)
         for name, values in c.items():
             assert np.all(np.isfinite(values)), name
         np.testing.assert_array_equal(c["order"], [1, 2, 2, 2, 2, 2, 2, 1])
@@ -206,20 +206,20 @@ def test_edge_levels_stay_finite_and_the_last_step_is_the_data_prediction():
         # The step after sigma = 1 gets no slope from it: its data prediction is infinitely far in log-SNR.
         assert c["pred_dm"][1] == 0 and np.all(c["pred_dm"][2:-1] != 0)
         assert c["pred_x"][-1] == 0 and c["pred_m"][-1] == 1  # to sigma 0: x_N = m_{N-1}
-    c = flow.multistep_coefficients(sig, "unipc")
+    c = solvers.multistep_coefficients(sig, "unipc")
     assert c["corr"][0] == 0 and np.all(c["corr"][1:] == 1)
-    np.testing.assert_array_equal(flow.multistep_coefficients(sig, "dpmpp_2m")["corr"], 0)
+    np.testing.assert_array_equal(solvers.multistep_coefficients(sig, "dpmpp_2m")["corr"], 0)
     for name in ("pred_x", "pred_m", "pred_dm"):  # UniP-2 (bh2) is DPM++ 2M
-        np.testing.assert_array_equal(c[name], flow.multistep_coefficients(sig, "dpmpp_2m")[name])
+        np.testing.assert_array_equal(c[name], solvers.multistep_coefficients(sig, "dpmpp_2m")[name])
     for n in (1, 2, 3, 8):
         sig = flow.inference_sigmas(n, SHIFT)
         fn, init = recording(nonlinear_velocity, n)
 
         def all_solvers(x, fn=fn, init=init, sig=sig):
-            return [flow.sample(fn, x, sig, solver=s, state=init(x)) for s in flow.SOLVERS]
+            return [solvers.sample(fn, x, sig, solver=s, state=init(x)) for s in solvers.SOLVERS]
 
         runs = jax.jit(all_solvers)(x1())
-        for solver, (out, (count, xs, vs)) in zip(flow.SOLVERS, runs):
+        for solver, (out, (count, xs, vs)) in zip(solvers.SOLVERS, runs):
             assert int(count) == n and np.all(np.isfinite(np.asarray(out))), (n, solver)
             if solver != "euler":
                 np.testing.assert_allclose(np.asarray(out), np.asarray(xs[-1] - sig[-2] * vs[-1]), rtol=1e-6, atol=1e-6)
@@ -229,10 +229,10 @@ def test_stateful_velocity_carries_its_state_and_changes_nothing():
     sig = flow.inference_sigmas(5, SHIFT)
     fn, init = recording(nonlinear_velocity, 5)
     seen = []
-    for solver in flow.SOLVERS:
+    for solver in solvers.SOLVERS:
         def both(x, solver=solver):
-            return (flow.sample(nonlinear_velocity, x, sig, solver=solver),
-                    flow.sample(fn, x, sig, solver=solver, state=init(x), on_step=lambda i, _: seen.append(int(i))))
+            return (solvers.sample(nonlinear_velocity, x, sig, solver=solver),
+                    solvers.sample(fn, x, sig, solver=solver, state=init(x), on_step=lambda i, _: seen.append(int(i))))
 
         plain, (out, (count, xs, _)) = jax.block_until_ready(jax.jit(both)(x1()))
         np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
@@ -244,11 +244,11 @@ def test_stateful_velocity_carries_its_state_and_changes_nothing():
 def test_bad_solver_and_traced_grid_are_clear_errors():
     sig = flow.inference_sigmas(4, SHIFT)
     with pytest.raises(ValueError, match="unknown solver"):
-        flow.sample(nonlinear_velocity, x1(), sig, solver="heun")
+        solvers.sample(nonlinear_velocity, x1(), sig, solver="heun")
     with pytest.raises(TypeError, match="numpy array"):
-        jax.jit(lambda s: flow.sample(nonlinear_velocity, x1(), s, solver="unipc"))(jnp.asarray(sig))
+        jax.jit(lambda s: solvers.sample(nonlinear_velocity, x1(), s, solver="unipc"))(jnp.asarray(sig))
     with pytest.raises(ValueError, match="strictly"):
-        flow.sample(nonlinear_velocity, x1(), sig[::-1].copy(), solver="dpmpp_2m")
+        solvers.sample(nonlinear_velocity, x1(), sig[::-1].copy(), solver="dpmpp_2m")
     # Euler still takes a traced grid, as before.
-    out = jax.jit(lambda s: flow.sample(nonlinear_velocity, x1(), s))(jnp.asarray(sig))
+    out = jax.jit(lambda s: solvers.sample(nonlinear_velocity, x1(), s))(jnp.asarray(sig))
     assert np.all(np.isfinite(np.asarray(out)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from facecam_jax.diffusion import flow
+from facecam_jax.diffusion import flow, solvers
 from facecam_jax.diffusion import step_cache as sc
 from facecam_jax.models import wan_dit as W
 
@@ -35,7 +35,7 @@ def two(a):
 
 def guided(v):
     v_cond, v_uncond = jnp.split(v, 2, axis=0)
-    return flow.guided(v_cond, v_uncond, GUIDANCE)
+    return solvers.guided(v_cond, v_uncond, GUIDANCE)
 
 
 def run_program(model, inputs, cache, *, record_norms=False, solver="euler"):
@@ -50,7 +50,7 @@ def run_program(model, inputs, cache, *, record_norms=False, solver="euler"):
             def velocity(x, t):
                 return guided(W.facecam_velocity(m, two(x), two(camera), two(source), two(t), ctx))
 
-            return flow.sample(velocity, noise, sigmas, solver=solver), None
+            return solvers.sample(velocity, noise, sigmas, solver=solver), None
 
         def velocity(x, t, state):
             def forward(skip, residual):
@@ -61,7 +61,7 @@ def run_program(model, inputs, cache, *, record_norms=False, solver="euler"):
             return guided(v), state
 
         state = cache.init(W.facecam_token_shape(m.config, (2, *noise.shape[1:])), record_norms=record_norms)
-        return flow.sample(velocity, noise, sigmas, solver=solver, state=state)
+        return solvers.sample(velocity, noise, sigmas, solver=solver, state=state)
 
     out, state = jax.jit(fn)(params, *inputs)
     return np.asarray(out), state

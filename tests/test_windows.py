@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from facecam_jax import sampling as sampler
 from facecam_jax import sharding as sh
 from facecam_jax.camera import source as source_lib
 from facecam_jax.diffusion.windows import Windows, latent_frames, video_frames
 from facecam_jax.models import wan_dit as W
 from facecam_jax.runtime.config_file import load_config
+from facecam_jax.sampling import plan
 from facecam_jax.sampling import program as sp
-from facecam_jax.sampling import sampler
+from facecam_jax.sampling.inputs import SampleInputs
 
 CFG = W.PRESETS["tiny"].replace(in_dim=36)
 
@@ -62,12 +64,12 @@ def test_output_frames_and_sizes_for_odd_sources(caplog):
     assert source_lib.fit_aspect(144, 176, 64, 48) == (48, 64)  # the landscape source stays landscape
     assert source_lib.fit_aspect(176, 144, 48, 64) == (64, 48)  # and a portrait one portrait
     config = load_config("mini,frames=9")
-    planned, frames = sampler.plan_output(config, video, frames=17, height=48, width=80)
+    planned, frames = plan.plan_output(config, video, frames=17, height=48, width=80)
     assert (planned.data.height, planned.data.width, frames) == (48, 80, 17) and config.data.width == 48
-    planned, _ = sampler.plan_output(config, video, aspect="source")
+    planned, _ = plan.plan_output(config, video, aspect="source")
     assert (planned.data.height, planned.data.width) == (48, 64)
     with pytest.raises(ValueError, match="drop --height"):
-        sampler.plan_output(config, video, aspect="source", height=64)
+        plan.plan_output(config, video, aspect="source", height=64)
 
 
 def _windowed(model, windows, mesh, options_kw=None):
@@ -82,7 +84,7 @@ def _windowed(model, windows, mesh, options_kw=None):
     with sh.use_mesh(mesh, sh.DEFAULT_RULES):
         fn = jax.jit(sp.make_sample_fn(nnx.graphdef(model), options))
         state = sampler.on_mesh(nnx.state(model), mesh, sh.DEFAULT_RULES)
-        return np.asarray(fn((state,), source, camera, ctx, ctx, noise)), (source, camera, noise, ctx)
+        return np.asarray(fn((state,), SampleInputs(source, {"camera": camera}, ctx, ctx, noise))), (source, camera, noise, ctx)
 
 
 def test_overlapping_windows_are_denoised_jointly_without_seams():

@@ -20,12 +20,12 @@ import logging
 import numpy as np
 
 from facecam_jax import build
+from facecam_jax import sampling as sampler
 from facecam_jax import sharding as sh
 from facecam_jax.camera import condition, source, trajectories
 from facecam_jax.diffusion.step_cache import calibrate, save_calibration
 from facecam_jax.runtime import cli
 from facecam_jax.runtime.config_file import load_config
-from facecam_jax.sampling import sampler
 
 MOTIONS = ("arc_left", "zoom_in", "pan_up")
 

@@ -21,8 +21,8 @@ import numpy as np
 from facecam_jax import video_io as video
 from facecam_jax.camera import source, trajectories
 from facecam_jax.camera.condition import build_condition
+from facecam_jax.options import MAX_FRAMES, MAX_SIZE
 from facecam_jax.runtime import cli, paths
-from facecam_jax.runtime.config_check import MAX_FRAMES, MAX_SIZE
 
 
 def overlay(frames: np.ndarray, maps: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 
 from facecam_jax.camera import geometry, proxy_head
 from facecam_jax.camera.geometry import BASE_FOV, project
-from facecam_jax.runtime.config_check import MAX_FRAMES
+from facecam_jax.options import FRAMINGS, MAX_FRAMES
 
 # Official orbit constants (`get_proxy_video_cameras` in the release).
 RADIUS = 2.7
@@ -53,8 +53,6 @@ ARC_AZIMUTH = 30.0
 ARC_ELEVATION = 20.0
 ZOOM_FACTOR = 1.4
 PAN_SHIFT = 0.18
-
-FRAMINGS = ("official", "source")
 
 
 def _zoomed_fov(fov: float, factor: float) -> float:

@@ -72,12 +72,6 @@ def _check(refs: Mapping[str, TensorRef], slots: Mapping[str, Slot], shapes: Map
     return missing, unexpected, mismatched
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    if sharding is None:
-        return jnp.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
 def load_dit(
     path: str | os.PathLike,
     *,
@@ -178,10 +172,10 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
         sharding = None
         if mesh is not None:
             sharding = sh.logical_sharding(sh.variable_axes(var), shape, mesh, rules)
-        var.set_value(_place(host, sharding))
+        var.set_value(sh.place_host(host, sharding))
         if scale is not None:  # split as the kernel's output channels
             scale_sharding = None if sharding is None else quant.scale_sharding(sharding, len(shape))
-            scale.set_value(_place(host_scale, scale_sharding))
+            scale.set_value(sh.place_host(host_scale, scale_sharding))
     bar.close()
     nnx.update(model, state)
     return [k for items in by_path.values() for k, _ in items]
@@ -360,8 +354,8 @@ def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat, quant
         if quant.storage_mode(var.get_value().dtype) != "none":
             q, s = quant.quantize_layers(node, quantize)
             sharding = sharding_of(var)
-            var.set_value(_place(q, sharding))
-            by_path[(*p[:-1], "scale")].set_value(_place(s, quant.scale_sharding(sharding, q.ndim)))
+            var.set_value(sh.place_host(q, sharding))
+            by_path[(*p[:-1], "scale")].set_value(sh.place_host(s, quant.scale_sharding(sharding, q.ndim)))
         else:
             var.set_value(node)
     nnx.update(model, state)

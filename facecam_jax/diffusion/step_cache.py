@@ -11,20 +11,20 @@ first step (nothing is cached yet), the first ``int(N * retention)`` steps, the 
 any ``always_run`` step always run.
 
 The whole rule is traced inside the sampling program: the state (``CacheState``) rides the
-solver's scan (``flow.sample(..., state=...)``) and ``lax.cond`` picks the blocks or the cached
-residual (``wan_dit.facecam_velocity_cached``). With CFG the conditional and unconditional
+solver's scan (``solvers.sample(..., state=...)``) and ``lax.cond`` picks the blocks or the cached
+residual (``CameraKind.velocity_cached``). With CFG the conditional and unconditional
 halves are one batch, so one decision and one cached residual cover both, and the
 calibrated curve averages over both. The state counts the steps that ran the blocks
 (``evals``), so "model evaluations: K of N" is exact. A sketch of the hook::
 
     cache = MagCache.from_calibration(load_calibration(path), num_steps)
-    state = cache.init(wan_dit.facecam_token_shape(cfg, cfg_batch_latent_shape))
+    state = cache.init(kind.token_shape(cfg, cfg_batch_latent_shape))
 
     def velocity(x, t, state):
-        forward = lambda skip, r: wan_dit.facecam_velocity_cached(model, x, cam, src, t, ctx, skip=skip, residual=r)
+        forward = lambda skip, r: kind.velocity_cached(model, x, src, cond, t, ctx, skip=skip, residual=r)
         return cache(state, forward)              # (v, state)
 
-    x, state = flow.sample(velocity, noise, sigmas, solver="unipc", state=state)
+    x, state = solvers.sample(velocity, noise, sigmas, solver="unipc", state=state)
 
 Wan2.2 A14B: the two experts' residuals differ, so the step where the low-noise expert takes
 over belongs in ``always_run``. The cached residual is ``[B, L, D]`` (fp32 by default: 2.3 GB

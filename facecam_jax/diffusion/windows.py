@@ -25,17 +25,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-TEMPORAL_STRIDE = 4  # video frames per latent frame (Wan VAE)
+from facecam_jax.options import TEMPORAL_STRIDE, latent_frames, video_frames
 
-
-def latent_frames(frames: int) -> int:
-    """Latent frames of a ``4k + 1``-frame video."""
-    return 1 + (frames - 1) // TEMPORAL_STRIDE
-
-
-def video_frames(latents: int) -> int:
-    return TEMPORAL_STRIDE * (latents - 1) + 1
-
+__all__ = ["TEMPORAL_STRIDE", "Windows", "latent_frames", "video_frames"]
 
 @dataclasses.dataclass(frozen=True)
 class Windows:

@@ -22,14 +22,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build
+from facecam_jax import build, conditioning
 from facecam_jax import sharding as sh
 from facecam_jax.fit.report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
 from facecam_jax.models import attention, wan_dit
 from facecam_jax.perf import chips
 from facecam_jax.perf.chips import BadTarget, GiB, Target
 from facecam_jax.perf.flops import step_flops
+from facecam_jax.sampling import experts as experts_lib
 from facecam_jax.sampling import program as sp
+from facecam_jax.sampling.inputs import abstract_inputs
 from facecam_jax.training.train_step import build_program
 
 log = logging.getLogger(__name__)
@@ -118,25 +120,17 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     frames = frames or d.frames
     replicated = NamedSharding(mesh, PartitionSpec())
     dit = build.abstract_dit(config, mesh, rules)
-    dit.stream_blocks = s.offload == "blocks"
+    if s.offload == "blocks":  # the stacked block weights wait in host memory, streamed layer by layer
+        experts_lib.offload_blocks(dit, _on_host)
     n = build.num_experts(config)
     windows = sp.window_layout(config, frames)
     options = sp.SampleOptions.of(config, n, windows=windows)
-    if s.offload == "blocks":  # the stacked block weights wait in host memory, streamed layer by layer
-        nnx.update(dit.blocks, _on_host(nnx.state(dit.blocks, sp.streamed_weights)))
     state = nnx.state(dit)
     graphdef = nnx.graphdef(dit)
     states = tuple(state for _ in range(n))
     vae_graphdef, vae_state = nnx.split(build.abstract_vae(config, mesh))
-    vae_config = build.vae_config(config.vae.config)
+    inputs = abstract_inputs(config, conditioning.of(config), dit.config, mesh, frames, windows)
     window_frames = d.frames if windows else frames
-    rows = windows.count if windows else 1
-    lat = jax.ShapeDtypeStruct(build.latent_shape(vae_config, window_frames, d.height, d.width, batch=rows),
-                               jnp.float32, sharding=replicated)
-    timeline = build.latent_shape(vae_config, frames, d.height, d.width)
-    state_shape = (timeline[0], windows.state_frames, *timeline[2:]) if windows else timeline
-    noise = jax.ShapeDtypeStruct(state_shape, jnp.float32, sharding=replicated)
-    ctx = jax.ShapeDtypeStruct((1, dit.config.text_len, dit.config.text_dim), jnp.float32, sharding=replicated)
     program = sp.sample_program(graphdef, options)
     expert_device = device_bytes(states[0], "device")
     expert_host = device_bytes(states[0], "pinned_host")
@@ -144,17 +138,16 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     out = []
     if program.fn is not None:
         _check_arguments("sample loop", n * expert_device + vae_bytes, hbm)
-        out.append(_compile("sample loop", _under_mesh(mesh, rules, program.fn, states, lat, lat, ctx, ctx, noise),
-                            vae_bytes))
+        out.append(_compile("sample loop", _under_mesh(mesh, rules, program.fn, states, inputs), vae_bytes))
         traffic = options.steps * expert_host  # blocks: every step streams the running expert's layers in
     else:  # one program per expert phase: that expert on the device, the other in host memory
         _check_arguments("sample loop", expert_device + vae_bytes, hbm)
-        shape = None if options.cache is None else sp.cache_shape(dit.config, options, lat.shape)
-        carry = jax.eval_shape(sp.initial_carry_fn(options, shape), noise)
+        shape = None if options.cache is None else sp.cache_shape(dit.config, options, inputs.source.shape)
+        carry = jax.eval_shape(sp.initial_carry_fn(options, shape), inputs.noise)
         carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), carry)
         for expert, start, stop, fn in program.phases:
             name = f"{('high', 'low')[expert]}-noise steps {start}-{stop - 1}"
-            out.append(_compile(name, _under_mesh(mesh, rules, fn, states[expert], lat, lat, ctx, ctx, carry),
+            out.append(_compile(name, _under_mesh(mesh, rules, fn, states[expert], inputs, carry),
                                 vae_bytes, host_elsewhere=expert_device))
         traffic = n * expert_device  # each expert comes to the device once per video
     if with_vae:
@@ -164,6 +157,7 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
         decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(z))
         beside = n * expert_device if program.fn is not None else 0  # offloaded experts are not on the device
         out.append(_compile("VAE encode", _under_mesh(mesh, rules, encode, vae_state, video), beside))
+        lat = inputs.source
         one = jax.ShapeDtypeStruct((1, *lat.shape[1:]), lat.dtype, sharding=replicated)  # and decodes one window
         out.append(_compile("VAE decode", _under_mesh(mesh, rules, decode, vae_state, one), beside))
     params = n * sum(x.size for x in jax.tree.leaves(states[0]))
@@ -207,7 +201,7 @@ def analyze(config, program: str, topology: str | None = None, *, config_name: s
         raise BadTarget(f"{e} (the {target.name} target); set --config.mesh.* so that the mesh divides it") from e
     d = config.data
     dit_config = build.dit_config(config)
-    tokens, _ = build.token_counts(dit_config, build.vae_config(config.vae.config), d.frames, d.height, d.width)
+    tokens, _ = build.token_counts(config)
     report = Report(
         program=program, config=config_name, target=target.name, chip=target.chip, devices=len(target.devices),
         chips=target.chips, mesh=dict(mesh.shape), model=config.model.dit, remat=config.model.remat,

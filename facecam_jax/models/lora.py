@@ -52,12 +52,6 @@ def adapted_linears(model: nnx.Module) -> list[tuple[tuple[str, ...], Linear]]:
     return [(p, m) for p, m in linears(model) if m.lora_a is not None]
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    if sharding is None:
-        return jnp.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
 def add_lora(
     model: nnx.Module,
     rank: int,
@@ -105,8 +99,8 @@ def add_lora(
             # Drawn on the host from the key's bits: no RNG program to compile, the same on every host.
             rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
             bound = 1.0 / math.sqrt(din)
-            a = _place(rng.uniform(-bound, bound, a_shape).astype(np.float32).astype(param_dtype), a_sh)
-            b = _place(np.zeros(b_shape, param_dtype), b_sh)
+            a = sh.place_host(rng.uniform(-bound, bound, a_shape).astype(np.float32).astype(param_dtype), a_sh)
+            b = sh.place_host(np.zeros(b_shape, param_dtype), b_sh)
         layer.lora_a = LoRAParam(a, axes=a_axes)
         layer.lora_b = LoRAParam(b, axes=b_axes)
         layer.lora_scale = alpha / rank

@@ -49,8 +49,9 @@ import numpy as np
 from flax import nnx
 
 from facecam_jax import sharding as sh
+from facecam_jax.options import QUANTIZE
 
-MODES = ("none", "int8", "fp8")
+MODES = QUANTIZE  # facecam_jax.options: model.quantize
 STORAGE_DTYPES = {"int8": np.dtype(jnp.int8), "fp8": np.dtype(jnp.float8_e4m3fn)}
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448 for e4m3fn
 
@@ -196,13 +197,6 @@ def scale_sharding(kernel_sharding, ndim: int):
     raise ValueError(f"cannot derive a scale sharding from {kernel_sharding}; use a NamedSharding")
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    """A host array on ``sharding`` (default device when None), each device reading only its slice."""
-    if sharding is None:
-        return jnp.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
 # ------------------------------------------------------------------ models
 
 
@@ -258,8 +252,8 @@ def quantize_dit(model, mode: str):
             s = jax.ShapeDtypeStruct(scale_shape, jnp.float32, sharding=s_sharding)
         else:
             q_host, s_host = quantize_layers(w, mode)
-            q = _place(q_host, w.sharding)
-            s = _place(s_host, scale_sharding(w.sharding, w.ndim))
+            q = sh.place_host(q_host, w.sharding)
+            s = sh.place_host(s_host, scale_sharding(w.sharding, w.ndim))
         lin.kernel.set_value(q)
         lin.scale = nnx.Param(s, axes=scale_axes(axes))
     return model

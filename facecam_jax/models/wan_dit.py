@@ -538,14 +538,21 @@ def facecam_velocity_cached(
     model: WanDiT, noisy: Array, camera_latents: Array, source_latents: Array, t: Array, context: Array, *,
     skip: bool | Array, residual: Array
 ) -> tuple[Array, Array]:
-    """``facecam_velocity`` with the block stack replaceable by a cached residual (a step cache's hook).
+    """``facecam_velocity`` with the block stack replaceable by a cached residual (``cached_forward``)."""
+    x = facecam_input(model, noisy, camera_latents, source_latents)
+    return cached_forward(model, x, t, context, out_frames=noisy.shape[1], skip=skip, residual=residual)
+
+
+def cached_forward(model: WanDiT, x: Array, t: Array, context: Array, *, out_frames: int | None,
+                   skip: bool | Array, residual: Array) -> tuple[Array, Array]:
+    """``model(x, t, context, out_frames=...)`` with the block stack replaceable by a cached
+    residual (a step cache's hook).
 
     ``skip`` (a traced bool: ``lax.cond``; Python ``False``: no branch in the program) adds
-    ``residual [B, L, D]`` (``facecam_token_shape``) to the stack's input tokens instead of
-    running the blocks. Returns the velocity and the residual to cache: the blocks' output
-    minus input when they ran (in ``residual``'s dtype), else ``residual`` itself.
+    ``residual [B, L, D]`` to the stack's input tokens instead of running the blocks. Returns
+    the output and the residual to cache: the blocks' output minus input when they ran (in
+    ``residual``'s dtype), else ``residual`` itself.
     """
-    x = facecam_input(model, noisy, camera_latents, source_latents)
     tokens, cond = model.embed(x, t, context)
 
     def run():
@@ -556,7 +563,7 @@ def facecam_velocity_cached(
         return tokens + residual.astype(tokens.dtype), residual
 
     out, residual = run() if skip is False else jax.lax.cond(skip, reuse, run)
-    return model.unembed(out, cond, out_frames=noisy.shape[1]), residual
+    return model.unembed(out, cond, out_frames=out_frames), residual
 
 
 def facecam_token_shape(config: DiTConfig, noisy_shape: tuple[int, ...]) -> tuple[int, int, int]:

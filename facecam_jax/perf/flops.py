@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend import core as jex_core
 
-from facecam_jax import build
+from facecam_jax import build, conditioning
 from facecam_jax.models.wan_vae import WanVAE
 from facecam_jax.perf import chips
 
@@ -161,9 +161,9 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
 
     train: the DiT forward + backward (+ remat) on ``data.batch_size`` samples (``dit_flops``
     with ``train.trainable``, ``model.remat`` and ``train.lora_rank``) and the frozen VAE encode of source, target
-    and camera videos (3 x batch). sample: ``sample.num_steps`` DiT forwards on a batch of 2
+    and the camera kind's videos (3 x batch for FaceCam's landmark maps). sample: ``sample.num_steps`` DiT forwards on a batch of 2
     with CFG (1 without: ``sample.cfg_scale == 1``), one expert per step, plus the VAE encode
-    of source and camera and the decode of the output. VAE FLOPs are its convs counted from
+    of the source and the camera kind's videos and the decode of the output. VAE FLOPs are its convs counted from
     the traced program (``vae_flops``). A long video sampled in ``windows`` windows costs that
     many windows' forwards and VAE calls; ``evaluations``: the steps that run the block stack
     (a step cache's plan; default every step; a skipped step costs only the embeddings and the
@@ -172,19 +172,20 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
     m, d = config.model, config.data
     dit_config = build.dit_config(config)
     vae_config = build.vae_config(config.vae.config)
-    tokens, out_tokens = build.token_counts(dit_config, vae_config, d.frames, d.height, d.width)
+    tokens, out_tokens = build.token_counts(config)
+    videos = 2 + len(conditioning.of(config).batch_videos)  # source, target and the camera kind's videos
     video = (d.frames, d.height, d.width, 3)
     if program == "train":
         b = d.batch_size
         parts = dit_flops(dit_config, b, tokens, out_tokens, tuple(config.train.trainable), m.remat,
                           config.train.lora_rank)
-        parts["vae"] = vae_flops(vae_config, (3 * b, *video))
+        parts["vae"] = vae_flops(vae_config, (videos * b, *video))
     elif program == "sample":
         s = config.sample
         cfg_batch = 2 if s.cfg_scale != 1.0 else 1
         one = dit_flops(dit_config, cfg_batch * windows, tokens, out_tokens)
         parts = {"forward": (s.num_steps if evaluations is None else evaluations) * one["forward"]}
-        parts["vae"] = (vae_flops(vae_config, (2 * windows, *video))
+        parts["vae"] = (vae_flops(vae_config, ((videos - 1) * windows, *video))
                         + vae_flops(vae_config, (windows, *video), decode=True))
     else:
         raise ValueError(f"program must be 'train' or 'sample', got {program!r}")

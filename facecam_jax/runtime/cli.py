@@ -21,6 +21,7 @@ also prints the traceback. Anything else is a bug and keeps Python's traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -31,6 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from facecam_jax.errors import CheckpointError, NoFaceError, TrainingDiverged, VideoDecodeError
+from facecam_jax.runtime import compile_cache
 from facecam_jax.runtime.config_check import validate
 from facecam_jax.runtime.config_file import DEFAULT_CONFIG
 
@@ -186,6 +188,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if _verbose_in(argv):
             print(str(e), file=sys.stderr)
         fail(f"{text} (see --help)", code=USAGE_EXIT)
+
+
+def start(argv: Sequence[str], config_flag: ConfigFlag | None = None):
+    """The start of every absl entry point's ``main(argv)``: no stray arguments, the project's
+    log at INFO (libraries at WARNING), and the compile cache of the config (returned, checked)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    logging.getLogger().setLevel(logging.WARNING)  # orbax / grain chatter
+    logging.getLogger("facecam_jax").setLevel(logging.INFO)
+    if config_flag is None:
+        return None
+    config = config_flag.value
+    compile_cache.from_config(config)
+    return config
 
 
 def run(main: Callable[[list[str]], Any]) -> None:

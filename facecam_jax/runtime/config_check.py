@@ -5,9 +5,10 @@ flag of every command line (``facecam_jax.runtime.cli.define_config``) and at th
 so a zero width, a checkpoint interval of 0, negative steps or 100,000 frames fail in one
 line before anything is built, whichever route the config took. Only fields that exist are
 checked (a custom config file may lack sections); enumerations that their owners check
-early (attention, remat, dtypes, presets) are left to them.
+early (attention, remat, dtypes, presets) are left to them. The choices themselves are
+``facecam_jax.options``' (spelled once, there).
 
-This module imports nothing from the project: every layer may use ``MAX_FRAMES``.
+This module imports only ``options`` (no JAX): every layer may use it.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-# The longest video a config may ask for: 1601 frames are 401 latent frames, twenty times
-# Wan's 81. Anything longer is a typo that would only pad frames and grow memory.
-MAX_FRAMES = 1601
-MAX_SIZE = 4096  # pixels per side (a 4K frame)
-SIZE_MULTIPLE = 16  # the Wan VAE's 8x spatial stride times the DiT's 2x2 patch
-FRAMINGS = ("official", "source")  # facecam_jax.camera.trajectories.FRAMINGS
-EXPERTS = ("", "high", "low")
-QUANTIZE = ("none", "int8", "fp8")  # facecam_jax.models.quant.MODES
-SOLVERS = ("euler", "unipc", "dpmpp_2m")  # facecam_jax.diffusion.flow.SOLVERS
-CACHES = ("none", "magcache")
-OFFLOADS = ("none", "experts", "blocks")
-CFG_MODES = ("batch", "sequential")
+from facecam_jax import options
+from facecam_jax.options import (
+    CACHES,
+    CFG_MODES,
+    EXPERTS,
+    FRAMINGS,
+    MAX_FRAMES,
+    MAX_SIZE,
+    OFFLOADS,
+    QUANTIZE,
+    SIZE_MULTIPLE,
+    SOLVERS,
+)
 
 _MISSING = object()
 
@@ -75,11 +77,11 @@ def _one_of(choices):
 
 
 def _size(v) -> bool:
-    return _is_int(v) and 0 < v <= MAX_SIZE and v % SIZE_MULTIPLE == 0
+    return options.size_problem(v) is None
 
 
 def _frames(v) -> bool:
-    return _is_int(v) and 1 <= v <= MAX_FRAMES and (v - 1) % 4 == 0
+    return options.is_video_length(v)
 
 
 def _scale_range(v) -> bool:
@@ -155,6 +157,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.num_steps": _int_at_least(1),
     "sample.cfg_scale": _number(),
     "sample.framing": _one_of(FRAMINGS),
+    "camera.kind": ((lambda v: v in options.camera_kinds()),
+                    f"must be one of {', '.join(map(repr, options.camera_kinds()))} (facecam_jax/conditioning/)"),
     "model.quantize": _one_of(QUANTIZE),
     "sample.solver": _one_of(SOLVERS),
     "sample.cache": _one_of(CACHES),

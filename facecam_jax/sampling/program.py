@@ -1,9 +1,13 @@
-"""The sampling program: one jitted function of the DiT states, the (windows of the) source and
-camera latents, the text contexts and the noise, specialised on one hashable ``SampleOptions``:
-the solver (``flow.SOLVERS``), a MagCache step cache (``step_cache``), Wan2.2 A14B's expert
-switch (``lax.cond`` at ``t = boundary * 1000``, or one program per expert phase when the
-waiting expert is offloaded), block streaming, and the windows of a long video
-(``windows.Windows``). ``sampler`` runs it; ``fit`` compiles it ahead of time.
+"""The sampling program: one jitted function of the DiT states and its ``SampleInputs`` (the
+windows' source latents and camera condition, the text contexts, the noise), specialised on
+one hashable ``SampleOptions``: the camera kind (``conditioning``), the solver
+(``diffusion.solvers``), a MagCache step cache (``diffusion.step_cache``), Wan2.2 A14B's
+expert switch (``lax.cond`` at ``t = boundary * 1000``, or one program per expert phase when
+the waiting expert is offloaded), block streaming, and the windows of a long video
+(``diffusion.windows``). ``sampling.render`` runs it; ``fit`` compiles it ahead of time.
+
+The options were checked where the config was loaded (``runtime.config_check``); here they are
+trusted.
 """
 
 from __future__ import annotations
@@ -17,15 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from facecam_jax.diffusion import flow
+from facecam_jax import conditioning
+from facecam_jax import options as opts
+from facecam_jax.diffusion import flow, solvers
 from facecam_jax.diffusion.step_cache import MagCache, load_calibration
-from facecam_jax.diffusion.windows import Windows, latent_frames
-from facecam_jax.models.wan_dit import facecam_token_shape, facecam_velocity, facecam_velocity_cached
+from facecam_jax.diffusion.windows import Windows
 from facecam_jax.runtime import progress
-
-OFFLOAD_MODES = ("none", "experts", "blocks")
-CACHE_MODES = ("none", "magcache")
-CFG_MODES = ("batch", "sequential")
+from facecam_jax.sampling.inputs import SampleInputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +45,9 @@ class SampleOptions:
     window_batch: int = 0  # windows per forward pass (0: all of them at once)
     offload: str = "none"
     cfg: str = "batch"  # "batch": cond and uncond in one forward; "sequential": one after the other
+    camera: str = opts.DEFAULT_CAMERA_KIND  # camera.kind
 
     def __post_init__(self):
-        if self.solver not in flow.SOLVERS:
-            raise ValueError(f"sample.solver must be one of {flow.SOLVERS}, got {self.solver!r}")
-        if self.offload not in OFFLOAD_MODES:
-            raise ValueError(f"sample.offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
-        if self.cfg not in CFG_MODES:
-            raise ValueError(f"sample.cfg must be one of {CFG_MODES}, got {self.cfg!r}")
         if self.cache is not None and self.cache.num_steps != self.steps:
             raise ValueError(f"the step cache is for {self.cache.num_steps} steps, the sampler runs {self.steps}")
 
@@ -62,19 +59,14 @@ class SampleOptions:
         steps = s.num_steps
         cache = None
         if s.cache == "magcache":
-            if not s.cache_calibration:
-                raise ValueError("sample.cache=magcache needs sample.cache_calibration: a ratio curve written by "
-                                 "tools/calibrate_cache.py for this model")
             low = first_low_noise_step(steps, config.model.shift, boundary) if boundary else None
             cache = MagCache.from_calibration(load_calibration(s.cache_calibration), steps,
                                               threshold=s.cache_threshold, max_skips=s.cache_max_skips,
                                               retention=s.cache_retention,
                                               always_run=() if low is None or low >= steps else (low,))
-        elif s.cache != "none":
-            raise ValueError(f"sample.cache must be one of {CACHE_MODES}, got {s.cache!r}")
         return cls(steps=steps, shift=config.model.shift, guidance=s.cfg_scale if guidance is None else guidance,
                    num_experts=num_experts, boundary=boundary, solver=s.solver, cache=cache, windows=windows,
-                   window_batch=s.window_batch, offload=s.offload, cfg=s.cfg)
+                   window_batch=s.window_batch, offload=s.offload, cfg=s.cfg, camera=conditioning.of(config).name)
 
     def sigmas(self) -> np.ndarray:
         return flow.inference_sigmas(self.steps, self.shift)
@@ -100,104 +92,133 @@ def first_low_noise_step(steps: int, shift: float, boundary: float) -> int:
     return int(below[0]) if below.size else steps
 
 
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What every function of the program closes over: the DiT's graph, the options, the kind."""
+
+    graphdef: object
+    options: SampleOptions
+
+    @property
+    def kind(self):
+        return conditioning.get(self.options.camera)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("x", "source", "condition", "t", "ctx_cond",
+                                                                  "ctx_uncond"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """One forward's rows (windows of videos): noisy latents, their inputs, timesteps, contexts."""
+
+    x: jax.Array
+    source: jax.Array
+    condition: dict
+    t: jax.Array
+    ctx_cond: jax.Array
+    ctx_uncond: jax.Array
+
+
+def _forward(spec: _Spec, state, rows: _Rows, context, condition, skip, residual):
+    """One DiT pass (the camera kind's velocity) over ``rows`` with ``context`` and ``condition``."""
+    model = nnx.merge(spec.graphdef, state)
+    if spec.options.cache is None:
+        return spec.kind.velocity(model, rows.x, rows.source, condition, rows.t, context), residual
+    return spec.kind.velocity_cached(model, rows.x, rows.source, condition, rows.t, context, skip=skip,
+                                     residual=residual)
+
+
+def _guided(spec: _Spec, state, rows: _Rows, skip, residual):
+    """The guided velocity of ``rows``: one pass without CFG; with it the conditional and
+    unconditional passes (the kind's unconditional condition, the negative prompt) as one batch
+    or one after the other (``sample.cfg``)."""
+    options, kind = spec.options, spec.kind
+    if options.guidance == 1.0:
+        return _forward(spec, state, rows, rows.ctx_cond, rows.condition, skip, residual)
+    uncond = kind.unconditional(rows.condition)
+    if options.cfg == "sequential":  # half the activations: the two passes one after the other
+        r_cond, r_uncond = (None, None) if residual is None else jnp.split(residual, 2, axis=0)
+        v_cond, r_cond = _forward(spec, state, rows, rows.ctx_cond, rows.condition, skip, r_cond)
+        v_uncond, r_uncond = _forward(spec, state, rows, rows.ctx_uncond, uncond, skip, r_uncond)
+        residual = None if residual is None else jnp.concatenate([r_cond, r_uncond])
+        return solvers.guided(v_cond, v_uncond, options.guidance), residual
+    two = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731  cond and uncond in one batch
+    both = dataclasses.replace(rows, x=two(rows.x), source=two(rows.source), t=two(rows.t))
+    condition = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), rows.condition, uncond)
+    v, residual = _forward(spec, state, both, jnp.concatenate([rows.ctx_cond, rows.ctx_uncond]), condition, skip,
+                           residual)
+    v_cond, v_uncond = jnp.split(v, 2, axis=0)
+    return solvers.guided(v_cond, v_uncond, options.guidance), residual
+
+
+def _chunked(spec: _Spec, state, rows: _Rows, skip, residual):
+    """``_guided`` over the rows ``sample.window_batch`` at a time, in a ``lax.map``."""
+    n = rows.x.shape[0]
+    per = spec.options.window_batch or n
+    if per >= n:
+        return _guided(spec, state, rows, skip, residual)
+    if n % per:
+        raise ValueError(f"sample.window_batch {per} does not divide the {n} windows of the batch")
+    chunks = jax.tree.map(lambda a: a.reshape(n // per, per, *a.shape[1:]), rows)
+    res = None if residual is None else residual.reshape(n // per, -1, *residual.shape[1:])
+    v, res = jax.lax.map(lambda args: _guided(spec, state, args[0], skip, args[1]), (chunks, res))
+    return v.reshape(n, *v.shape[2:]), None if res is None else res.reshape(residual.shape)
+
+
+def _velocity(spec: _Spec, states, expert: int | None, inputs: SampleInputs):
+    """The solver's velocity over whole videos, ``(x [N, F, ...], t) -> v`` (with the step
+    cache ``(x, t, cache state) -> (v, cache state)``): the windows gathered, each expert's
+    pass (A14B: ``lax.cond`` on the timestep unless ``expert`` fixes it), windows blended."""
+    options = spec.options
+    windows = options.windows
+    n = inputs.source.shape[0]
+
+    def run(x, t, skip, residual):
+        per_video = lambda a: jnp.repeat(a, n // a.shape[0], axis=0)  # noqa: E731  one row per window
+        rows = _Rows(windows.gather(x) if windows is not None else x, inputs.source, inputs.condition,
+                     per_video(t), per_video(inputs.ctx_cond), per_video(inputs.ctx_uncond))
+        if expert is not None or options.num_experts == 1:
+            v, residual = _chunked(spec, states[0], rows, skip, residual)
+        else:
+            high = t[0] >= options.boundary * flow.NUM_TRAIN_TIMESTEPS
+            v, residual = jax.lax.cond(high, lambda: _chunked(spec, states[0], rows, skip, residual),
+                                       lambda: _chunked(spec, states[1], rows, skip, residual))
+        return (windows.blend(v) if windows is not None else v), residual
+
+    if options.cache is None:
+        return lambda x, t: run(x, t, False, None)[0]
+    return lambda x, t, st: options.cache(st, lambda skip, residual: run(x, t, skip, residual))
+
+
 def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple | None = None,
                    record_norms: bool = False):
     """The sampling program's function.
 
-    ``phase`` None: ``fn(states, source, camera, ctx_cond, ctx_uncond, noise) -> latents``, every
-    step. ``phase = (expert, start, stop)``: ``fn(state, source, camera, ctx_cond, ctx_uncond,
-    carry) -> carry``, steps ``start .. stop - 1`` of that expert (``initial_carry_fn`` makes
-    the first carry). ``source`` / ``camera`` are the latents of the (windows of the) videos,
-    ``[N * K, F, H, W, C]``; ``noise`` and the latents returned cover whole videos. ``on_step(i,
-    x)``: a host function called after step i (a progress bar). ``record_norms`` (with a cache,
-    e.g. ``MagCache.off``): return every step's per-token residual norms instead of the latents,
-    for ``step_cache.calibrate``."""
+    ``phase`` None: ``fn(states, inputs) -> latents``, every step. ``phase = (expert, start,
+    stop)``: ``fn(state, inputs, carry) -> carry``, steps ``start .. stop - 1`` of that expert
+    (``initial_carry_fn`` makes the first carry). ``inputs``: ``SampleInputs``; the latents
+    returned cover whole videos. ``on_step(i, x)``: a host function called after step i (a
+    progress bar). ``record_norms`` (with a cache, e.g. ``MagCache.off``): return every step's
+    per-token residual norms instead of the latents, for ``step_cache.calibrate``."""
+    spec = _Spec(graphdef, options)
     sigmas = options.sigmas()
-    use_cfg = options.guidance != 1.0
-    cache, windows = options.cache, options.windows
-
-    def forward(state, x, source, camera, t, ctx, skip, residual):
-        model = nnx.merge(graphdef, state)
-        if cache is None:
-            return facecam_velocity(model, x, camera, source, t, ctx), residual
-        return facecam_velocity_cached(model, x, camera, source, t, ctx, skip=skip, residual=residual)
-
-    def guided(state, x, source, camera, t, ctx_cond, ctx_uncond, skip, residual):
-        if not use_cfg:
-            return forward(state, x, source, camera, t, ctx_cond, skip, residual)
-        if options.cfg == "sequential":  # half the activations: the two passes one after the other
-            r_cond, r_uncond = (None, None) if residual is None else jnp.split(residual, 2, axis=0)
-            v_cond, r_cond = forward(state, x, source, camera, t, ctx_cond, skip, r_cond)
-            v_uncond, r_uncond = forward(state, x, source, camera, t, ctx_uncond, skip, r_uncond)
-            residual = None if residual is None else jnp.concatenate([r_cond, r_uncond])
-            return flow.guided(v_cond, v_uncond, options.guidance), residual
-        two = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731  cond and uncond in one batch
-        v, residual = forward(state, two(x), two(source), two(camera), two(t),
-                              jnp.concatenate([ctx_cond, ctx_uncond]), skip, residual)
-        v_cond, v_uncond = jnp.split(v, 2, axis=0)
-        return flow.guided(v_cond, v_uncond, options.guidance), residual
-
-    def chunked(state, x, source, camera, t, ctx_cond, ctx_uncond, skip, residual):
-        """``guided`` over the rows (videos x windows) ``window_batch`` at a time, in a ``lax.map``."""
-        rows = x.shape[0]
-        per = options.window_batch or rows
-        if per >= rows:
-            return guided(state, x, source, camera, t, ctx_cond, ctx_uncond, skip, residual)
-        if rows % per:
-            raise ValueError(f"sample.window_batch {per} does not divide the {rows} windows of the batch")
-        split = lambda a: a.reshape(rows // per, per, *a.shape[1:])  # noqa: E731
-        res = None if residual is None else residual.reshape(rows // per, -1, *residual.shape[1:])
-
-        def one(args):
-            *inputs, r = args
-            return guided(state, *inputs, skip, r)
-
-        v, res = jax.lax.map(one, (split(x), split(source), split(camera), split(t), split(ctx_cond),
-                                   split(ctx_uncond), res))
-        return v.reshape(rows, *v.shape[2:]), None if res is None else res.reshape(residual.shape)
-
-    def velocity_of(expert_states, expert, source, camera, ctx_cond, ctx_uncond):
-        """``flow``'s velocity ``(x [N, F, ...], t) -> v``; with the cache ``(x, t, state) -> (v, state)``."""
-
-        def run(x, t, skip, residual):
-            rows = source.shape[0]
-            xw = windows.gather(x) if windows is not None else x
-            tw = jnp.repeat(t, rows // x.shape[0])
-            cc, cu = (jnp.repeat(c, rows // c.shape[0], axis=0) for c in (ctx_cond, ctx_uncond))  # per window
-
-            def with_state(state):
-                return chunked(state, xw, source, camera, tw, cc, cu, skip, residual)
-
-            if expert is not None or options.num_experts == 1:
-                v, residual = with_state(expert_states[0])
-            else:
-                high = t[0] >= options.boundary * flow.NUM_TRAIN_TIMESTEPS
-                v, residual = jax.lax.cond(high, lambda: with_state(expert_states[0]),
-                                           lambda: with_state(expert_states[1]))
-            return (windows.blend(v) if windows is not None else v), residual
-
-        if cache is None:
-            return lambda x, t: run(x, t, False, None)[0]
-        return lambda x, t, st: cache(st, lambda skip, residual: run(x, t, skip, residual))
-
     if phase is None:
-        def fn(states, source, camera, ctx_cond, ctx_uncond, noise):
-            velocity = velocity_of(states, None, source, camera, ctx_cond, ctx_uncond)
+        def fn(states, inputs: SampleInputs):
+            cache = options.cache
             dit_config = nnx.merge(graphdef, states[0]).config
-            st = None if cache is None else cache.init(cache_shape(dit_config, options, source.shape),
-                                                         record_norms=record_norms)
-            carry = flow.initial_carry(noise, options.solver, st)
-            carry = flow.solve_steps(velocity, carry, sigmas, solver=options.solver, on_step=on_step)
+            st = None if cache is None else cache.init(cache_shape(dit_config, options, inputs.source.shape),
+                                                       record_norms=record_norms)
+            carry = solvers.initial_carry(inputs.noise, options.solver, st)
+            carry = solvers.solve_steps(_velocity(spec, states, None, inputs), carry, sigmas, solver=options.solver,
+                                        on_step=on_step)
             return carry[-1].norms if record_norms else carry[0]
 
         return fn
 
     expert, start, stop = phase
 
-    def phase_fn(state, source, camera, ctx_cond, ctx_uncond, carry):
-        velocity = velocity_of((state,), expert, source, camera, ctx_cond, ctx_uncond)
-        return flow.solve_steps(velocity, carry, sigmas, solver=options.solver, start=start, stop=stop,
-                                on_step=on_step)
+    def phase_fn(state, inputs: SampleInputs, carry):
+        return solvers.solve_steps(_velocity(spec, (state,), expert, inputs), carry, sigmas, solver=options.solver,
+                                   start=start, stop=stop, on_step=on_step)
 
     return phase_fn
 
@@ -205,14 +226,14 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
 def cache_shape(dit_config, options: SampleOptions, source_shape) -> tuple[int, int, int]:
     """The step cache's residual ``[rows, L, D]``: every window of every video, twice with CFG."""
     rows = source_shape[0] * (2 if options.guidance != 1.0 else 1)
-    return facecam_token_shape(dit_config, (rows, *source_shape[1:]))
+    return conditioning.get(options.camera).token_shape(dit_config, (rows, *source_shape[1:]))
 
 
 def initial_carry_fn(options: SampleOptions, token_shape: tuple[int, int, int] | None):
     """``noise -> the first carry`` of a phased program (the solver's, with the cache's state)."""
     def fn(noise):
         state = None if options.cache is None else options.cache.init(token_shape)
-        return flow.initial_carry(noise, options.solver, state)
+        return solvers.initial_carry(noise, options.solver, state)
     return fn
 
 
@@ -243,7 +264,6 @@ class SampleProgram:
     fn: object  # jax.jit(make_sample_fn(...)), or per phase
     progress: StepProgress
     phases: tuple = ()  # (expert, start, stop, jitted phase fn) when the experts are offloaded
-    init: object = None  # jitted initial_carry_fn for phases
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,13 +276,13 @@ def sample_program(graphdef, options: SampleOptions) -> SampleProgram:
         return SampleProgram(jax.jit(make_sample_fn(graphdef, options, on_step=steps)), steps)
     phased = tuple((e, a, b, jax.jit(make_sample_fn(graphdef, options, on_step=steps, phase=(e, a, b))))
                    for e, a, b in options.phases())
-    return SampleProgram(None, steps, phased, None)
+    return SampleProgram(None, steps, phased)
 
 
 def window_layout(config, frames: int) -> Windows | None:
     """The windows a video of ``frames`` frames is re-rendered in (None: it fits one window)."""
-    window = latent_frames(config.data.frames)
-    total = latent_frames(frames)
+    window = opts.latent_frames(config.data.frames)
+    total = opts.latent_frames(frames)
     if total <= window:
         return None
     return Windows.cover(total, window, config.sample.window_overlap)

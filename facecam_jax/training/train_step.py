@@ -26,14 +26,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build
+from facecam_jax import build, conditioning
 from facecam_jax import sharding as sh
 from facecam_jax.diffusion import flow
 from facecam_jax.models import wan_dit
-from facecam_jax.models.wan_dit import facecam_velocity
 from facecam_jax.models.wan_vae import to_unit_range
-
-VIDEO_KEYS = ("source", "target", "camera")  # the batch entries that go to the device
+from facecam_jax.runtime.config_check import validate
 
 
 class TrainState(NamedTuple):
@@ -50,7 +48,10 @@ def make_optimizer(opt) -> optax.GradientTransformation:
 
 
 def make_train_step(graphdef, vae_graphdef, optimizer, config):
-    """The pure step function (to be jitted): encodes, samples a level, updates."""
+    """The pure step function (to be jitted): encodes, samples a level, updates. The camera
+    condition and the DiT's forward are the camera kind's (``conditioning.of(config)``)."""
+    kind = conditioning.of(config)
+    videos_in = ("source", "target", *kind.batch_videos)  # encoded together, in this order
     grid = flow.TrainGrid.make(config.model.shift)
     index_range = grid.index_range(*flow.expert_timestep_range(config.model.expert or None, config.model.expert_boundary))
 
@@ -59,9 +60,10 @@ def make_train_step(graphdef, vae_graphdef, optimizer, config):
         level_rng, noise_rng = jax.random.split(rng)
         vae = nnx.merge(vae_graphdef, vae_state)
         b = batch["target"].shape[0]
-        videos = jnp.concatenate([to_unit_range(batch[k]) for k in VIDEO_KEYS], axis=0)  # [3B, T, H, W, 3]
-        latents = jax.lax.stop_gradient(vae.encode(videos))
-        source, target, camera = latents[:b], latents[b : 2 * b], latents[2 * b :]
+        videos = jnp.concatenate([to_unit_range(batch[k]) for k in videos_in], axis=0)  # [(2 + c) B, T, H, W, 3]
+        latents = dict(zip(videos_in, jnp.split(jax.lax.stop_gradient(vae.encode(videos)), len(videos_in))))
+        source, target = latents.pop("source"), latents.pop("target")
+        condition = kind.condition(latents, batch)
         sigma, timestep, weight = flow.sample_training_levels(level_rng, b, grid, index_range)
         eps = jax.random.normal(noise_rng, target.shape, jnp.float32)
         noisy = flow.add_noise(target, eps, sigma)
@@ -69,7 +71,7 @@ def make_train_step(graphdef, vae_graphdef, optimizer, config):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
-            v = facecam_velocity(model, noisy, camera, source, timestep, ctx)
+            v = kind.velocity(model, noisy, source, condition, timestep, ctx)
             return flow.flow_loss(v, flow.velocity_target(target, eps), weight)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -125,7 +127,7 @@ class TrainProgram:
     vae_state: nnx.State
     vae_graphdef: Any
     context: Any
-    batch: dict  # ShapeDtypeStruct per VIDEO_KEYS entry: the global batch
+    batch: dict  # ShapeDtypeStruct per batch entry (the camera kind's ``batch_keys``): the global batch
     batch_sharding: NamedSharding
     dit_config: wan_dit.DiTConfig
     vae_config: Any
@@ -142,17 +144,24 @@ class TrainProgram:
         return self.step.lower(self.state, self.frozen, self.vae_state, self.context, self.batch)
 
     def global_batch(self, local: dict) -> dict:
-        """This process's rows of a batch (numpy, ``VIDEO_KEYS``) -> the global device batch."""
+        """This process's rows of a batch (numpy, the entries of ``batch``) -> the global device batch."""
         size = self.batch["target"].shape[0]
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k]),
-                                                          (size, *local[k].shape[1:])) for k in VIDEO_KEYS}
+                                                          (size, *local[k].shape[1:])) for k in self.batch}
+
+    @property
+    def video_keys(self) -> tuple[str, ...]:
+        """The batch entries that are videos (uint8 ``[B, T, H, W, 3]``): what a preview shows."""
+        return tuple(k for k, v in self.batch.items() if v.dtype == jnp.uint8 and v.ndim == 5)
 
 
 def build_program(config, mesh: jax.sharding.Mesh, rules, *, abstract: bool = False) -> TrainProgram:
     """The training program of ``config`` on ``mesh``: models, state and the jitted step.
 
     ``abstract``: shapes only (the DiT preset ``config.model.dit``, random-init shapes for
-    the VAE), for compiling ahead of time; nothing is allocated or read."""
+    the VAE), for compiling ahead of time; nothing is allocated or read. The config is checked
+    first (``config_check.validate``: a config changed in code after it was loaded)."""
+    validate(config)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = sh.batch_sharding(mesh, config.data.batch_size, rules)
     if abstract:
@@ -187,13 +196,12 @@ def build_program(config, mesh: jax.sharding.Mesh, rules, *, abstract: bool = Fa
         state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated),
                            jax.device_put(key, replicated))
         context = jax.device_put(context, replicated)
-    d = config.data
-    batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.frames, d.height, d.width, 3), jnp.uint8,
-                                     sharding=batch_sharding) for k in VIDEO_KEYS}
+    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, *shape), dtype, sharding=batch_sharding)
+             for k, (shape, dtype) in conditioning.of(config).batch_spec(config.data).items()}
     jitted = jax.jit(
         make_train_step(graphdef, vae_graphdef, optimizer, config),
         in_shardings=(state_sh, _shardings(frozen), _shardings(vae_state), replicated,
-                      {k: batch_sharding for k in VIDEO_KEYS}),
+                      {k: batch_sharding for k in batch}),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )

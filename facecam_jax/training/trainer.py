@@ -47,7 +47,7 @@ from facecam_jax.training.distributed import initialize_distributed
 from facecam_jax.training.metric_logger import Logger
 from facecam_jax.training.preemption import Preemption
 from facecam_jax.training.run_state import Checkpoints
-from facecam_jax.training.train_step import VIDEO_KEYS, TrainProgram, build_program
+from facecam_jax.training.train_step import TrainProgram, build_program
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
                 if (step + 1) % config.train.log_every == 0 or step == start:
                     logger(step + 1, metrics)
                 if step == start or (step + 1) % config.train.preview_every == 0:
-                    logger.images(step + 1, local, VIDEO_KEYS)
+                    logger.images(step + 1, local, program.video_keys)
                 if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps:
                     ckpt.save(step + 1, state, batches)
                 loop.step = step + 1

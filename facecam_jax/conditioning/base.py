@@ -1,0 +1,137 @@
+"""What a camera kind is: the one interface the train step, the sampler, the fit tool and FLOP
+counting use for "the camera".
+
+A kind's condition is a dict of arrays with a leading batch (or window-row) dimension: the
+VAE latents of its condition videos (``batch_videos``) and any other per-sample arrays it
+needs. Everything that moves rows around (CFG's doubled batch, a long video's windows,
+``sample.window_batch``) maps over that dict, so a kind never sees how it is batched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facecam_jax.models import wan_dit
+from facecam_jax.models.wan_dit import DiTConfig, WanDiT
+
+Array = jax.Array
+Condition = dict[str, Any]  # the kind's condition: arrays [B, ...] (latents, cameras, ...)
+
+
+class CameraKind:
+    """A camera representation. A kind sets the class attributes and overrides the methods
+    whose default (a condition made of VAE-encoded videos, entering through the DiT input)
+    does not describe it."""
+
+    name: str = ""
+    # Training batch entries (uint8 videos [B, T, H, W, 3]) VAE-encoded with source and target:
+    # the data pipeline must produce them.
+    batch_videos: tuple[str, ...] = ()
+    # Other training batch entries the condition is made of (sent to the device as they are).
+    batch_arrays: tuple[str, ...] = ()
+    # Parameter names the kind trains whatever train.trainable says (its own new layers).
+    trainable: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<camera kind {self.name}>"
+
+    # ------------------------------------------------------------------ the model
+
+    def prepare(self, model: WanDiT, config) -> WanDiT:
+        """The base DiT made ready for this kind (wider input, extra layers, zero-initialised so
+        that the output is unchanged); abstract models too. Returns ``model``."""
+        return model
+
+    def input_frames(self, frames: int) -> int:
+        """Latent frames the DiT sees for ``frames`` target latent frames."""
+        return frames
+
+    def dit_input(self, model: WanDiT, noisy: Array, source: Array, condition: Condition) -> Array:
+        """The DiT's input latents ``[B, input_frames(F), H, W, in_dim]``."""
+        raise NotImplementedError(f"camera kind {self.name!r} defines neither dit_input nor velocity")
+
+    def velocity(self, model: WanDiT, noisy: Array, source: Array, condition: Condition, t: Array,
+                 context: Array) -> Array:
+        """The target velocity ``[B, F, H, W, C]`` for noisy target latents ``[B, F, H, W, C]``."""
+        x = self.dit_input(model, noisy, source, condition)
+        return model(x, t, context, out_frames=noisy.shape[1])
+
+    def velocity_cached(self, model: WanDiT, noisy: Array, source: Array, condition: Condition, t: Array,
+                        context: Array, *, skip: bool | Array, residual: Array) -> tuple[Array, Array]:
+        """``velocity`` with the block stack replaceable by a cached residual (a step cache's
+        hook, ``wan_dit.cached_forward``): returns the velocity and the residual to cache."""
+        x = self.dit_input(model, noisy, source, condition)
+        return wan_dit.cached_forward(model, x, t, context, out_frames=noisy.shape[1], skip=skip, residual=residual)
+
+    def token_shape(self, config: DiTConfig, noisy_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """``[B, L, D]`` of the block stack's tokens for target latents ``noisy_shape [B, F, H, W, C]``."""
+        b, f, h, w = noisy_shape[:4]
+        pt, ph, pw = config.patch_size
+        return b, (self.input_frames(f) // pt) * (h // ph) * (w // pw), config.dim
+
+    def token_counts(self, config: DiTConfig, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(tokens the blocks see, tokens the head keeps) per sample of ``latent_shape``."""
+        _, tokens, _ = self.token_shape(config, latent_shape)
+        _, f, h, w = latent_shape[:4]
+        pt, ph, pw = config.patch_size
+        return tokens, (f // pt) * (h // ph) * (w // pw)
+
+    def trainable_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """``train.trainable`` with the kind's own layers added."""
+        names = tuple(names)
+        return names if names == ("all",) else names + tuple(n for n in self.trainable if n not in names)
+
+    # ------------------------------------------------------------------ training
+
+    def batch_keys(self) -> tuple[str, ...]:
+        """The training batch entries that go to the device: source, target, the kind's."""
+        return ("source", "target", *self.batch_videos, *self.batch_arrays)
+
+    def batch_spec(self, data) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Per-sample shape and dtype of each entry of ``batch_keys`` for the ``data`` config."""
+        video = ((data.frames, data.height, data.width, 3), np.uint8)
+        return {"source": video, "target": video, **{k: video for k in self.batch_videos}}
+
+    def condition(self, latents: dict[str, Array], batch: dict[str, Array]) -> Condition:
+        """The condition of a training batch from its encoded ``batch_videos`` and its arrays."""
+        return {**latents, **{k: batch[k] for k in self.batch_arrays}}
+
+    # ------------------------------------------------------------------ sampling
+
+    def make_condition(self, trajectory, *, height: int, width: int, framing: str,
+                       source_frames: np.ndarray) -> dict[str, np.ndarray]:
+        """The raw condition of one video along ``trajectory``: the same entries as a training batch's."""
+        raise NotImplementedError(f"camera kind {self.name!r} has no sampling condition")
+
+    def preview(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """A uint8 video ``[T, H, W, 3]`` showing one video's raw condition (the compare video's middle)."""
+        return raw[self.batch_videos[0]]
+
+    def as_raw(self, conditions) -> dict[str, np.ndarray]:
+        """Raw conditions of a batch: a dict as ``make_condition`` gives (stacked), or the array of
+        a kind whose condition is one video."""
+        if isinstance(conditions, dict):
+            return conditions
+        if len(self.batch_videos) != 1 or self.batch_arrays:
+            raise ValueError(f"camera kind {self.name!r} takes its conditions as a dict of {self.batch_keys()[2:]}")
+        return {self.batch_videos[0]: conditions}
+
+    def encode_condition(self, raw: dict[str, np.ndarray], encode: Callable[[np.ndarray], Array]) -> Condition:
+        """A batch's raw conditions ``[N, T, ...]`` -> the program's condition per window row:
+        ``encode`` turns uint8 videos into the latents of their windows (``[N * K, F, h, w, C]``)."""
+        if self.batch_arrays:
+            raise NotImplementedError(f"camera kind {self.name!r} must say how its arrays are windowed")
+        return {k: encode(raw[k]) for k in self.batch_videos}
+
+    def abstract_condition(self, latent_shape: tuple[int, ...], sharding) -> Condition:
+        """``encode_condition``'s result as shapes, for window rows of latents ``latent_shape``."""
+        return {k: jax.ShapeDtypeStruct(latent_shape, jnp.float32, sharding=sharding) for k in self.batch_videos}
+
+    def unconditional(self, condition: Condition) -> Condition:
+        """The condition of classifier-free guidance's unconditional pass (default: the same:
+        guidance is on the text only)."""
+        return condition

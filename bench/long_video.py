@@ -140,7 +140,7 @@ def one_length(args) -> dict:
                                                    seam_row("joint output", video, windows))}
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.save:
-        np.savez_compressed(args.save, video=video, source=source, condition=kind.preview(raw))
+        np.savez_compressed(args.save, video=video, source=source, condition=kind.preview(raw, source))
     return out
 
 

@@ -107,9 +107,10 @@ class CameraKind:
         """The raw condition of one video along ``trajectory``: the same entries as a training batch's."""
         raise NotImplementedError(f"camera kind {self.name!r} has no sampling condition")
 
-    def preview(self, raw: dict[str, np.ndarray]) -> np.ndarray:
-        """A uint8 video ``[T, H, W, 3]`` showing one video's raw condition (the compare video's middle)."""
-        return raw[self.batch_videos[0]]
+    def preview(self, raw: dict[str, np.ndarray], source_frames: np.ndarray) -> np.ndarray:
+        """A uint8 video like ``source_frames [T, H, W, 3]`` showing one video's raw condition (the
+        compare video's middle): its first condition video, or black for a kind without one."""
+        return raw[self.batch_videos[0]] if self.batch_videos else np.zeros_like(source_frames)
 
     def as_raw(self, conditions) -> dict[str, np.ndarray]:
         """Raw conditions of a batch: a dict as ``make_condition`` gives (stacked), or the array of

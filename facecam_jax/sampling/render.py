@@ -79,11 +79,10 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
     trace of the sampling program's runs into that directory (xprof)."""
     kind = conditioning.of(config)
     raw = kind.as_raw(conditions)
-    for key, value in raw.items():
-        if len(value) != len(sources) or len(seeds) != len(sources) or (
-                key in kind.batch_videos and value.shape != sources.shape):
-            raise ValueError(f"sources {sources.shape}, conditions ({key}: {value.shape}) and {len(seeds)} seeds "
-                             "do not match")
+    shapes = {key: np.shape(value) for key, value in raw.items()}
+    if len(seeds) != len(sources) or any(len(shape) == 0 or shape[0] != len(sources) for shape in shapes.values()) or any(
+            shapes[key] != sources.shape for key in kind.batch_videos if key in shapes):
+        raise ValueError(f"sources {sources.shape}, conditions {shapes} and {len(seeds)} seeds do not match")
     ctx_cond, ctx_uncond, guidance = contexts_ or contexts(config, experts)
     windows = window_layout(config, sources.shape[1])
     options = SampleOptions.of(config, len(experts.models), guidance=guidance, windows=windows)
@@ -199,7 +198,7 @@ def generate(config, source_frames: np.ndarray, trajectory, *, workdir: str | No
                                   source_frames=source_frames)
         video = render(config, experts, vae, source_frames[None], {k: v[None] for k, v in raw.items()}, [seed],
                        mesh=mesh, profile=profile)
-    return Result(video[0], source_frames, kind.preview(raw))
+    return Result(video[0], source_frames, kind.preview(raw, source_frames))
 
 
 def side_by_side(result: Result) -> np.ndarray:

@@ -1,0 +1,62 @@
+"""The camera-conditioning seam: kinds are found by name, FaceCam's landmarks kind is exactly
+``wan_dit.facecam_velocity``, and nothing outside the kind calls FaceCam's input by name."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from facecam_jax import conditioning, options
+from facecam_jax.models import wan_dit as W
+from facecam_jax.runtime.config_file import load_config
+
+CFG = W.get_config("tiny").replace(in_dim=36)
+
+
+def test_kinds_are_the_modules_of_the_package_and_the_config_names_one():
+    assert options.camera_kinds() == ("landmarks",)
+    kind = conditioning.of(load_config("mini,frames=9"))
+    assert kind is conditioning.get("landmarks") and kind.name == "landmarks"
+    with pytest.raises(ValueError, match="camera.kind must be one of 'landmarks', got 'plucker'"):
+        conditioning.get("plucker")
+    assert kind.batch_keys() == ("source", "target", "camera")
+    spec = kind.batch_spec(load_config("mini,frames=9").data)
+    assert spec["camera"] == ((9, 64, 48, 3), np.uint8)
+
+
+def test_the_landmarks_kind_is_facecams_velocity():
+    model = W.WanDiT(CFG, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    noisy, camera, source = (jnp.asarray(rng.standard_normal((2, 2, 4, 4, 16)), jnp.float32) for _ in range(3))
+    t = jnp.array([700.0, 300.0])
+    ctx = jnp.asarray(rng.standard_normal((2, 3, CFG.text_dim)), jnp.float32)
+    kind = conditioning.get("landmarks")
+    want = W.facecam_velocity(model, noisy, camera, source, t, ctx)
+    np.testing.assert_array_equal(kind.velocity(model, noisy, source, {"camera": camera}, t, ctx), want)
+    shape = kind.token_shape(CFG, noisy.shape)
+    assert shape == W.facecam_token_shape(CFG, noisy.shape) == (2, 2 * 2 * 2 * 2, CFG.dim)
+    v, residual = kind.velocity_cached(model, noisy, source, {"camera": camera}, t, ctx, skip=False,
+                                       residual=jnp.zeros(shape))
+    np.testing.assert_allclose(v, want, atol=1e-6)
+    reused, same = jax.jit(lambda r: kind.velocity_cached(model, noisy, source, {"camera": camera}, t, ctx,
+                                                          skip=jnp.array(True), residual=r))(residual)
+    np.testing.assert_allclose(reused, want, atol=1e-5)  # the blocks' cached residual stands in for them
+    np.testing.assert_array_equal(same, residual)
+    assert kind.token_counts(CFG, noisy.shape) == (shape[1], shape[1] // 2)
+
+
+def test_nothing_outside_the_landmarks_kind_calls_facecams_input_by_name():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    allowed = {"facecam_jax/conditioning/landmarks.py", "facecam_jax/models/wan_dit.py"}
+    call = re.compile(r"\b(facecam_velocity|facecam_velocity_cached|facecam_input|facecam_token_shape)\(")
+    found = []
+    for folder in ("facecam_jax", "bench", "tools", "configs"):
+        for path in (root / folder).rglob("*.py"):
+            rel = str(path.relative_to(root))
+            if rel not in allowed and call.search(path.read_text()):
+                found.append(rel)
+    assert found == []

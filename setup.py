@@ -15,6 +15,8 @@ setup(
     version="0.2.0",
     description="JAX/Flax NNX reimplementation of FaceCam (Wan 2.1/2.2 DiT, VAE, umT5, landmark camera control)",
     packages=find_packages(include=["facecam_jax", "facecam_jax.*"]),
+    license="Apache-2.0",  # as Wan, diffusers and maxdiffusion; the text is LICENSE
+    license_files=["LICENSE"],
     python_requires=">=3.11",
     install_requires=[
         JAX,

@@ -31,9 +31,9 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from bench.common import machine  # noqa: E402
 from facecam_jax import build, conditioning  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
-from facecam_jax.fit.report import Compiled  # noqa: E402
 from facecam_jax.models import wan_dit  # noqa: E402
 from facecam_jax.perf import chips
+from facecam_jax.perf.report import Compiled  # noqa: E402
 from facecam_jax.runtime.config_file import load_config  # noqa: E402
 from facecam_jax.sampling import program as sp  # noqa: E402
 from facecam_jax.sampling.inputs import abstract_inputs  # noqa: E402

@@ -30,10 +30,10 @@ from bench.common import machine, peak_bytes, si  # noqa: E402
 from facecam_jax import build, conditioning  # noqa: E402
 from facecam_jax import sampling as sampler
 from facecam_jax import sharding as sh  # noqa: E402
-from facecam_jax.fit.report import Compiled  # noqa: E402
 from facecam_jax.models import wan_dit  # noqa: E402
 from facecam_jax.perf import chips
 from facecam_jax.perf.flops import step_flops  # noqa: E402
+from facecam_jax.perf.report import Compiled  # noqa: E402
 from facecam_jax.runtime.config_file import load_config  # noqa: E402
 from facecam_jax.sampling import program as sp
 

@@ -31,9 +31,9 @@ from flax import nnx  # noqa: E402
 from bench.common import machine, peak_bytes, si  # noqa: E402
 from facecam_jax import build  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
-from facecam_jax.fit.report import Compiled  # noqa: E402
 from facecam_jax.models.wan_vae import to_unit_range  # noqa: E402
 from facecam_jax.perf.flops import Throughput, step_flops  # noqa: E402
+from facecam_jax.perf.report import Compiled  # noqa: E402
 from facecam_jax.runtime.config_file import load_config  # noqa: E402
 from facecam_jax.training import train_step
 

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 # The entry points' heavy imports; the entry modules themselves are not imported here (they
 # define absl flags when imported, and each child imports its own as __main__).
 WARM = ("facecam_jax.training.trainer", "facecam_jax.sampling.render", "facecam_jax.evaluation.report",
-        "facecam_jax.camera.condition", "facecam_jax.checkpoints.dit", "facecam_jax.fit.programs", "facecam_jax.fit.report")
+        "facecam_jax.camera.condition", "facecam_jax.checkpoints.dit", "facecam_jax.fit.programs", "facecam_jax.perf.report")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

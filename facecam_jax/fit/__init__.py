@@ -1,2 +1,2 @@
-"""Does it fit? The real programs compiled ahead of time for a named target (``programs``)
-and the report of their memory, FLOPs and verdict (``report``)."""
+"""Does it fit? The real programs compiled ahead of time for a named target (``programs``);
+their report (memory, FLOPs, verdict) is ``perf.report``."""

@@ -6,7 +6,7 @@ over (data, fsdp)) or the sampling program (``sp.sample_program``: both Wan2.2 A
 experts in one jitted Euler loop with CFG, plus the VAE encode and decode that run beside
 them) from the factory's abstract models, on the config's mesh over the devices of a named
 TPU topology (``chips.tpu_topology``) or the local devices. It compiles them and reports
-(``fit_report.Report``) the trained parameters and optimizer-state bytes, per-device memory
+(``perf.report.Report``) the trained parameters and optimizer-state bytes, per-device memory
 from XLA's buffer plan, the device's memory, the
 analytic FLOPs (``flops.step_flops``), the time at the bf16 peak, and a verdict.
 """
@@ -24,11 +24,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from facecam_jax import build, conditioning
 from facecam_jax import sharding as sh
-from facecam_jax.fit.report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
 from facecam_jax.models import attention, wan_dit
 from facecam_jax.perf import chips
 from facecam_jax.perf.chips import BadTarget, GiB, Target
 from facecam_jax.perf.flops import step_flops
+from facecam_jax.perf.report import BAD_ARGUMENTS, DOES_NOT_FIT, FITS, Compiled, Report
 from facecam_jax.sampling import experts as experts_lib
 from facecam_jax.sampling import program as sp
 from facecam_jax.sampling.inputs import abstract_inputs

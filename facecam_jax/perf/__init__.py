@@ -1,2 +1,2 @@
-"""What a step costs: chip tables (peak FLOP/s, memory) and analytic FLOP counts, shared by
-training's MFU and the fit tool."""
+"""What a program costs: chip tables (peak FLOP/s, memory), analytic FLOP counts and the
+compiled memory plan's report, shared by training's MFU and log line, the fit tool and bench."""

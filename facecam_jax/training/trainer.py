@@ -36,11 +36,11 @@ from facecam_jax.checkpoints.lora import save_lora
 from facecam_jax.data import transforms
 from facecam_jax.data.pipeline import make_train_iterator
 from facecam_jax.errors import TrainingDiverged
-from facecam_jax.fit.report import Compiled
 from facecam_jax.models.lora import LoRAParam
 from facecam_jax.models.wan_dit import WanDiT
 from facecam_jax.perf import chips
 from facecam_jax.perf.flops import Throughput
+from facecam_jax.perf.report import Compiled
 from facecam_jax.runtime import progress
 from facecam_jax.runtime.config_check import validate
 from facecam_jax.training.distributed import initialize_distributed

@@ -279,6 +279,37 @@ VARIANTS: dict[str, dict[str, object]] = {
         "sample.framing": "source",  # the proxy head starts where the source face is, as in its training maps
         "sample.cache_calibration": os.path.join(LEARNED_DIR, "magcache.json"),  # tools/calibrate_cache.py
     },
+    # ReCamMaster (camera extrinsics in every block) on Wan2.1-T2V-1.3B at its paper's shape:
+    # target and source along frames (16 channels), the paper's trainable set (its camera
+    # layers, added by the camera kind, and the self-attention), multi-view pairs only (an
+    # in-the-wild video has no cameras). Set model.dit_checkpoint (Wan2.1-T2V-1.3B, or
+    # ReCamMaster's step20000.ckpt with model.dit_camera... see README) and the data roots.
+    "recammaster": {
+        "camera.kind": "recammaster",
+        "data.frames": 81,
+        "data.height": 480,
+        "data.width": 832,
+        "data.wild_ratio": 0.0,
+        "model.dit": "wan2.1-t2v-1.3b",
+        "model.in_dim": 16,
+        "model.param_dtype": "bfloat16",
+        "model.compute_dtype": "bfloat16",
+        "model.attention": "auto",
+        "model.remat": "full",
+        "vae.config": "wan2.1",
+        "vae.dtype": "bfloat16",
+        "train.trainable": ("self_attn",),
+        "optimizer.lr": 1e-4,
+        "sample.num_steps": 50,
+    },
+    # The same kind at the mini scale of the default config (tiny DiT, mini dataset): tests and
+    # the comparison of camera representations.
+    "recammaster-mini": {
+        "camera.kind": "recammaster",
+        "data.wild_ratio": 0.0,
+        "model.in_dim": 16,
+        "train.trainable": ("self_attn",),
+    },
     "nersemble": {
         "data.dataset": "files",
         "data.frames": 81,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facecam_jax.camera import trajectories
 from facecam_jax.models import wan_dit
 from facecam_jax.models.wan_dit import DiTConfig, WanDiT
 
@@ -80,6 +81,11 @@ class CameraKind:
         pt, ph, pw = config.patch_size
         return tokens, (f // pt) * (h // ph) * (w // pw)
 
+    def block_linears(self, config: DiTConfig) -> tuple[tuple[tuple[str, ...], str, int, int], ...]:
+        """The kind's own linear layers in every block, for FLOP counting: ``(path, rows, din,
+        dout)`` with rows ``"tokens"`` (one per token) or ``"frames"`` (one per input latent frame)."""
+        return ()
+
     def trainable_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """``train.trainable`` with the kind's own layers added."""
         names = tuple(names)
@@ -102,9 +108,15 @@ class CameraKind:
 
     # ------------------------------------------------------------------ sampling
 
+    def load_trajectory(self, spec, frames: int):
+        """The camera path ``spec`` names (a canonical motion, a keyframe JSON, ...) over ``frames``
+        frames, in the form ``make_condition`` takes (default: ``camera.trajectories``')."""
+        return trajectories.load_trajectory(spec, frames)
+
     def make_condition(self, trajectory, *, height: int, width: int, framing: str,
                        source_frames: np.ndarray) -> dict[str, np.ndarray]:
-        """The raw condition of one video along ``trajectory``: the same entries as a training batch's."""
+        """The raw condition of one video along ``trajectory`` (``load_trajectory``'s result, or a
+        project ``Trajectory``)."""
         raise NotImplementedError(f"camera kind {self.name!r} has no sampling condition")
 
     def preview(self, raw: dict[str, np.ndarray], source_frames: np.ndarray) -> np.ndarray:
@@ -121,9 +133,11 @@ class CameraKind:
             raise ValueError(f"camera kind {self.name!r} takes its conditions as a dict of {self.batch_keys()[2:]}")
         return {self.batch_videos[0]: conditions}
 
-    def encode_condition(self, raw: dict[str, np.ndarray], encode: Callable[[np.ndarray], Array]) -> Condition:
+    def encode_condition(self, raw: dict[str, np.ndarray], encode: Callable[[np.ndarray], Array],
+                         windows) -> Condition:
         """A batch's raw conditions ``[N, T, ...]`` -> the program's condition per window row:
-        ``encode`` turns uint8 videos into the latents of their windows (``[N * K, F, h, w, C]``)."""
+        ``encode`` turns uint8 videos into the latents of their windows (``[N * K, F, h, w, C]``,
+        ``windows``: a long video's ``diffusion.windows.Windows``, or None)."""
         if self.batch_arrays:
             raise NotImplementedError(f"camera kind {self.name!r} must say how its arrays are windowed")
         return {k: encode(raw[k]) for k in self.batch_videos}

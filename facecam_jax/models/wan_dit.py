@@ -292,16 +292,25 @@ class WanBlock(nnx.Module):
         self.ffn = MLP(cfg.dim, cfg.ffn_dim, cfg.dim, gelu_tanh, (sh.EMBED, sh.MLP), (sh.MLP, sh.EMBED), **kw)
         self.eps = cfg.eps
         self.dtype = dtype
+        # ReCamMaster's per-block camera layers (``add_camera_layers``); None: a plain Wan block.
+        self.cam_encoder = nnx.data(None)  # Linear(12, D): a latent frame's 3x4 pose -> its tokens' offset
+        self.projector = nnx.data(None)  # Linear(D, D) on the self-attention output
 
-    def __call__(self, x: Array, e0: Array, context: Array, rope, impl: str) -> Array:
+    def __call__(self, x: Array, e0: Array, context: Array, rope, impl: str, camera: Array | None = None) -> Array:
         # e0: [B, 6, D] (one timestep per sample) or [B, L, 6, D] (per-token timesteps)
         mod = self.modulation.get_value().astype(jnp.float32) + e0
         if mod.ndim == 3:
             mod = mod[:, None]  # [B, 1, 6, D]
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
         dtype = self.dtype
-        h = (layer_norm(x, self.eps) * (1 + scale) + shift).astype(dtype)
-        x = x + (self.self_attn(h, None, rope, impl).astype(jnp.float32) * gate).astype(x.dtype)
+        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        if self.cam_encoder is not None:  # ReCamMaster: each frame's camera, broadcast over its tokens
+            c = self.cam_encoder(camera.astype(dtype)).astype(jnp.float32)  # [B, F, D]
+            h = h + jnp.repeat(c, x.shape[1] // camera.shape[1], axis=1)  # [B, L, D]
+        attn = self.self_attn(h.astype(dtype), None, rope, impl)
+        if self.projector is not None:
+            attn = self.projector(attn)
+        x = x + (attn.astype(jnp.float32) * gate).astype(x.dtype)
         h = x.astype(dtype) if self.norm3 is None else self.norm3(x).astype(dtype)
         x = x + self.cross_attn(h, context, None, impl).astype(x.dtype)
         h = (layer_norm(x, self.eps) * (1 + c_scale) + c_shift).astype(dtype)
@@ -403,17 +412,25 @@ class WanDiT(nnx.Module):
         # and gradients reach every block from the first step.
         self.head = Head(cfg, **kw)
 
-    def __call__(self, x: Array, t: Array, context: Array, *, out_frames: int | None = None) -> Array:
+    def __call__(self, x: Array, t: Array, context: Array, *, out_frames: int | None = None,
+                 camera: Array | None = None) -> Array:
         """Velocity for latents ``x [B, F, H, W, Cin]`` at timesteps ``t [B]`` or ``[B, L]``.
 
         ``context [B, Lt, text_dim]`` is zero-padded to ``text_len``. ``out_frames`` keeps
         only the first latent frames of the output (FaceCam discards the source half).
-        ``embed`` -> ``run_blocks`` -> ``unembed``; a step cache calls the parts itself.
+        ``camera [B, F, 12]``: one pose per latent frame for blocks with camera layers
+        (ReCamMaster, ``add_camera_layers``). ``embed`` -> ``run_blocks`` -> ``unembed``; a step
+        cache calls the parts itself.
         """
-        tokens, cond = self.embed(x, t, context)
+        tokens, cond = self.embed(x, t, context, camera=camera)
         return self.unembed(self.run_blocks(tokens, cond), cond, out_frames=out_frames)
 
-    def embed(self, x: Array, t: Array, context: Array) -> tuple[Array, "BlockInputs"]:
+    @property
+    def has_camera_layers(self) -> bool:
+        return self.blocks.cam_encoder is not None
+
+    def embed(self, x: Array, t: Array, context: Array, *, camera: Array | None = None
+              ) -> tuple[Array, "BlockInputs"]:
         """Checks the inputs; returns the block stack's input tokens ``[B, L, D]`` (fp32) and its conditioning."""
         cfg = self.config
         _, f, h, w, c = x.shape
@@ -429,6 +446,13 @@ class WanDiT(nnx.Module):
         grid = (f // pt, h // ph, w // pw)
         n_tokens = math.prod(grid)
         dtype = self.dtype
+        if self.has_camera_layers != (camera is not None):
+            raise ValueError("this DiT has ReCamMaster's camera layers: give camera [B, F, 12]" if camera is None else
+                             "a camera was given but this DiT has no camera layers (ReCamMaster's: add_camera_layers, "
+                             "or load_dit(..., camera='recammaster'))")
+        if camera is not None and camera.shape != (x.shape[0], grid[0], 12):
+            raise ValueError(f"camera must be [B, F, 12] = {(x.shape[0], grid[0], 12)} (one 3x4 pose per latent "
+                             f"frame of the DiT input), got {camera.shape}")
 
         x_tok = self.patch_embedding(x.astype(dtype))  # [B, L, D]
         x_tok = sh.constrain(x_tok.astype(jnp.float32), (sh.ACT_BATCH, sh.ACT_SEQ, sh.ACT_EMBED))
@@ -444,16 +468,16 @@ class WanDiT(nnx.Module):
         ctx = self.text_embedding(ctx.astype(dtype))  # [B, text_len, D]
 
         cos, sin = rope_tables(grid, cfg.head_dim)
-        return x_tok, BlockInputs(e, e0, ctx, (jnp.asarray(cos), jnp.asarray(sin)), grid)
+        return x_tok, BlockInputs(e, e0, ctx, (jnp.asarray(cos), jnp.asarray(sin)), grid, camera)
 
     def run_blocks(self, x: Array, cond: "BlockInputs") -> Array:
         """The block stack (one ``lax.scan`` over the stacked layers): tokens ``[B, L, D]`` -> tokens."""
         graphdef, state = nnx.split(self.blocks)
         impl = self.attention
-        e0, ctx, rope = cond.e0, cond.context, cond.rope
+        e0, ctx, rope, camera = cond.e0, cond.context, cond.rope, cond.camera
 
         def body(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, e0, ctx, rope, impl), None
+            return nnx.merge(graphdef, layer_state)(carry, e0, ctx, rope, impl, camera), None
 
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
@@ -506,7 +530,8 @@ def _streamed_scan(body, x: Array, host_state):
     return body(x, last)[0]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("e", "e0", "context", "rope"), meta_fields=("grid",))
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("e", "e0", "context", "rope", "camera"),
+                   meta_fields=("grid",))
 @dataclasses.dataclass(frozen=True)
 class BlockInputs:
     """One forward's conditioning of the block stack and the head (``WanDiT.embed``)."""
@@ -516,6 +541,7 @@ class BlockInputs:
     context: Array  # [B, text_len, D] embedded text
     rope: tuple[Array, Array]  # cos, sin [L, head_dim // 2]
     grid: tuple[int, int, int]  # post-patch (F, H, W)
+    camera: Array | None = None  # [B, F, 12] per-frame poses for blocks with camera layers (ReCamMaster)
 
 
 # --------------------------------------------------------------------------- FaceCam
@@ -544,16 +570,16 @@ def facecam_velocity_cached(
 
 
 def cached_forward(model: WanDiT, x: Array, t: Array, context: Array, *, out_frames: int | None,
-                   skip: bool | Array, residual: Array) -> tuple[Array, Array]:
+                   skip: bool | Array, residual: Array, camera: Array | None = None) -> tuple[Array, Array]:
     """``model(x, t, context, out_frames=...)`` with the block stack replaceable by a cached
     residual (a step cache's hook).
 
     ``skip`` (a traced bool: ``lax.cond``; Python ``False``: no branch in the program) adds
     ``residual [B, L, D]`` to the stack's input tokens instead of running the blocks. Returns
     the output and the residual to cache: the blocks' output minus input when they ran (in
-    ``residual``'s dtype), else ``residual`` itself.
+    ``residual``'s dtype), else ``residual`` itself. ``camera``: as for ``WanDiT.__call__``.
     """
-    tokens, cond = model.embed(x, t, context)
+    tokens, cond = model.embed(x, t, context, camera=camera)
 
     def run():
         out = model.run_blocks(tokens, cond)
@@ -587,6 +613,63 @@ def facecam_input(model: WanDiT, noisy: Array, camera_latents: Array, source_lat
     target = jnp.concatenate([noisy, camera_latents.astype(noisy.dtype), zeros], axis=-1)
     source = jnp.concatenate([source_latents.astype(noisy.dtype), camera_latents.astype(noisy.dtype), zeros], -1)
     return jnp.concatenate([target, source], axis=1)  # [B, 2F, H, W, in_dim]
+
+
+# --------------------------------------------------------------------------- ReCamMaster
+
+
+def recammaster_input(model: WanDiT, noisy: Array, source_latents: Array) -> Array:
+    """ReCamMaster's DiT input ``[B, 2F, H, W, in_dim]``: the noisy target then the source along
+    frames (no extra channels; zero-padded when the model's input is wider)."""
+    if noisy.shape != source_latents.shape:
+        raise ValueError(f"noisy {noisy.shape} and source {source_latents.shape} latents must match")
+    x = jnp.concatenate([noisy, source_latents.astype(noisy.dtype)], axis=1)
+    pad = model.config.in_dim - x.shape[-1]
+    if pad < 0:
+        raise ValueError(f"model in_dim {model.config.in_dim} is narrower than the {x.shape[-1]}-channel latents")
+    return jnp.pad(x, ((0, 0),) * 4 + ((0, pad),))
+
+
+def recammaster_cameras(cameras: Array, frames: int) -> Array:
+    """``cameras [B, F, 12]`` tiled over the DiT input's two halves: the source half gets the
+    target's per-frame cameras too (ReCamMaster's ``repeat(1, 2, 1)``)."""
+    if cameras.ndim != 3 or cameras.shape[1:] != (frames, 12):
+        raise ValueError(f"cameras must be [B, {frames}, 12] (one 3x4 relative pose per latent frame, row-major), "
+                         f"got {cameras.shape}")
+    return jnp.concatenate([cameras, cameras], axis=1)
+
+
+def recammaster_velocity(model: WanDiT, noisy: Array, source_latents: Array, cameras: Array, t: Array,
+                         context: Array) -> Array:
+    """ReCamMaster's forward (``model_fn_wan_video``): the target velocity ``[B, F, H, W, C]`` from
+    noisy target and source latents ``[B, F, H, W, C]`` concatenated along frames (RoPE over all
+    2F frames, one timestep) and ``cameras [B, F, 12]``, the 3x4 pose of each target latent
+    frame relative to the first, row-major, entering every block through its camera layers
+    (``add_camera_layers``). Any latent grid works."""
+    x = recammaster_input(model, noisy, source_latents)
+    return model(x, t, context, out_frames=noisy.shape[1], camera=recammaster_cameras(cameras, noisy.shape[1]))
+
+
+def add_camera_layers(model: WanDiT) -> WanDiT:
+    """ReCamMaster's per-block camera layers on ``model`` (in place, abstract models too): a
+    ``cam_encoder`` Linear(12, D), zero-initialised, and a ``projector`` Linear(D, D), the
+    identity, in every block, stacked over the layers like the block's other linears and in
+    its parameter dtype. The model's output is unchanged until they are trained. Returns ``model``."""
+    if model.has_camera_layers:
+        return model
+    cfg, blocks = model.config, model.blocks
+    n, d = cfg.num_layers, cfg.dim
+    param_dtype = blocks.self_attn.q.bias.get_value().dtype
+
+    def stacked(din, dout, axes, kernel):
+        layer = Linear(din, dout, axes, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=model.dtype)
+        layer.kernel = nnx.Param(kernel.astype(param_dtype), axes=(sh.LAYERS, *axes))
+        layer.bias = nnx.Param(jnp.zeros((n, dout), param_dtype), axes=(sh.LAYERS, axes[1]))
+        return layer
+
+    blocks.cam_encoder = stacked(12, d, (None, sh.EMBED), jnp.zeros((n, 12, d)))
+    blocks.projector = stacked(d, d, (sh.EMBED, sh.HEADS), jnp.broadcast_to(jnp.eye(d), (n, d, d)))
+    return model
 
 
 def widen_patch_embedding(model: WanDiT, in_dim: int = 36) -> WanDiT:

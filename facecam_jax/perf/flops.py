@@ -70,7 +70,8 @@ def vae_flops(vae_config, video_shape: tuple, *, decode: bool = False) -> float:
 
 
 def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence[str] | None = None,
-              remat: str = "none", lora_rank: int = 0) -> dict[str, float]:
+              remat: str = "none", lora_rank: int = 0, camera_linears: Sequence[tuple] = (),
+              frames: int = 0) -> dict[str, float]:
     """FLOPs (2 per multiply-add) of one Wan DiT call on ``batch`` samples of ``tokens`` tokens
     whose head runs on the first ``out_tokens``: ``{"forward", "backward", "remat"}``.
 
@@ -86,7 +87,9 @@ def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence
     embedding (trained in full, ``build.trainable_filter``) keeps its base weight frozen (no
     weight gradient) and adds its adapter, ``(x @ A) @ B``: 2 R r (din + dout) forward for R
     rows, and backward dB, d(xA), dA (2 R r (2 dout + din)) plus dx through A when the input
-    needs a gradient. ``remat="full"`` recomputes each block's forward in the backward (less
+    needs a gradient. ``camera_linears`` (``CameraKind.block_linears``) adds a camera kind's own
+    layers to every block, per token or per input latent frame (``frames`` per sample).
+    ``remat="full"`` recomputes each block's forward in the backward (less
     FFN fc2, whose output is the saved block output, and its adapter's second matmul); the
     "dots" policies keep the matmuls, so nothing is counted for them. With FaceCam's trainable
     subset, with or without LoRA, these counts equal the dots JAX traces for the step
@@ -99,7 +102,8 @@ def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence
     train = trainable is not None
     tokens_grad = train and (build.is_trainable(("patch_embedding",), names) or build.is_trainable(("blocks",), names)
                              or any(build.is_trainable(("blocks", m, p), names) for m in ("self_attn", "cross_attn", "ffn")
-                                    for p in ("q", "k", "v", "o", "fc1", "fc2", "norm_q", "norm_k")))
+                                    for p in ("q", "k", "v", "o", "fc1", "fc2", "norm_q", "norm_k"))
+                             or any(build.is_trainable(path, names) for path, *_ in camera_linears))
     text_grad = train and build.is_trainable(("text_embedding",), names)
     time_grad = train and (build.is_trainable(("time_embedding",), names) or build.is_trainable(("time_projection",), names))
 
@@ -125,6 +129,10 @@ def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence
         (("blocks", "ffn", "fc1"), b * l, d, f, tokens_grad),
         (("blocks", "ffn", "fc2"), b * l, f, d, tokens_grad),
     ]
+    # A camera kind's own layers (``CameraKind.block_linears``): the input of a per-frame layer is
+    # the camera, which needs no gradient; a per-token layer's input is on the tokens' path.
+    block += [(path, b * (frames if rows == "frames" else l), din, dout, tokens_grad and rows == "tokens")
+              for path, rows, din, dout in camera_linears]
     linears += [(*entry, layers) for entry in block]
     r = lora_rank if train else 0
     adapted = lambda path: r > 0 and path != ("patch_embedding",) and build.is_trainable(path, names)  # noqa: E731
@@ -173,17 +181,20 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
     dit_config = build.dit_config(config)
     vae_config = build.vae_config(config.vae.config)
     tokens, out_tokens = build.token_counts(config)
-    videos = 2 + len(conditioning.of(config).batch_videos)  # source, target and the camera kind's videos
+    kind = conditioning.of(config)
+    videos = 2 + len(kind.batch_videos)  # source, target and the camera kind's videos
+    camera = dict(camera_linears=kind.block_linears(dit_config),
+                  frames=kind.input_frames(build.latent_shape(vae_config, d.frames, d.height, d.width)[1]))
     video = (d.frames, d.height, d.width, 3)
     if program == "train":
         b = d.batch_size
-        parts = dit_flops(dit_config, b, tokens, out_tokens, tuple(config.train.trainable), m.remat,
-                          config.train.lora_rank)
+        parts = dit_flops(dit_config, b, tokens, out_tokens, kind.trainable_names(tuple(config.train.trainable)),
+                          m.remat, config.train.lora_rank, **camera)
         parts["vae"] = vae_flops(vae_config, (videos * b, *video))
     elif program == "sample":
         s = config.sample
         cfg_batch = 2 if s.cfg_scale != 1.0 else 1
-        one = dit_flops(dit_config, cfg_batch * windows, tokens, out_tokens)
+        one = dit_flops(dit_config, cfg_batch * windows, tokens, out_tokens, **camera)
         parts = {"forward": (s.num_steps if evaluations is None else evaluations) * one["forward"]}
         parts["vae"] = (vae_flops(vae_config, ((videos - 1) * windows, *video))
                         + vae_flops(vae_config, (windows, *video), decode=True))

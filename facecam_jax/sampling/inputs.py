@@ -64,7 +64,7 @@ def make_inputs(kind: CameraKind, vae, sources: np.ndarray, conditions, seeds: S
     replicated on ``mesh``."""
     encode = functools.partial(encode_windows, vae, windows=windows)
     source = encode(sources)
-    condition = kind.encode_condition(kind.as_raw(conditions), encode)
+    condition = kind.encode_condition(kind.as_raw(conditions), encode, windows)
     total = windows.state_frames if windows else source.shape[1]
     noise = jnp.concatenate([noise_for(int(s), (1, total, *source.shape[2:])) for s in seeds])
     ctx = [np.broadcast_to(c, (len(sources), *c.shape[1:])) for c in contexts]

@@ -5,13 +5,16 @@ slices (libtpu's compile-only client: no TPU needed) and prints the table of ben
     python bench/tpu_fit.py --only a14b-train  # the cases whose name contains this
     python bench/tpu_fit.py --table            # just print the table from the reports in --out
 
-Recipes (configs/facecam.py:nersemble, 81 x 704 x 480, bf16, attention auto -> splash):
+Recipes (configs/facecam.py:nersemble, 81 x 704 x 480, bf16, attention auto -> splash; the rcm-
+recipes are configs/facecam.py:recammaster, 81 x 480 x 832):
   a14b-train   one Wan2.2-I2V-A14B expert, FaceCam's trainable subset, AdamW, full remat
   a14b-lora64-train  the same with LoRA rank 64 adapters on the self-attention (patch embedding in full)
   a14b-qlora64-train the same over an int8 base (weight-only, per output channel; adapters fp32)
   1.3b-train   wan2.1-t2v-1.3b widened to 36 channels, the same recipe
   a14b-sample  both A14B experts resident, 50 Euler steps with CFG (batch 2), VAE encode/decode
   1.3b-sample  the 1.3B, 50 steps with CFG
+  rcm-1.3b-train / rcm-1.3b-sample  ReCamMaster: wan2.1-t2v-1.3b with its camera layers, its
+               trainable set (camera layers and self-attention), full remat; 50 steps with CFG
 Training meshes put one sample on each group of `context` chips (batch = chips / context,
 fsdp over those groups, parameters over fsdp x context); context 1 is "batch 1 per chip".
 Sampling meshes split the CFG batch of 2 over fsdp and the sequence over context.
@@ -39,6 +42,10 @@ RECIPES = {
     "1.3b-train": ("train", "nersemble,model.dit=wan2.1-t2v-1.3b"),
     "a14b-sample": ("sample", "nersemble,num_steps=50"),
     "1.3b-sample": ("sample", "nersemble,model.dit=wan2.1-t2v-1.3b,num_steps=50"),
+    # ReCamMaster (camera.kind=recammaster) on Wan2.1-T2V-1.3B at its own shape, 81 x 480 x 832:
+    # 2 x 32,760 tokens, camera layers in every block, its trainable set (issue 30).
+    "rcm-1.3b-train": ("train", "recammaster"),
+    "rcm-1.3b-sample": ("sample", "recammaster"),
 }
 
 
@@ -102,6 +109,11 @@ CASES = [case(*c) for c in [
     ("a14b-lora64-train", "v6e", 8, 4),
     ("a14b-lora64-train", "v6e", 2, 2),  # 4 chips fit with LoRA: the next smaller one
     ("a14b-qlora64-train", "v5p", 1, 1),  # the frozen base in int8 (QLoRA): one v5p chip fits
+    # ReCamMaster 1.3B (issue 30): one chip of each kind, and the smallest v5e slice for training.
+    ("rcm-1.3b-train", "v5p", 1, 1),
+    ("rcm-1.3b-sample", "v5e", 1, 1),
+    ("rcm-1.3b-train", "v5e", 2, 2),
+    ("rcm-1.3b-train", "v6e", 1, 1),
 ]]
 
 

@@ -26,6 +26,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from facecam_jax import options
 from facecam_jax.fit import programs as fit
 from facecam_jax.runtime import cli, paths
 
@@ -43,8 +44,13 @@ def main(argv):
     if _TOPOLOGY.value and not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # host-side work stays off any local accelerator
     config = cli.start(argv, _CONFIG)  # the compile cache: local targets; compile-only TPU targets switch it off
-    name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))
-    paths.check_outputs({"--json": _JSON.value}, {"--config": name, **paths.config_inputs(config)})
+    name = os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]))  # "path.py:variant"
+    if _FRAMES.value is not None:  # the rule sample --frames passes; 0 is a value, not "unset"
+        problem = options.frames_flag_problem("--frames", _FRAMES.value, window=config.data.frames,
+                                              maximum=config.sample.max_frames, limit="sample.max_frames")
+        if problem:
+            raise ValueError(problem)
+    paths.check_outputs({"--json": _JSON.value}, paths.read_paths(config, _CONFIG.path))
     try:
         report = fit.analyze(config, _PROGRAM.value, _TOPOLOGY.value, config_name=name, with_vae=_VAE.value,
                              frames=_FRAMES.value)

@@ -84,3 +84,56 @@ def size_problem(pixels) -> str | None:
             pixels % SIZE_MULTIPLE == 0):
         return None
     return f"must be a positive multiple of {SIZE_MULTIPLE}, at most {MAX_SIZE}"
+
+
+def nearest_sizes(pixels: int, maximum: int = MAX_SIZE) -> tuple[int, ...]:
+    """The valid sizes (positive multiples of ``SIZE_MULTIPLE``, at most ``maximum``) nearest to
+    ``pixels``: one or two values."""
+    below = min(maximum, max(SIZE_MULTIPLE, pixels // SIZE_MULTIPLE * SIZE_MULTIPLE))
+    above = below + SIZE_MULTIPLE
+    return (below,) if above > maximum or pixels <= below else (below, above)
+
+
+# ------------------------------------------------------------------ command-line flags
+# A flag that sets a frame count or a size passes the rule its config key passes
+# (``runtime.config_check`` uses ``frames_problem`` / ``size_problem``); the message names the
+# flag and the nearest values that pass.
+
+
+def size_flag_problem(flag: str, pixels) -> str | None:
+    """Why ``pixels``, given as ``flag`` (``--height``), is no valid size (None when it is)."""
+    if size_problem(pixels) is None:
+        return None
+    if not isinstance(pixels, int) or isinstance(pixels, bool):
+        return f"{flag} {pixels!r} {size_problem(pixels)}"
+    if pixels > MAX_SIZE:
+        return (f"{flag} {pixels} is more than {MAX_SIZE} pixels, the largest size (a 4K frame); use "
+                f"{MAX_SIZE} or less")
+    near = " or ".join(map(str, nearest_sizes(pixels)))
+    return f"{flag} {pixels} is not a positive multiple of {SIZE_MULTIPLE}; use {near}"
+
+
+def frames_flag_problem(flag: str, frames, *, window: int = 1, maximum: int = MAX_FRAMES,
+                        limit: str | None = None) -> str | None:
+    """Why ``frames``, given as ``flag`` (``--frames``), is no valid output length (None when it
+    is): ``frames_problem`` within ``maximum`` (the config key ``limit`` sets it, e.g.
+    ``sample.max_frames``; None: ``MAX_FRAMES``), and no shorter than the model's ``window``
+    (``data.frames``: the frames it denoises at once)."""
+    problem = frames_problem(frames, maximum)
+    if problem is not None and (not isinstance(frames, int) or isinstance(frames, bool)):
+        return f"{flag} {frames!r} {problem}"
+    if window > 1 and frames < window:
+        return (f"{flag} {frames} is shorter than the model's window of {window} frames (data.frames, the "
+                f"frames it denoises at once); pass {window} or more (1 + 4k), or use a config with a shorter window")
+    if problem is None:
+        return None
+    if frames < 1:
+        return f"{flag} {frames} is no number of frames (1 + 4k, at least 1); pass 1 or more"
+    if frames > maximum:
+        nearest = nearest_video_lengths(frames, maximum)[0]
+        if limit is None:
+            return f"{flag} {frames} is more than {maximum} frames, the longest video; the nearest valid value is {nearest}"
+        raise_it = f" (or raise {limit}, at most {MAX_FRAMES})" if maximum < MAX_FRAMES else ""
+        return f"{flag} {frames} is more than {limit}={maximum}; the nearest valid value is {nearest}{raise_it}"
+    return (f"{flag} {frames} is not 4k + 1 (the Wan VAE's temporal stride); pass "
+            f"{' or '.join(map(str, nearest_video_lengths(frames, maximum)))}")

@@ -40,11 +40,13 @@ _LORA = flags.DEFINE_multi_string("lora", [], "a LoRA file to merge into every e
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _PROFILE = flags.DEFINE_string("profile", None, "write a jax.profiler trace of the sampling program here "
                                 "(view with xprof --logdir DIR)")
-_FRAMES = flags.DEFINE_integer("frames", None, "output frames, 4k + 1 (default: every frame of the source up to "
-                               "sample.max_frames); longer than the model's window: overlapping windows denoised "
-                               "jointly")
-_HEIGHT = flags.DEFINE_integer("height", None, "output height, a multiple of 16 (default: data.height)")
-_WIDTH = flags.DEFINE_integer("width", None, "output width, a multiple of 16 (default: data.width)")
+_FRAMES = flags.DEFINE_integer("frames", None, "output frames, 4k + 1, from the model's window (data.frames) to "
+                               "sample.max_frames (default: every frame of the source up to sample.max_frames); "
+                               "longer than the window: overlapping windows denoised jointly")
+_HEIGHT = flags.DEFINE_integer("height", None, f"output height, a positive multiple of 16, at most "
+                               f"{options.MAX_SIZE} (default: data.height)")
+_WIDTH = flags.DEFINE_integer("width", None, f"output width, a positive multiple of 16, at most "
+                              f"{options.MAX_SIZE} (default: data.width)")
 _ASPECT = flags.DEFINE_enum("aspect", None, list(options.ASPECTS),
                             "source: fit the source's aspect ratio to the model's pixel budget")
 _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
@@ -54,15 +56,16 @@ _REQUIRE_FACE = flags.DEFINE_bool("require_face", False,
 
 def _check_paths(config) -> None:
     """Before any model loads: ``--out`` and its ``_compare.mp4`` (as ``plan.run`` names it)
-    can be written and are none of the inputs (the video, the trajectory file, the weights, the
-    config's checkpoints, the LoRA files: each LoRA spec is parsed and its file checked here)."""
+    can be written and are none of the paths the run reads (``paths.read_paths``: the config
+    file, the config's checkpoints, weights, LoRA files and calibration, the video, the
+    trajectory file, the trained weights; each LoRA spec is parsed and its file checked here)."""
     out = _OUT.value
     paths.check_outputs(
         {"--out": out, "the compare video": os.path.splitext(out)[0] + "_compare.mp4"},
-        {"--video": _VIDEO.value or plan.default_source_video(), "--trajectory": _TRAJECTORY.value,
-         "the trained weights": experts.trained_files(experts.weights_dir(config, _WORKDIR.value)) or None,
-         "the LoRA files": [path for path, _ in experts.lora_files(config)] or None,
-         **paths.config_inputs(config)})
+        paths.read_paths(config, _CONFIG.path, {
+            "--video": _VIDEO.value or plan.default_source_video(), "--trajectory": _TRAJECTORY.value,
+            "the trained weights": experts.trained_files(experts.weights_dir(config, _WORKDIR.value)) or None,
+            "the LoRA files": [path for path, _ in experts.lora_files(config)] or None}))
 
 
 def main(argv):

@@ -24,8 +24,9 @@ from facecam_jax import sampling as sampler
 from facecam_jax import sharding as sh
 from facecam_jax.camera import condition, source, trajectories
 from facecam_jax.diffusion.step_cache import calibrate, save_calibration
-from facecam_jax.runtime import cli
-from facecam_jax.runtime.config_file import load_config
+from facecam_jax.runtime import cli, paths
+from facecam_jax.runtime.config_file import config_path, load_config
+from facecam_jax.sampling.experts import trained_files, weights_dir
 
 MOTIONS = ("arc_left", "zoom_in", "pan_up")
 
@@ -40,6 +41,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config)
+    weights = weights_dir(config, args.workdir)
+    # Before the sampler runs: --out is none of the inputs. The calibration the config names is
+    # what this tool writes (uncached runs do not read it), and of the weights folder only its
+    # weight files are read (the shipped calibration lives beside them).
+    paths.check_outputs({"--out": args.out}, paths.read_paths(
+        config, config_path(args.config), {"--video": args.video, "the trained weights": trained_files(weights) or None},
+        skip=("sample.cache_calibration", "sample.weights")))
     d = config.data
     frames = source.load_source(args.video or sampler.default_source_video(), d.frames, d.height, d.width)
     motions = [m for m in args.motions.split(",") if m]
@@ -47,7 +55,7 @@ def main(argv=None) -> int:
                                                framing=config.sample.framing, source_frames=frames) for m in motions])
     mesh, rules = build.mesh_and_rules(config)
     with sh.use_mesh(mesh, rules):
-        experts = sampler.load_experts(config, mesh, rules, args.workdir or config.sample.get("weights") or None)
+        experts = sampler.load_experts(config, mesh, rules, weights)
         vae = build.build_vae(config, mesh)
         norms = sampler.residual_norms(config, experts, vae, np.repeat(frames[None], len(motions), 0), maps,
                                        list(range(len(motions))), mesh=mesh)

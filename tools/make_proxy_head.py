@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from facecam_jax.camera import landmarks, proxy_head
-from facecam_jax.runtime import cli
+from facecam_jax.runtime import cli, paths
 
 
 def make() -> np.ndarray:
@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(proxy_head.data_dir() / "proxy_head.npy"))
     args = parser.parse_args(argv)
+    paths.check_outputs({"--out": args.out})  # reads no file: only writable, no folder
     head = make()
     np.save(args.out, head)
     iod = np.linalg.norm(head[landmarks.LEFT_IRIS_CENTER] - head[landmarks.RIGHT_IRIS_CENTER])

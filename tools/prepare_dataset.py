@@ -21,7 +21,8 @@ import logging
 import sys
 import time
 
-from facecam_jax.runtime import cli
+from facecam_jax import options
+from facecam_jax.runtime import cli, paths
 
 
 def main(argv=None) -> int:
@@ -44,6 +45,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not args.multiview and not args.wild:
         parser.error("give --multiview and/or --wild")
+    # Annotations go to new facecam/ folders, beside the data by default, mirrored under
+    # --prepared_root otherwise (which may be the dataset's own root): never over a dataset
+    # file, so --prepared_root is checked to be a folder that can be written, not against them.
+    paths.check_outputs(directories={"--prepared_root": args.prepared_root})
+    problem = options.frames_flag_problem("--frames", args.frames)  # the rule of data.frames, which it matches
+    if problem:
+        raise ValueError(problem)
 
     from facecam_jax.data import prepare
 

@@ -27,7 +27,8 @@ import logging
 import os
 import time
 
-from facecam_jax.runtime import cli
+from facecam_jax import options
+from facecam_jax.runtime import cli, paths
 
 
 def main(argv=None) -> int:
@@ -65,13 +66,23 @@ def main(argv=None) -> int:
     from facecam_jax.checkpoints.vae import save_vae
     from facecam_jax.data import heldout, pipeline
     from facecam_jax.models.wan_vae import WanVAE
-    from facecam_jax.runtime.config_file import load_config
+    from facecam_jax.runtime.config_file import config_path, load_config
     from facecam_jax.training import vae_training as vt
 
+    problem = options.frames_flag_problem("--frames", args.frames)  # the rule of data.frames
+    if problem:
+        raise ValueError(problem)
     config = load_config(args.config)
     out = args.out or config.vae.checkpoint
     if not out:
         raise ValueError("no output folder: pass --out or use a config with vae.checkpoint set")
+    # Before the data pipeline starts: --out holds none of the inputs. The VAE the config names
+    # is what this tool writes (by default), and it lives in the folder of the shipped weights;
+    # --finetune_decoder may be --out itself (it is read whole before anything is written).
+    in_place = args.finetune_decoder and os.path.realpath(args.finetune_decoder) == os.path.realpath(out)
+    paths.check_outputs(directories={"--out": out}, inputs=paths.read_paths(
+        config, config_path(args.config), {"--finetune_decoder": None if in_place else args.finetune_decoder},
+        skip=("vae.checkpoint", "sample.weights")))
     settings = vt.VAETraining(steps=args.steps, clips=args.clips, frames=args.frames, lr=args.lr, seed=args.seed,
                               trainable="decoder" if args.finetune_decoder else "all")
     start = time.time()

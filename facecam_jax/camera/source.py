@@ -18,6 +18,7 @@ import os
 import cv2
 import numpy as np
 
+from facecam_jax import options
 from facecam_jax.camera import landmarks as lm
 from facecam_jax.video_io import probe, read_video
 
@@ -96,19 +97,24 @@ def available_frames(path: str | os.PathLike) -> int:
     return -(-info.num_frames // official_stride(info.fps))
 
 
+def check_frames(requested: int | None, window: int, maximum: int) -> None:
+    """A ``--frames`` value (None: not given) is ``1 + 4k``, at most ``maximum``
+    (``sample.max_frames``) and no shorter than the model's ``window`` (``data.frames``):
+    ``options.frames_flag_problem``, the rule ``data.frames`` passes too."""
+    if requested is not None:
+        problem = options.frames_flag_problem("--frames", requested, window=window, maximum=maximum,
+                                              limit="sample.max_frames")
+        if problem:
+            raise ValueError(problem)
+
+
 def frame_count(path: str | os.PathLike, requested: int | None, window: int, maximum: int) -> int:
-    """The output length for a source video: ``requested`` (4k + 1, at most ``maximum``), or every
-    frame the source has, cut to 4k + 1 and to ``maximum``; never below the model's ``window``
+    """The output length for a source video: ``requested`` (checked by ``check_frames``), or every
+    frame the source has, cut to 4k + 1 and to ``maximum``, and at least the model's ``window``
     (a shorter source is padded with its last frame, as the release pads, with a warning)."""
+    check_frames(requested, window, maximum)
     have = available_frames(path)
     if requested is not None:
-        if requested < 1 or (requested - 1) % 4:
-            low = max(1, 4 * ((requested - 1) // 4) + 1)
-            raise ValueError(f"--frames {requested} is not 4k + 1 (the Wan VAE's temporal stride); pass {low} "
-                             f"or {low + 4}")
-        if requested > maximum:
-            raise ValueError(f"--frames {requested} is more than sample.max_frames={maximum}; pass fewer or raise "
-                             "sample.max_frames")
         count = requested
     else:
         count = min(have, maximum)
@@ -116,7 +122,7 @@ def frame_count(path: str | os.PathLike, requested: int | None, window: int, max
         if count != have:
             log.info("the source has %d frames; re-rendering the first %d (4k + 1%s)", have, count,
                      f", at most sample.max_frames={maximum}" if have > maximum else "")
-    count = max(count, window)
+        count = max(count, window)
     if have < count:
         log.warning("%s has %d frames, fewer than the %d asked for: its last frame is repeated to fill them",
                     os.fspath(path), have, count)
@@ -124,11 +130,13 @@ def frame_count(path: str | os.PathLike, requested: int | None, window: int, max
 
 
 def check_size(height: int, width: int) -> None:
-    """An output size is positive multiples of 16 (the VAE's 8 x the DiT's 2 x 2 patches)."""
+    """An output size is positive multiples of 16 (the VAE's 8 x the DiT's 2 x 2 patches), at
+    most ``options.MAX_SIZE``: ``options.size_flag_problem``, the rule ``data.height`` /
+    ``data.width`` pass too."""
     for name, value in (("--height", height), ("--width", width)):
-        if value < 16 or value % 16:
-            low = max(16, 16 * (value // 16))
-            raise ValueError(f"{name} {value} is not a positive multiple of 16; use {low} or {low + 16}")
+        problem = options.size_flag_problem(name, value)
+        if problem:
+            raise ValueError(problem)
 
 
 def fit_aspect(source_height: int, source_width: int, height: int, width: int) -> tuple[int, int]:

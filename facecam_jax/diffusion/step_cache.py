@@ -248,13 +248,27 @@ def save_calibration(path: str, ratios, **meta) -> None:
 
 
 def load_calibration(path: str) -> Calibration:
-    """Reads a curve written by ``save_calibration``; a file of another kind is a clear error."""
-    with open(path) as f:
-        record = json.load(f)
+    """Reads a curve written by ``save_calibration``; a file of another kind (not JSON, not a
+    calibration, bad ratios) is a clear ValueError naming the file."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is not a MagCache calibration ({why}); write one with tools/calibrate_cache.py")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except UnicodeDecodeError:
+        raise bad("not text: a binary file") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(record, dict) or record.get("format") != CALIBRATION_FORMAT:
-        raise ValueError(f"{path} is not a MagCache calibration (no \"format\": \"{CALIBRATION_FORMAT}\"); "
-                         "write one with step_cache.save_calibration")
-    ratios = np.asarray(record["ratios"], np.float64)
-    if ratios.ndim != 1 or ratios.size != record["num_steps"]:
-        raise ValueError(f"{path}: num_steps is {record['num_steps']} but {ratios.size} ratios are stored")
-    return Calibration(ratios, dict(record.get("meta", {})))
+        raise bad(f'no "format": "{CALIBRATION_FORMAT}"')
+    try:
+        ratios = np.asarray(record["ratios"], np.float64)
+    except KeyError:
+        raise bad('no "ratios"') from None
+    except (TypeError, ValueError):
+        raise bad('"ratios" is not a list of numbers') from None
+    if ratios.ndim != 1 or ratios.size != record.get("num_steps"):
+        raise ValueError(f"{path}: num_steps is {record.get('num_steps')!r} but {ratios.size} ratios are stored")
+    meta = record.get("meta", {})
+    return Calibration(ratios, dict(meta) if isinstance(meta, dict) else {})

@@ -71,10 +71,16 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
     path = os.fspath(path)
     base = os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ManifestError(f"cannot read manifest {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError:
+        raise ManifestError(f"manifest {path} is not text (a binary file?); give a JSON list or a CSV of "
+                            f"{', '.join(MANIFEST_COLUMNS)} rows") from None
+    if "\0" in text:
+        raise ManifestError(f"manifest {path} holds NUL bytes (a binary file?); give a JSON list or a CSV of "
+                            f"{', '.join(MANIFEST_COLUMNS)} rows")
     if path.lower().endswith(".json") or text.lstrip().startswith(("[", "{")):
         try:
             rows = json.loads(text)
@@ -84,10 +90,13 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
             raise ManifestError(f"manifest {path} must hold a JSON list of rows, got a {type(rows).__name__}")
     else:
         reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or not set(REQUIRED_COLUMNS) <= {c.strip() for c in reader.fieldnames}:
-            raise ManifestError(f"CSV manifest {path} needs a header row naming at least "
-                                f"{', '.join(REQUIRED_COLUMNS)} (columns: {', '.join(MANIFEST_COLUMNS)})")
-        rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+        try:
+            if not reader.fieldnames or not set(REQUIRED_COLUMNS) <= {c.strip() for c in reader.fieldnames}:
+                raise ManifestError(f"CSV manifest {path} needs a header row naming at least "
+                                    f"{', '.join(REQUIRED_COLUMNS)} (columns: {', '.join(MANIFEST_COLUMNS)})")
+            rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+        except csv.Error as e:
+            raise ManifestError(f"CSV manifest {path} cannot be parsed (line {reader.line_num}): {e}") from None
     if not rows:
         raise ManifestError(f"manifest {path} has no rows")
     try:

@@ -10,7 +10,9 @@ and an absl entry point defines its config flag with ``_CONFIG = cli.define_conf
 instead of ``config_flags.DEFINE_config_file`` (ml_collections checks ``--config.a.b=``
 overrides while the module is imported, before ``cli.run`` could catch a typo, or while the
 flags are parsed when ``--config`` is given); ``_CONFIG.value`` is the config after
-``config_check.validate``, so every route to a config checks the same values.
+``config_check.validate``, so every route to a config checks the same values, and
+``_CONFIG.path`` its file (for ``paths.read_paths``). A config file that does not run is
+``error: bad --config: file:line: message``.
 
 An expected error (``EXPECTED_ERRORS``: a missing file, a video that cannot be decoded, no
 face, a bad trajectory or config value, a checkpoint that does not fit, diverged training,
@@ -34,7 +36,7 @@ from ml_collections import config_flags
 from facecam_jax.errors import CheckpointError, NoFaceError, TrainingDiverged, VideoDecodeError
 from facecam_jax.runtime import compile_cache
 from facecam_jax.runtime.config_check import validate
-from facecam_jax.runtime.config_file import DEFAULT_CONFIG
+from facecam_jax.runtime.config_file import DEFAULT_CONFIG, load_error
 
 # ValueError and KeyError are broad, but they are how this project reports bad inputs
 # (trajectories, config values, shapes); NoFaceError and CheckpointError are ValueErrors too,
@@ -120,6 +122,12 @@ class ConfigFlag:
         self._holder, self.name = holder, holder.name
 
     @property
+    def path(self) -> str:
+        """The config file: ``path.py`` of ``--config path.py:variant,k=v`` (what ``paths.read_paths``
+        protects from being written over)."""
+        return config_flags.get_config_filename(flags.FLAGS[self.name]).split(":", 1)[0]
+
+    @property
     def value(self):
         config = self._holder.value
         try:
@@ -151,6 +159,24 @@ def _override_error(name: str, argv: Sequence[str], error: BaseException) -> str
     return None
 
 
+def _config_file_error(name: str, spec: str | None, error: BaseException) -> str | None:
+    """``bad --<name>: file:line: message`` for an error raised by running the config file of
+    ``spec`` (``path.py[:arg]``): a syntax error, a NameError; None for any other error."""
+    if not spec or isinstance(error, (KeyError, ValueError)):  # the config's own messages
+        return None
+    where = load_error(error, spec.split(":", 1)[0])
+    return None if where is None else f"bad --{name}: {where}"
+
+
+def _given_config(name: str, argv: Sequence[str]) -> str | None:
+    """The value of ``--<name>`` in argv (None when not given)."""
+    for i, arg in enumerate(argv[1:], 1):
+        flag, sep, value = arg.lstrip("-").partition("=")
+        if flag == name and arg.startswith("-"):
+            return value if sep else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
 def define_config(help_string: str, name: str = "config", default: str | None = None) -> ConfigFlag:
     """``config_flags.DEFINE_config_file(name, default, help, lock_config=True)`` whose bad
     ``--config.a.b=`` overrides end as one usage line, whether ``--config`` is given (checked
@@ -160,7 +186,10 @@ def define_config(help_string: str, name: str = "config", default: str | None = 
     try:
         return ConfigFlag(config_flags.DEFINE_config_file(name, default or DEFAULT_CONFIG, help_string,
                                                           lock_config=True))
-    except Exception as e:  # noqa: BLE001  only a command-line override can fail here
+    except Exception as e:  # noqa: BLE001  a command-line override, or a broken default config file
+        where = _config_file_error(name, default or DEFAULT_CONFIG, e)
+        if where is not None:
+            fail(where, error=e, verbose=_verbose_in(sys.argv))
         text = _override_error(name, sys.argv, e)
         if text is None:
             raise
@@ -172,12 +201,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     config file, the config's traceback inside the message)."""
     try:
         return flags.FLAGS(argv)
-    except (KeyError, AttributeError, TypeError, ValueError) as e:
-        # With an explicit --config, ml_collections applies the overrides here, raising as is.
-        text = next((t for t in (_override_error(n, argv, e) for n in _CONFIG_FLAGS) if t), None)
-        if text is None:
-            raise
-        fail(text, code=USAGE_EXIT, error=e, verbose=_verbose_in(argv))
     except flags.Error as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         text = lines[0] if lines else type(e).__name__
@@ -188,6 +211,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if _verbose_in(argv):
             print(str(e), file=sys.stderr)
         fail(f"{text} (see --help)", code=USAGE_EXIT)
+    except Exception as e:  # noqa: BLE001  one line where the error is the user's; else re-raised
+        # A config file that does not run (a syntax error, a NameError): its line.
+        where = next((w for w in (_config_file_error(n, _given_config(n, argv), e) for n in _CONFIG_FLAGS) if w),
+                     None)
+        if where is not None:
+            fail(where, error=e, verbose=_verbose_in(argv))
+        # With an explicit --config, ml_collections applies the overrides here, raising as is.
+        text = None
+        if isinstance(e, (KeyError, AttributeError, TypeError, ValueError)):
+            text = next((t for t in (_override_error(n, argv, e) for n in _CONFIG_FLAGS) if t), None)
+        if text is None:
+            raise
+        fail(text, code=USAGE_EXIT, error=e, verbose=_verbose_in(argv))
 
 
 def start(argv: Sequence[str], config_flag: ConfigFlag | None = None):

@@ -23,11 +23,8 @@ from facecam_jax.options import (
     CFG_MODES,
     EXPERTS,
     FRAMINGS,
-    MAX_FRAMES,
-    MAX_SIZE,
     OFFLOADS,
     QUANTIZE,
-    SIZE_MULTIPLE,
     SOLVERS,
 )
 
@@ -76,14 +73,6 @@ def _one_of(choices):
     return (lambda v: v in choices), f"must be one of {', '.join(map(repr, choices))}"
 
 
-def _size(v) -> bool:
-    return options.size_problem(v) is None
-
-
-def _frames(v) -> bool:
-    return options.is_video_length(v)
-
-
 def _scale_range(v) -> bool:
     return (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_num(x) and x > 0 for x in v)
             and v[0] <= v[1])
@@ -107,9 +96,6 @@ def _ints(v) -> bool:
 
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_is_int, "must be an integer"),
-    "data.frames": (_frames, f"must be 4k+1 frames (the Wan VAE's temporal stride), 1..{MAX_FRAMES}"),
-    "data.height": (_size, f"must be a positive multiple of {SIZE_MULTIPLE}, at most {MAX_SIZE}"),
-    "data.width": (_size, f"must be a positive multiple of {SIZE_MULTIPLE}, at most {MAX_SIZE}"),
     "data.stride": _int_at_least(1),
     "data.window_step": _int_at_least(0),
     "data.wild_stride": _int_at_least(1),
@@ -169,16 +155,30 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.cfg": _one_of(CFG_MODES),
     "sample.window_overlap": _int_at_least(2),  # a later window's latent 0 is its own
     "sample.window_batch": _int_at_least(0),
-    "sample.max_frames": (_frames, f"must be 4k+1 frames, 1..{MAX_FRAMES}"),
     "distributed.num_processes": _int_at_least(1),
     "distributed.process_id": _int_at_least(0),
     "distributed.initialization_timeout": _number(0.0, low_open=True),
 }
 
 
+# Keys whose message depends on the value (the nearest valid ones): the rules of
+# ``facecam_jax.options``, which the command-line flags that set them pass too
+# (``options.frames_flag_problem`` / ``size_flag_problem``).
+VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
+    "data.frames": options.frames_problem,
+    "data.height": options.size_problem,
+    "data.width": options.size_problem,
+    "sample.max_frames": options.frames_problem,
+}
+
+
 def problems(config) -> list[str]:
     """Every bad value of ``config`` as ``"key=value: what it must be"``."""
     out = []
+    for key, problem in VALUE_RULES.items():
+        value = _get(config, key)
+        if value is not _MISSING and problem(value) is not None:
+            out.append(f"{key}={value!r} {problem(value)}")
     for key, (ok, what) in RULES.items():
         value = _get(config, key)
         if value is not _MISSING and not ok(value):

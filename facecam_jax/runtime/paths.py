@@ -1,9 +1,11 @@
 """Output paths checked before any work: nothing is written over an input, and a path that
 cannot be written fails in one line before a model loads, not after the compute.
 
-Every entry point that writes files calls ``check_outputs`` first::
+Every entry point that writes files (``WRITERS``) calls ``check_outputs`` first, against every
+path it reads (``read_paths``: the config file, the config's path-valued keys, its own inputs)::
 
-    paths.check_outputs({"--out": out, "compare video": compare}, inputs={"--video": video})
+    paths.check_outputs({"--out": out, "compare video": compare},
+                        paths.read_paths(config, config_file, {"--video": video}))
 
 An output is refused when it is a directory (or, for a directory output, a file), lies under
 a file, cannot be written (its folder or the file itself), is one of the inputs (the same file
@@ -105,27 +107,99 @@ def check_outputs(files: Mapping[str, PathLike | None] | None = None,
                                       "another path")
 
 
-_PATH_FIELDS = ("checkpoint", "overlay", "embeddings", "weights", "root")  # fields that name files or folders
+# ------------------------------------------------------------------ what a run reads
+
+# Every config key whose value names a file or folder a run reads (a tuple: several), in one
+# table: a new one is added here (tests/test_inputs_never_overwritten.py walks the config for
+# keys named like paths that are missing). ``sample.loras`` entries are "path[:strength]".
+# Not here: ``compile_cache_dir``, the folder JAX writes its compiled programs to (entries it
+# names itself, never a file a user owns): it is written, not read.
+CONFIG_PATH_KEYS = (
+    "model.dit_checkpoint",
+    "model.dit_overlay",
+    "vae.checkpoint",
+    "text.embeddings",
+    "sample.high_noise_checkpoint",
+    "sample.high_noise_overlay",
+    "sample.low_noise_checkpoint",
+    "sample.low_noise_overlay",
+    "sample.weights",
+    "sample.loras",
+    "sample.cache_calibration",
+    "data.multiview_root",
+    "data.wild_root",
+    "data.prepared_root",
+)
+_WITH_STRENGTH = ("sample.loras",)
+
+# Every command that writes files (how it is run -> the flags naming what it writes). Each
+# checks them with ``check_outputs`` against ``read_paths`` (what it reads) before any work;
+# derived outputs (sample's ``<out>_compare.mp4``, preview's ``<out>_overlay.mp4``) are
+# checked with their flag. Not listed: sample's ``--profile`` (a trace folder jax.profiler
+# fills with new, timestamped files: nothing is replaced).
+WRITERS: dict[str, tuple[str, ...]] = {
+    "facecam_jax.sample": ("--out",),
+    "facecam_jax.aot": ("--json",),
+    "facecam_jax.evaluate": ("--out_json", "--out_md"),
+    "facecam_jax.camera.preview": ("--out", "--save-trajectory"),
+    "facecam_jax.train": ("--workdir",),
+    "tools/calibrate_cache.py": ("--out",),
+    "tools/convert_wan_checkpoint.py": ("--out",),
+    "tools/encode_prompt.py": ("--out",),
+    "tools/train_mini_vae.py": ("--out",),
+    "tools/make_proxy_head.py": ("--out",),
+    "tools/make_mini_dataset.py": ("--cache_dir",),
+    "tools/prepare_dataset.py": ("--prepared_root",),
+}
 
 
-def config_inputs(config) -> dict[str, list[str]]:
-    """The files and folders a config reads: each value of a path field (``*checkpoint*``,
-    ``*overlay*``, ``embeddings``, ``weights``, ``*root``) naming an existing path, by its dotted
-    key (``config model.dit_checkpoint``)."""
+def _lookup(config, key: str):
+    node = config
+    for name in key.split("."):
+        if not hasattr(node, "keys") or name not in node:
+            return None
+        node = node[name]
+    return node
+
+
+def _strip_strength(spec: str) -> str:
+    """``"path:strength"`` -> ``path`` (``checkpoints.lora.parse_lora_spec``'s rule: the text
+    after the last ``:`` is a strength only when it is a number)."""
+    head, sep, tail = spec.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return spec
+    return head if sep and head else spec
+
+
+def config_inputs(config, *, skip: Iterable[str] = ()) -> dict[str, list[str]]:
+    """The files and folders a config reads (``CONFIG_PATH_KEYS`` but ``skip``), those that
+    exist, by their dotted key (``config model.dit_checkpoint``)."""
     out: dict[str, list[str]] = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if hasattr(value, "items"):
-                walk(value, name + ".")
-                continue
-            if not any(field in key for field in _PATH_FIELDS):
-                continue
-            values = value if isinstance(value, (tuple, list)) else [value]
-            found = [v for v in values if isinstance(v, str) and v and os.path.exists(v)]
-            if found:
-                out[f"config {name}"] = found
-
-    walk(config, "")
+    for key in CONFIG_PATH_KEYS:
+        value = _lookup(config, key)
+        if key in skip or not value:
+            continue
+        values = [value] if isinstance(value, str) else list(value) if isinstance(value, (tuple, list)) else []
+        values = [_strip_strength(v) if key in _WITH_STRENGTH else v for v in values if isinstance(v, str) and v]
+        found = [v for v in values if os.path.exists(v)]
+        if found:
+            out[f"config {key}"] = found
     return out
+
+
+def read_paths(config=None, config_file: PathLike | None = None,
+               inputs: Mapping[str, PathLike | Iterable[PathLike] | None] | None = None, *,
+               skip: Iterable[str] = ()) -> dict[str, PathLike | Iterable[PathLike] | None]:
+    """Every path a run reads, by label, for ``check_outputs``: the config file (the
+    ``path.py`` of ``path.py:variant,k=v``), each path-valued key of ``config``
+    (``CONFIG_PATH_KEYS`` but ``skip``: keys a writer writes by design, e.g. the calibration
+    tools/calibrate_cache.py writes), and the command's own ``inputs`` (label -> path(s))."""
+    read: dict[str, PathLike | Iterable[PathLike] | None] = {}
+    if config_file:
+        read["the config file"] = config_file
+    if config is not None:
+        read.update(config_inputs(config, skip=skip))
+    read.update(inputs or {})
+    return read

@@ -29,15 +29,18 @@ def plan_output(config, video: str, *, frames: int | None = None, height: int | 
     d = config.data
     if aspect not in (None, "config", "source"):
         raise ValueError(f"--aspect must be 'config' or 'source', got {aspect!r}")
+    # The flags first, before the source is read; 0 is a value (refused), not "unset".
+    source_lib.check_frames(frames, d.frames, config.sample.max_frames)
     if aspect == "source":
-        if height or width:
+        if height is not None or width is not None:
             raise ValueError("--aspect source picks the size itself; drop --height / --width, or drop --aspect")
         info = probe(video)
         d.height, d.width = source_lib.fit_aspect(info.height, info.width, d.height, d.width)
         log.info("output %dx%d (the source's %dx%d aspect at the model's %d-pixel budget)", d.height, d.width,
                  info.height, info.width, config.data.height * config.data.width)
     else:
-        d.height, d.width = height or d.height, width or d.width
+        d.height = d.height if height is None else height
+        d.width = d.width if width is None else width
     source_lib.check_size(d.height, d.width)
     count = source_lib.frame_count(video, frames, d.frames, config.sample.max_frames)
     return config, count

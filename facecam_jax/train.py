@@ -23,7 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/fa
 def main(argv):
     config = cli.start(argv, _CONFIG)
     workdir = _WORKDIR.value or os.path.join("runs", f"facecam-{config.variant}")
-    paths.check_outputs(directories={"--workdir": workdir})  # a run resumes there: only not a file, writable
+    # A run resumes in its workdir (an existing one is fine), which must not be or hold what the
+    # run reads: a dataset root, a checkpoint, the weights (the config file may sit beside it).
+    paths.check_outputs(directories={"--workdir": workdir}, inputs=paths.read_paths(config))
     result = trainer.train(config, workdir)
     if not result.preempted:  # a preempted run has said where it stopped; it exits 0 too
         logging.getLogger("facecam_jax").info("finished at step %d; trained weights: %s", result.step,

@@ -9,8 +9,8 @@ import logging
 import os
 from typing import Sequence
 
+from facecam_jax import conditioning
 from facecam_jax.camera import source as source_lib
-from facecam_jax.camera import trajectories
 from facecam_jax.sampling.experts import weights_dir
 from facecam_jax.sampling.program import window_layout
 from facecam_jax.sampling.render import default_source_video, generate, side_by_side
@@ -61,7 +61,7 @@ def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | 
              f"{windows.count} windows of {d.frames} frames overlapping by {config.sample.window_overlap} latent "
              "frames, denoised jointly" if windows else "one window")
     source = source_lib.load_source(video, count, d.height, d.width, require_face=require_face)
-    path = trajectories.load_trajectory(trajectory, count)
+    path = conditioning.of(config).load_trajectory(trajectory, count)
     result = generate(config, source, path, workdir=weights_dir(config, workdir), seed=seed, profile=profile)
     compare = os.path.splitext(out)[0] + "_compare.mp4"
     write_video(out, result.video, fps)

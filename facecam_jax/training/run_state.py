@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run: {train state, data position, config} under ``workdir/checkpoints``.
+"""Orbax checkpoints of a training run: {train state, data position, config, checksums} under ``workdir/checkpoints``.
 
 Every process writes its shards and reads back onto the CURRENT mesh (restore targets carry
 this run's shardings), so a run may resume on a different mesh or process count. The data
@@ -9,8 +9,17 @@ Saves are atomic: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` 
 when complete (a commit file on file systems without atomic rename), so a crash mid-save
 leaves the previous steps as they were and the half-written one is never listed.
 
-``restore`` takes the newest step that is complete and readable. A damaged step (an empty
-folder, a missing ``_METADATA`` or data position, arrays that cannot be read) is warned
+Orbax checks no array data (TensorStore's OCDBT keeps no checksum of chunks: random bytes
+written into an array file restore silently), so each step also keeps a checksum of every
+array of the state (``checksums``: computed on the devices, one pass over the state in device
+memory, a few bytes an array; independent of the mesh). A save first checks the disk has room
+for a step (the newest one's size, or the state's arrays, plus ``SPACE_MARGIN``); a full disk,
+found then or by a save running in the background (``check`` after every step), is one
+``CheckpointSaveError`` line naming the folder and the space, with the checkpoints there kept.
+
+``restore`` takes the newest step that is complete, readable and matches its checksums. A
+damaged step (an empty folder, a missing ``_METADATA`` or data position, arrays that cannot be
+read or that differ from their checksums) is warned
 about, renamed to ``<step>.damaged-<what>`` (kept aside, never deleted; Orbax no longer
 lists it) and the next older step is tried; when none is usable, one ``CheckpointError`` says
 so and nothing is renamed. A step that is intact but was written by another config (other
@@ -25,23 +34,31 @@ is untested.)
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import glob
 import json
 import logging
 import os
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax import lax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax.errors import CheckpointError
+from facecam_jax.errors import CheckpointError, CheckpointSaveError
 from facecam_jax.training.train_step import TrainState
 
 log = logging.getLogger(__name__)
 
 DAMAGED = ".damaged-"  # <step>.damaged-<what>: a step kept aside
+CHECKSUM_METHOD = "u32-weighted-sum-v1"  # see ``checksums``
+SPACE_MARGIN = 1 << 20  # free space a save needs beyond the size of a step: file system blocks, metadata
 
 
 def _is_var(x) -> bool:
@@ -108,6 +125,106 @@ def _short(error: BaseException, limit: int = 160) -> str:
     return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+# --------------------------------------------------------------- checksums
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """An array's elements as uint32 words of their bit patterns (NaNs count as written)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 8:
+        return lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """sum_i mix(word_i) * (2 i + 1) mod 2**32 over the row-major index i: one elementwise pass
+    and a sum, exact under any sharding (integer addition wraps and commutes). ``mix`` and the
+    odd weights are bijections mod 2**32, so any change of one word changes the sum; random
+    changes of several cancel with odds of 2**-32."""
+    w = _words(x)
+    index = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, w.shape, d) * np.uint32(stride % 2**32)
+        stride *= w.shape[d]
+    h = w * np.uint32(0x9E3779B1)
+    h = h ^ (h >> 16)
+    return jnp.sum(h * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum_program(out_sharding):
+    return jax.jit(lambda leaves: jnp.stack([_checksum(x) for x in leaves]), out_shardings=out_sharding)
+
+
+def checksums(tree) -> dict[str, int]:
+    """{dotted leaf path: checksum} of a tree of arrays, computed where they live (one pass over
+    the state in device memory, any mesh; every process gets the same numbers), so a restore on
+    another mesh or process count checks the same values."""
+    named = [(".".join(_key_name(k) for k in path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+    if not named:
+        return {}
+    mesh = next((x.sharding.mesh for _, x in named if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    sums = np.asarray(_checksum_program(out)([x for _, x in named]))
+    return {name: int(v) for (name, _), v in zip(named, sums)}
+
+
+# --------------------------------------------------------------- disk space
+
+
+def _folder_bytes(path: str) -> int:
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+
+
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def _no_space(error: BaseException) -> str | None:
+    """Why ``error`` (or an error it wraps) is a full disk, or None. Orbax passes TensorStore's
+    as a ValueError: ``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return _NO_SPACE[e.errno]
+        text = str(e)
+        for code, reason in _NO_SPACE.items():
+            if os.strerror(code) in text or f"os_error_code='{code}'" in text:
+                return reason
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+class _QuietNoSpace(logging.Filter):
+    """Drops Orbax's logged tracebacks (~100 lines each) of a save that failed for lack of space:
+    ``Checkpoints`` reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] is not None and _no_space(record.exc_info[1]))
+
+
 def _all_ok(ok: bool) -> bool:
     """Whether every process found ``ok`` (one tiny all-gather; each process must call it)."""
     if jax.process_count() == 1:
@@ -131,24 +248,101 @@ class Checkpoints:
         self.directory = os.path.join(self.workdir, "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         handlers = {"train": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                    "config": ocp.JsonCheckpointHandler()}
+                    "config": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.config = config_json(config) if config is not None else None
         self.written: list[int] = []  # steps this run saved
+        self.pending: int | None = None  # the step being written in the background
+        self.failed = False  # a save failed (reported); closing does not report it again
+        self._estimate: tuple[int | None, str] = (None, "")  # the size of the last save, and what it is based on
+        self._quiet = _QuietNoSpace()
+        logging.getLogger("absl").addFilter(self._quiet)  # Orbax logs through absl
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, batches: int) -> None:
-        items = {"train": ocp.args.StandardSave(_values(state)), "data": ocp.args.JsonSave({"batches": batches})}
+        """Starts writing ``step`` in the background (with the checksums of its arrays); a
+        CheckpointSaveError at once when the disk has no room for it (nothing is written)."""
+        self.wait()  # Orbax would wait for the previous save too: its failure is its own
+        values = _values(state)
+        self._check_space(step, values)
+        items = {"train": ocp.args.StandardSave(values), "data": ocp.args.JsonSave({"batches": batches}),
+                 "checksums": ocp.args.JsonSave({"method": CHECKSUM_METHOD, "arrays": checksums(values)})}
         if self.config is not None:
             items["config"] = ocp.args.JsonSave(self.config)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        self.pending = step
         self.written.append(step)
+
+    def check(self) -> None:
+        """Reports a background save that has failed (CheckpointSaveError when the disk is
+        full) without waiting for one still running: called after every step, so a failed save
+        stops the run at once rather than at the next save."""
+        if self.pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
         """Blocks until every save has been written (and committed)."""
-        self.manager.wait_until_finished()
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+
+    def _check_space(self, step: int, values) -> None:
+        """CheckpointSaveError unless the disk has room for one more step (as large as the newest
+        one, or the state's arrays): Orbax deletes old steps only after a new one is complete.
+        Every process agrees (they may read slightly different free space)."""
+        needed, basis = sum(int(x.nbytes) for x in jax.tree.leaves(values) if hasattr(x, "nbytes")), "its arrays"
+        latest = self.manager.latest_step()
+        if latest is not None:
+            size = _folder_bytes(os.path.join(self.directory, str(latest)))
+            if size > needed:
+                needed, basis = size, f"step {latest}"
+        needed += SPACE_MARGIN
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:  # not a local file system: let the save say
+            free = None
+        self._estimate = needed, basis
+        if _all_ok(free is None or free >= needed):
+            return
+        self.failed = True
+        raise CheckpointSaveError(self._no_room(step, "not enough free space", needed, basis, free))
+
+    def _save_failed(self, step: int | None, error: BaseException) -> BaseException:
+        """A CheckpointSaveError for a save that failed for lack of space (the half-written
+        step is deleted, the others kept); other errors unchanged."""
+        reason = _no_space(error)
+        if reason is None:
+            return error
+        self.failed = True
+        if step in self.written:
+            self.written.remove(step)
+        if jax.process_index() == 0 and step is not None:  # Orbax's temporary folder of the failed step
+            for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(partial, ignore_errors=True)
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            free = None
+        return CheckpointSaveError(self._no_room(step, reason, *self._estimate, free))
+
+    def _no_room(self, step: int | None, reason: str, needed: int | None, basis: str, free: int | None) -> str:
+        self.manager.reload()
+        kept = sorted(self.manager.all_steps())
+        space = "; ".join(([f"a step needs about {_size(needed)}, judged by {basis}"] if needed else []) +
+                          ([f"{_size(free)} free"] if free is not None else []))
+        resume = f"resume from step {kept[-1]}" if kept else "start over"
+        return (f"could not save checkpoint step {step} in {self.directory}: {reason}"
+                f"{f' ({space})' if space else ''}. The checkpoints there are kept "
+                f"({', '.join(map(str, kept)) if kept else 'none'}); free space on that disk, lower "
+                f"train.keep_checkpoints or use a workdir on a larger disk, then start the same command again to "
+                f"{resume}")
 
     def data_position(self, step: int) -> int:
         """The global batches consumed when ``step`` was saved."""
@@ -271,6 +465,8 @@ class Checkpoints:
                     what = "unreadable-arrays", f"its arrays cannot be read ({_short(e)})"
             if not _all_ok(what is None):  # a process that could not read its shards
                 what = what or ("unreadable-arrays", "its arrays cannot be read on another process")
+            if what is None:  # all processes together: the sums are global, the answer the same
+                what = self._verify(step, restored[0], restored[2])
             if what is None:
                 set_aside = [self._keep_aside(s, w, step) for s, w in damaged]
                 return Restored(step, restored[0], restored[1], set_aside)
@@ -280,11 +476,28 @@ class Checkpoints:
             f"no usable checkpoint in {self.directory}: {listing}. Nothing was renamed; move the folder away "
             "to start the run from scratch, or repair or remove the damaged steps")
 
-    def _restore_step(self, step: int, state: TrainState) -> tuple[TrainState, int]:
-        args = ocp.args.Composite(train=ocp.args.StandardRestore(_abstract(_values(state))),
-                                  data=ocp.args.JsonRestore())
-        restored = self.manager.restore(step, args=args)
-        return _into(state, restored["train"]), int(restored["data"]["batches"])
+    def _restore_step(self, step: int, state: TrainState) -> tuple[TrainState, int, dict | None]:
+        """(state, data position, the checksums saved with it: None for steps written before
+        checksums were kept)."""
+        items = {"train": ocp.args.StandardRestore(_abstract(_values(state))), "data": ocp.args.JsonRestore()}
+        if os.path.isfile(os.path.join(self.directory, str(step), "checksums", "metadata")):
+            items["checksums"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return (_into(state, restored["train"]), int(restored["data"]["batches"]),
+                restored["checksums"] if "checksums" in items else None)
+
+    def _verify(self, step: int, state: TrainState, saved: dict | None) -> tuple[str, str] | None:
+        """What is wrong with the restored arrays of ``step`` by the checksums saved with them, or None."""
+        if saved is None or saved.get("method") != CHECKSUM_METHOD or not isinstance(saved.get("arrays"), dict):
+            log.info("checkpoint step %d has no checksums this code knows (written before they were kept, or by "
+                     "a newer version): its arrays are not verified", step)
+            return None
+        got = checksums(_values(state))
+        bad = sorted(k for k in set(saved["arrays"]) | set(got) if saved["arrays"].get(k) != got.get(k))
+        if not bad:
+            return None
+        return "checksum-mismatch", (f"{len(bad)} of {len(got)} arrays differ from the checksums taken when it was "
+                                     f"saved (e.g. {bad[0]}): its files were changed or corrupted on disk")
 
     def _keep_aside(self, step: int, what: tuple[str, str], resume: int) -> str:
         """Renames a damaged step out of Orbax's listing (process 0; the others wait)."""
@@ -303,5 +516,15 @@ class Checkpoints:
         return target
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save and closes; after a failed save (already reported) it only closes."""
+        try:
+            if not self.failed:
+                self.wait()  # a failure found only now is reported
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self.failed:
+                    raise
+            finally:
+                logging.getLogger("absl").removeFilter(self._quiet)

@@ -1,13 +1,17 @@
 """FaceCam fine-tuning: the loop around the jitted step (``facecam_jax.training.train_step``).
 
 ``train(config, workdir)`` checks the config (``config_check``), joins the processes of a
-multi-process run, builds the program on the mesh, resumes from the newest usable checkpoint
-in ``workdir`` (Orbax: trainable parameters, optimizer state, step, the data position and the
-config; any mesh or process count; damaged steps are set aside, ``facecam_jax.training.run_state``),
-compiles the step once, and steps the Grain stream. Always on: loss, grad / param / update
-norms, step time, and a NaN/Inf guard that keeps the last finite state, checkpoints it and
-stops with a clear message. SIGTERM / SIGINT finish the current step, checkpoint it on every
-process and return (``facecam_jax.training.preemption``); a restart resumes there. Every run ends with
+multi-process run, locks ``workdir`` for this run (``facecam_jax.training.lock``: a second run
+on it fails at once naming the first), builds the program on the mesh, resumes from the newest
+usable checkpoint in ``workdir`` (Orbax: trainable parameters, optimizer state, step, the data
+position, the config and checksums of the arrays; any mesh or process count; damaged steps are
+set aside, ``facecam_jax.training.run_state``), compiles the step once, and steps the Grain
+stream. Always on: loss, grad / param / update norms, step time, and a NaN/Inf guard that keeps
+the last finite state, checkpoints it and stops with a clear message (in the first steps after
+a restore it names the checkpoint as the likely cause and writes no new step, which restarts
+would resume). A checkpoint that cannot be saved for lack of disk space stops the run at once
+with one line. SIGTERM / SIGINT finish the current step, checkpoint it on every process and
+return (``facecam_jax.training.preemption``); a restart resumes there. Every run ends with
 a one-line summary (steps, skipped samples by reason, checkpoints written). At the end the
 trained parameters are also written as a partial state dict (original Wan naming) that
 ``load_dit(..., overlay=...)`` applies over the base model, the same form as the released
@@ -44,12 +48,15 @@ from facecam_jax.perf.report import Compiled
 from facecam_jax.runtime import progress
 from facecam_jax.runtime.config_check import validate
 from facecam_jax.training.distributed import initialize_distributed
+from facecam_jax.training.lock import held_by_process_zero
 from facecam_jax.training.metric_logger import Logger
 from facecam_jax.training.preemption import Preemption
 from facecam_jax.training.run_state import Checkpoints
 from facecam_jax.training.train_step import TrainProgram, build_program
 
 log = logging.getLogger(__name__)
+
+SUSPECT_STEPS = 10  # a non-finite loss this soon after a restore blames the checkpoint and saves no new step
 
 
 @dataclasses.dataclass
@@ -72,6 +79,7 @@ class _Loop:
     stopped_by: str | None = None  # the signal that stopped the run, if one did
     diverged: bool = False
     skips_before: dict = dataclasses.field(default_factory=dict)
+    resumed_from: int | None = None  # the checkpoint step this run restored, if any
 
 
 def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunResult:
@@ -83,6 +91,12 @@ def train(config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> RunRes
     default_mesh, rules = build.mesh_and_rules(config)
     mesh = mesh or default_mesh
     os.makedirs(workdir, exist_ok=True)
+    # One run per workdir (process 0 holds the lock), taken before anything is written there.
+    with held_by_process_zero(workdir, "training"):
+        return _train(config, workdir, mesh, rules)
+
+
+def _train(config, workdir: str, mesh: jax.sharding.Mesh, rules) -> RunResult:
     with sh.use_mesh(mesh, rules):
         # A bad mesh, batch size or dataset fails before any model is built.
         batch_sharding = sh.batch_sharding(mesh, config.data.batch_size, rules)
@@ -173,6 +187,7 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
             start, batches = restored.step, restored.batches
             iterator = make_train_iterator(config, rows, start_batch=batches) if start < steps else None
         logger.info("resumed from step %d in %s (data position: %d global batches)", start, workdir, batches)
+        loop.resumed_from = start
     loop.start = loop.step = start
     metrics: dict = {}
     if start >= steps:
@@ -201,17 +216,12 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
                 profiler.after(step + 1)
                 metrics = {k: float(v) for k, v in out.items() if k != "finite"}
                 if not bool(out["finite"]):
-                    if step not in ckpt.manager.all_steps():
-                        ckpt.save(step, state, batches)
-                    raise TrainingDiverged(
-                        f"step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} is not finite. "
-                        f"The update was skipped and the last finite state (step {step}) is checkpointed in "
-                        f"{workdir}; lower optimizer.lr, check the data, or restart to resume from it."
-                    )
+                    raise _diverged(step, metrics, loop, ckpt, state, batches)
                 metrics.update(step_time=dt, data_time=t_data, samples_per_s=batch_size / dt, **throughput(dt))
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{dt:.2f}", **throughput.postfix(metrics),
                                 refresh=False)
                 bar.update()
+                ckpt.check()  # a save that failed in the background stops the run now, not at the next save
                 if (step + 1) % config.train.log_every == 0 or step == start:
                     logger(step + 1, metrics)
                 if step == start or (step + 1) % config.train.preview_every == 0:
@@ -229,6 +239,31 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
     finally:
         profiler.close()
     return program, state, metrics
+
+
+def _diverged(step: int, metrics: dict, loop: _Loop, ckpt: Checkpoints, state, batches: int) -> TrainingDiverged:
+    """The NaN guard's error, after checkpointing the last finite state (``step``: the update
+    was skipped). Within ``SUSPECT_STEPS`` of a restore the restored checkpoint is the likely
+    cause and nothing is saved: a "last finite" state that is (or comes straight from) the one
+    just restored, written as a new step, would be what every restart resumes."""
+    head = f"step {step}: loss {metrics['loss']} / grad norm {metrics['grad_norm']} is not finite"
+    if loop.resumed_from is not None and step - loop.start < SUSPECT_STEPS:
+        where = os.path.join(ckpt.directory, str(loop.resumed_from))
+        after = step - loop.start + 1
+        when = "in the first step" if after == 1 else f"{after} steps"
+        kept = (f"the last finite state is the restored one, already checkpointed as step {step}" if after == 1 else
+                f"its last finite state, step {step}, grew from the restored one: saved, it is what restarts would resume")
+        since = f" and the steps saved after it ({', '.join(map(str, ckpt.written))})" if ckpt.written else ""
+        return TrainingDiverged(
+            f"{head} {when} after resuming from checkpoint step {loop.resumed_from} ({where}): that checkpoint is the "
+            "likely cause (damaged, or saved from a diverging run) unless the data or config changed. The update "
+            f"was skipped and no new checkpoint was written ({kept}); move {where}{since} aside to resume from the "
+            "step before it, or lower optimizer.lr and check the data.")
+    if step not in ckpt.manager.all_steps():
+        ckpt.save(step, state, batches)
+    return TrainingDiverged(
+        f"{head}. The update was skipped and the last finite state (step {step}) is checkpointed in "
+        f"{ckpt.workdir}; lower optimizer.lr, check the data, or restart to resume from it.")
 
 
 class StepProfiler:

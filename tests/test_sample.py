@@ -211,3 +211,19 @@ def test_bad_sampling_options_fail_before_any_weight_loads(tmp_path):
         config = get_config(f"mini,frames=9,{override}")
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             sampler.generate(config, frames, path, workdir=missing, mesh=one)
+
+
+def test_a_non_finite_render_is_an_error_not_a_black_video(toy):
+    """Weights that blow the model up (a NaN, as a broken LoRA or a huge strength leaves) end in
+    a clear error instead of an all-black video."""
+    from facecam_jax.camera import trajectories
+
+    a = toy[0]
+    broken = nnx.merge(*nnx.split(a))
+    kernel = broken.head.head.kernel
+    kernel.set_value(kernel.get_value().at[0, 0].set(jnp.nan))
+    config = get_config("mini,frames=9,sample.num_steps=1")
+    frames = np.zeros((9, 64, 48, 3), np.uint8)
+    with pytest.raises(ValueError, match="not finite"):
+        sampler.generate(config, frames, trajectories.load_trajectory("zoom_in", 9),
+                         experts=sampler.Experts([broken]), mesh=sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1]))

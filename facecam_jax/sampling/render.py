@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -112,6 +113,9 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
                 latents, compile_s = _run_phases(program, options, experts, states, inputs, mesh)
         log.info("model evaluations: %d of %d steps (sampled in %.1f s; compile %.1f s)", ran, steps,
                  time.perf_counter() - t0 - compile_s, compile_s)
+        if not bool(jnp.isfinite(latents).all()):  # a NaN would decode to a black video
+            raise ValueError("the sampled latents are not finite (NaN or Inf): the weights, a LoRA (its values or "
+                             "strength) or sample.cfg_scale blew the model up; nothing was written")
         out.append(_decode(vae, latents, windows))
     return np.concatenate(out)
 

@@ -93,7 +93,8 @@ def load_dit(
     ``dtype`` is the parameter dtype (default: the checkpoint's); norms, modulation and time
     embedding stay fp32. ``compute_dtype`` defaults to ``dtype``. With ``mesh``, parameters
     are created directly sharded by their logical axes. Strict: any missing, unexpected or
-    mis-shaped key raises one ``CheckpointError`` that lists them all. ``progress``: a bar over
+    mis-shaped key raises one ``CheckpointError`` that lists them all, and a NaN or Inf in any
+    tensor read (base, overlay or LoRA) one that names the tensor and its file. ``progress``: a bar over
     the tensors read (process 0, and only once loading takes over a second). ``loras``:
     ``(file, strength)`` pairs (or files, strength 1) merged after the base and the overlays
     (``checkpoints.lora.apply_loras``; ``lora_unmatched="warn"`` skips keys of other layers).
@@ -111,7 +112,10 @@ def load_dit(
         model = _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat, quantize)
     else:
         refs = to_original_naming(open_checkpoint(path))
-        cfg = get_config(config) if config is not None else infer_config(refs)
+        try:
+            cfg = get_config(config) if config is not None else infer_config(refs)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         if dtype is None:
             dtype = refs["blocks.0.self_attn.q.weight"].dtype if "blocks.0.self_attn.q.weight" in refs else jnp.float32
         model = quant.quantize_dit(_build(cfg, dtype, compute_dtype, attention, remat), quantize)
@@ -164,7 +168,7 @@ def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list
             host_scale = np.empty(scale_shape, np.float32) if whole else np.array(scale.get_value(), np.float32)
         for k, slot in items:
             at = Ellipsis if slot.layer is None else slot.layer
-            value = to_jax_layout(slot.kind, refs[k].load())
+            value = to_jax_layout(slot.kind, refs[k].load_finite(k))  # a NaN or Inf names its tensor
             if scale is not None:  # quantized here, one tensor at a time: only int8/fp8 reaches the devices
                 value, host_scale[at] = quant.quantize_kernel(value, mode)
             host[at] = value.astype(dtype)

@@ -177,10 +177,14 @@ def checkpoint_files(path: str) -> list[str]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if path.endswith(".index.json"):
-        with open(path) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not weight_map:
-            raise CheckpointError(f"{path}: index has no weight_map")
+        try:
+            with open(path) as f:
+                index = json.load(f)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CheckpointError(f"{path}: corrupt safetensors index ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not weight_map or not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{path}: index has no weight_map of tensor names to shard files")
         root = os.path.dirname(path)
         files = sorted({os.path.join(root, v) for v in weight_map.values()})
         missing = [f for f in files if not os.path.exists(f)]

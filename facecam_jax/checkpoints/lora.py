@@ -1,7 +1,7 @@
 """Merging LoRA files into a ``WanDiT`` (sharded, one layer at a time) and exporting a model's
 adapters in diffusers/PEFT naming.
 
-``apply_loras`` reads and checks every key and shape of every file (``lora_files.read_lora``)
+``apply_loras`` reads and checks every key, shape and value of every file (``lora_files.read_lora``)
 before it changes a parameter, then adds ``strength * scale * B @ A`` (and ``strength *
 diff``) one layer at a time in a jitted update that keeps each parameter's sharding, so no
 device ever holds more than its shard of a parameter; a weight-only quantized kernel takes
@@ -40,6 +40,24 @@ from facecam_jax.checkpoints.lora_files import METADATA_KEY, LoraFile, LoraRepor
 from facecam_jax.models import quant
 from facecam_jax.models.lora import adapted_linears, lora_rank_alpha
 from facecam_jax.models.wan_dit import WanDiT
+
+# LoRAs are used between about -2 and 2; ComfyUI's LoraLoader stops at +-100, and past that an update
+# swamps the weights it is added to (a typo such as 1e38 overflows them to Inf, a black video), so a
+# larger |strength| is refused as a mistake rather than merged.
+MAX_STRENGTH = 100.0
+
+
+def check_strength(strength: float, what: str) -> float:
+    """``strength`` when it is finite and within +-MAX_STRENGTH; a ValueError naming ``what`` otherwise."""
+    if not math.isfinite(strength):
+        raise ValueError(f"LoRA {what}: strength {strength!r} is not a finite number")
+    if abs(strength) > MAX_STRENGTH:
+        raise ValueError(
+            f"LoRA {what}: strength {strength:g} is beyond +-{MAX_STRENGTH:g}; LoRA strengths are usually "
+            "between -2 and 2 (is it a typo?)"
+        )
+    return strength
+
 
 # ------------------------------------------------------------------ merging
 
@@ -144,14 +162,17 @@ def apply_loras(
 ) -> list[LoraReport]:
     """Merges LoRA files into ``model`` in place: ``W += strength * scale * B @ A`` and diffs.
 
-    ``loras``: ``(file, strength)`` pairs, or files (strength 1). Every file is read and checked
-    before any parameter changes. ``mesh``: parameters end on their logical sharding (else
-    each keeps its current one). ``unmatched="error"`` raises a ``CheckpointError`` naming
+    ``loras``: ``(file, strength)`` pairs, or files (strength 1); a strength that is not finite or
+    beyond +-``MAX_STRENGTH`` is a ValueError. Every file is read and checked (keys, shapes, and
+    that every value is finite) before any parameter changes. ``mesh``: parameters end on their
+    logical sharding (else each keeps its current one). ``unmatched="error"`` raises a ``CheckpointError`` naming
     keys that match no layer; ``"warn"`` skips them with one warning per file that counts them.
     """
     if unmatched not in ("error", "warn"):
         raise ValueError(f"unmatched must be 'error' or 'warn', got {unmatched!r}")
     items = [(item, 1.0) if isinstance(item, (str, os.PathLike)) else (item[0], float(item[1])) for item in loras]
+    for path, strength in items:
+        check_strength(strength, repr(os.fspath(path)))
     files = []
     for path, strength in items:
         lora = read_lora(path, model)
@@ -179,7 +200,8 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     """``"path"`` (strength 1) or ``"path:strength"`` -> ``(path, strength)``, as ``sample.loras``
     and the sample CLI's ``--lora`` take them. The text after the last ``:`` is a strength only
     when it parses as a number (a path may contain ``:``); a file that does not exist, an empty
-    path or a strength that is not finite is a ValueError / FileNotFoundError naming the spec."""
+    path, or a strength that is not finite or beyond +-``MAX_STRENGTH`` is a ValueError /
+    FileNotFoundError naming the spec."""
     spec = os.fspath(spec).strip()
     path, strength = spec, 1.0
     head, sep, tail = spec.rpartition(":")
@@ -193,6 +215,7 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
         raise ValueError(f"LoRA {spec!r} has no file: give PATH or PATH:STRENGTH")
     if not math.isfinite(strength):
         raise ValueError(f"LoRA {spec!r}: strength {tail!r} is not a finite number (PATH:STRENGTH, e.g. {path}:0.8)")
+    check_strength(strength, repr(spec))
     if not os.path.exists(path):
         if path == spec and sep and head and os.path.exists(head):
             raise ValueError(f"LoRA {spec!r}: strength {tail!r} is not a number (PATH:STRENGTH, e.g. {head}:0.8)")

@@ -181,21 +181,40 @@ def _group(refs, flat, num_layers):
     return groups, written, unmatched, unsupported, out_of_range
 
 
-def _scale(refs, roles, peft, written_name, rank) -> float:
+def _scale(source, refs, roles, peft, written_name, rank) -> float:
     """alpha / rank from the module's ``.alpha``, else PEFT metadata (rsLoRA: / sqrt(rank)); else 1."""
+    if rank == 0:  # an empty pair adds nothing
+        return 1.0
     if "alpha" in roles:
-        return float(np.asarray(refs[roles["alpha"]].load(), np.float64).reshape(-1)[0]) / rank
+        key = roles["alpha"]
+        alpha = np.asarray(refs[key].load_finite(key), np.float64).reshape(-1)
+        if alpha.size != 1:
+            raise CheckpointError(f"{refs[key].path}: {key} holds {alpha.size} values, not one alpha")
+        return float(alpha[0]) / rank
     alpha = _peft_alpha(peft, written_name)
     if alpha is None:
         return 1.0
+    if not math.isfinite(alpha):
+        raise CheckpointError(f"{source}: the {METADATA_KEY} metadata gives {written_name} alpha {alpha}")
     return alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
 
 
+def _check_values(entries: list[LoraEntry]) -> None:
+    """Reads every tensor of ``entries``, one at a time, so a NaN or Inf fails before a parameter changes.
+
+    A LoRA file is small (its pairs are low rank), so reading it again to merge costs little.
+    """
+    for e in entries:
+        for key, ref in zip(e.keys, (e.down, e.up) if e.down is not None else (e.diff,)):
+            ref.load_finite(key)
+
+
 def read_lora(path: str | os.PathLike, model: WanDiT) -> LoraFile:
-    """Maps a LoRA file onto ``model``'s parameters and checks every shape (reads only alphas).
+    """Maps a LoRA file onto ``model``'s parameters and checks every shape and value.
 
     Raises one ``CheckpointError`` for a LoRA made for another model size, mis-shaped or
-    incomplete entries, or unsupported adapter kinds (DoRA, LoHa, LoKr); keys that match no
+    incomplete entries, unsupported adapter kinds (DoRA, LoHa, LoKr), or a NaN or Inf in a
+    tensor it maps (naming it; every mapped tensor is read once for this); keys that match no
     parameter are returned in ``unmatched`` for the caller to judge.
     """
     source = os.fspath(path)
@@ -247,7 +266,7 @@ def read_lora(path: str | os.PathLike, model: WanDiT) -> LoraFile:
                 mismatched.append(f"{roles['down']} {tuple(down.shape)} / {roles['up']} {tuple(up.shape)}: "
                                   f"not a {want} update of {weight}")
             else:
-                scale = _scale(refs, roles, peft, written[module], rank)
+                scale = _scale(source, refs, roles, peft, written[module], rank)
                 entries.append(LoraEntry(weight, (roles["down"], roles["up"]), scale, down=down, up=up))
                 if "up_bias" in roles:  # PEFT lora_bias: B's bias is scaled with the pair
                     add_diff(bias, roles["up_bias"], scale)
@@ -273,6 +292,7 @@ def read_lora(path: str | os.PathLike, model: WanDiT) -> LoraFile:
             + format_key_problems(mismatched=mismatched)
             + (f"\n  incomplete LoRA pairs (down without up or the reverse): {incomplete[:20]}" if incomplete else "")
         )
+    _check_values(entries)
     return LoraFile(source, entries, sorted(unmatched))
 
 

@@ -1,10 +1,26 @@
-"""Torch ``.pth`` (zip) checkpoints read by a restricted unpickler into TensorRefs: no torch import, and no
-pickle code is ever executed. Every tensor's view is checked against its storage in the archive."""
+"""Torch ``.pth`` (zip) checkpoints read into TensorRefs: no torch import, and no pickle code is ever executed.
+Every tensor's view is checked against its storage in the archive.
+
+The pickle is read by ``bounded_pickle``, so a hostile file costs work linear in its size, never more
+("billion laughs": a list holding the same list twice, nested through the memo, is a few hundred bytes).
+Limits, far above what a real Wan / ReCamMaster checkpoint needs (Wan 14B: ~1,100 tensors, ~35,000
+opcodes, ~100 kB of pickle, containers nested ~5 deep; a training checkpoint with optimizer state a few
+times that); past one, a CheckpointError names the file and the limit:
+
+- data.pkl at most ``MAX_PICKLE_BYTES`` (64 MiB, ~100 bytes per tensor);
+- at most ``bounded_pickle.MAX_OPS`` opcodes (5,000,000; each builds at most one object) and
+  ``bounded_pickle.MAX_MEMO`` memo entries (2,000,000): reading one costs a few seconds at most;
+- containers nested at most ``MAX_DEPTH`` (32) deep; the tree is walked visiting each shared
+  container and tensor once, so a memo reference counts once, not once per place it appears;
+- at most ``MAX_ENTRIES`` (1,000,000) names reached when the state dict is flattened to
+  ``name -> tensor`` (a mapping shared under several keys is named once per key).
+
+A zip without its central directory, or a pickle that ends before its STOP, is reported as truncated.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import pickle
@@ -13,13 +29,19 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from facecam_jax.checkpoints.bounded_pickle import BoundedUnpickler, PickleLimitError, PickleTruncated
 from facecam_jax.checkpoints.tensor_ref import MAX_BYTES, TensorRef, reach, shape_problem
 from facecam_jax.errors import CheckpointError, UnsafeCheckpointError
+
+MAX_PICKLE_BYTES = 64 << 20
+MAX_DEPTH = 32
+MAX_ENTRIES = 1_000_000
+_HOSTILE = "not a checkpoint, or hostile"
 
 _TORCH_STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -101,11 +123,19 @@ def _rebuild_parameter(data, *_args, **_kw):
     return data
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Rebuilds tensors and containers; refuses every other global the pickle names."""
+def _ordered_dict(*args):
+    # OrderedDict(pairs) would hash keys the bounded reader has not checked; torch pickles an
+    # OrderedDict as OrderedDict() and SETITEMS.
+    if args:
+        raise pickle.UnpicklingError("an OrderedDict built from arguments, which torch never writes")
+    return OrderedDict()
+
+
+class _TorchHooks:
+    """find_class and persistent_load for a torch pickle: tensors and containers; every other global is refused."""
 
     _ALLOWED: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): OrderedDict,
+        ("collections", "OrderedDict"): _ordered_dict,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -113,8 +143,7 @@ class _SafeUnpickler(pickle.Unpickler):
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     }
 
-    def __init__(self, file, path: str):
-        super().__init__(file)
+    def __init__(self, path: str):
         self._path = path
 
     def find_class(self, module: str, name: str):
@@ -140,10 +169,9 @@ class _SafeUnpickler(pickle.Unpickler):
         return _Storage(key, storage_type.dtype, numel)
 
 
-# What a corrupt pickle can raise while it is unpickled (a CheckpointError from the callbacks aside).
-_PICKLE_ERRORS = (
-    pickle.UnpicklingError, EOFError, ValueError, TypeError, LookupError, AttributeError, OverflowError, RecursionError
-)
+# What a corrupt pickle can raise while it is unpickled (a CheckpointError from the hooks aside): the
+# reader's own UnpicklingErrors, and what a call of an allowed function with wrong arguments raises.
+_PICKLE_ERRORS = (pickle.UnpicklingError, ValueError, TypeError, LookupError, OverflowError)
 
 
 def _member_data_offset(path: str, f, info: zipfile.ZipInfo) -> int:
@@ -160,52 +188,86 @@ def _member_data_offset(path: str, f, info: zipfile.ZipInfo) -> int:
 
 def read_pth(path: str) -> dict[str, Any]:
     """Unpickles a torch zip checkpoint into nested containers of TensorRefs, executing nothing."""
+    size = os.path.getsize(path)
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if size == 0 or head == b"PK\x03\x04":  # a zip's first entry, with no central directory at the end
+            raise CheckpointError(
+                f"{path} is truncated ({size} bytes): the zip archive torch.save writes ends in a central "
+                "directory, and this file has none; re-download or re-copy it"
+            )
         raise CheckpointError(
             f"{path}: not a torch zip checkpoint. Legacy (pre-1.6) or plain pickles are not read, since "
             "reading them safely is not possible here; re-save with torch.save() or convert to safetensors."
         )
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-            return _read_pth_archive(path, zf, raw)
-    except (zipfile.BadZipFile, zlib.error) as e:
-        raise CheckpointError(f"{path}: corrupt zip archive ({e})") from None
+            return _read_pth_archive(path, zf, raw, size)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise CheckpointError(f"{path}: corrupt zip archive ({e}); re-download or re-copy it") from None
 
 
-def _read_pth_archive(path: str, zf: zipfile.ZipFile, raw) -> Any:
+def _unpickle(path: str, zf: zipfile.ZipFile, member: str) -> Any:
+    """The object in the archive's pickle ``member``, read with bounded work."""
+    declared = zf.getinfo(member).file_size
+    if declared > MAX_PICKLE_BYTES:
+        raise CheckpointError(
+            f"{path}: {member} is {declared} bytes, over the {MAX_PICKLE_BYTES} a state dict needs: {_HOSTILE}"
+        )
+    hooks = _TorchHooks(path)
+    try:
+        return BoundedUnpickler(zf.read(member), hooks.find_class, hooks.persistent_load).load()
+    except CheckpointError:
+        raise
+    except PickleLimitError as e:
+        raise CheckpointError(f"{path}: {member} {e}: {_HOSTILE}") from None
+    except PickleTruncated as e:
+        raise CheckpointError(
+            f"{path}: {member} ends mid-pickle ({e}): the file is truncated or corrupt; re-download or re-copy it"
+        ) from None
+    except _PICKLE_ERRORS as e:
+        raise CheckpointError(f"{path}: corrupt {member} ({type(e).__name__}: {e})") from None
+
+
+def _read_pth_archive(path: str, zf: zipfile.ZipFile, raw, file_size: int) -> Any:
     """The unpickled tree of an open torch archive, each tensor a ref checked against its storage."""
     pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
     if len(pkls) != 1:
-        raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {pkls}")
+        raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {pkls[:5]}")
     prefix = pkls[0][: -len("data.pkl")]
     byteorder = f"{prefix}byteorder"
     if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
         raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-    try:
-        obj = _SafeUnpickler(io.BytesIO(zf.read(pkls[0])), path).load()
-    except CheckpointError:
-        raise
-    except _PICKLE_ERRORS as e:
-        raise CheckpointError(f"{path}: corrupt {pkls[0]} ({type(e).__name__}: {e})") from None
+    obj = _unpickle(path, zf, pkls[0])
     infos = {i.filename: i for i in zf.infolist()}
-    file_size = os.path.getsize(path)
+    starts: dict[str, int] = {}  # member -> where its bytes start, read once per member
+    done: dict[int, Any] = {}  # id -> converted: a shared container or tensor is converted once
+    keep = []  # what ``done`` is keyed by stays alive, so its ids stay unique
 
-    def convert(x, name):
+    def convert(x, name, depth):
+        if id(x) in done:
+            return done[id(x)]
+        if depth > MAX_DEPTH:  # also how a container that holds itself ends
+            raise CheckpointError(
+                f"{path}: data.pkl nests containers deeper than {MAX_DEPTH} (at {name[:200]!r}): {_HOSTILE}"
+            )
         if isinstance(x, _TensorSpec):
-            return _pth_ref(path, name, x, prefix, infos, raw, file_size)
-        if isinstance(x, Mapping):
-            return {k: convert(v, f"{name}.{k}" if name else str(k)) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(convert(v, f"{name}.{i}" if name else str(i)) for i, v in enumerate(x))
-        return x
+            out = _pth_ref(path, name, x, prefix, infos, raw, file_size, starts)
+        elif isinstance(x, Mapping):
+            out = {k: convert(v, f"{name}.{k}" if name else str(k), depth + 1) for k, v in x.items()}
+        elif isinstance(x, (list, tuple)):
+            out = type(x)(convert(v, f"{name}.{i}" if name else str(i), depth + 1) for i, v in enumerate(x))
+        else:
+            return x
+        done[id(x)] = out
+        keep.append(x)
+        return out
 
-    try:
-        return convert(obj, "")
-    except RecursionError:  # the unpickler nests without recursing; walking the result does recurse
-        raise CheckpointError(f"{path}: data.pkl nests containers too deeply to be a state dict") from None
+    return convert(obj, "", 0)
 
 
-def _pth_ref(path: str, name: str, spec: _TensorSpec, prefix: str, infos, raw, file_size: int) -> TensorRef:
+def _pth_ref(path: str, name: str, spec: _TensorSpec, prefix: str, infos, raw, file_size: int, starts) -> TensorRef:
     """The ref for one pickled tensor, once its storage, sizes and strides are known to stay inside the file."""
     storage = spec.storage
     if not isinstance(storage, _Storage):
@@ -241,16 +303,18 @@ def _pth_ref(path: str, name: str, spec: _TensorSpec, prefix: str, infos, raw, f
         raise CheckpointError(
             f"{path}: tensor {name!r} reaches past its storage {member}: storage offset {offset}, size {size} "
             f"and stride {stride} reach element {offset + reach(size, stride) - 1}, but the storage holds {numel} "
-            f"{dtype} elements ({info.file_size} bytes in the archive, {storage.numel} {storage.dtype} declared); "
-            "the file is truncated or damaged"
+            f"{dtype} elements ({info.file_size} bytes in the archive, {storage.numel} {storage.dtype} declared): "
+            f"the file ({file_size} bytes) is truncated or damaged; re-download or re-copy it"
         )
     if info.compress_type != zipfile.ZIP_STORED:
         return _OffsetRef(path, size, dtype, 0, stride, numel, member, offset)
-    start = _member_data_offset(path, raw, info)
+    if member not in starts:
+        starts[member] = _member_data_offset(path, raw, info)
+    start = starts[member]
     if info.compress_size != info.file_size or start + info.file_size > file_size:
         raise CheckpointError(
             f"{path}: storage {member} of tensor {name!r} claims bytes {start}..{start + info.file_size} "
-            f"of the {file_size}-byte file; the file is truncated or damaged"
+            f"of the {file_size}-byte file: the file is truncated or damaged; re-download or re-copy it"
         )
     return TensorRef(path, size, dtype, start + offset * dtype.itemsize, stride, max(numel - offset, 0))
 
@@ -279,12 +343,27 @@ class _OffsetRef(TensorRef):
         return np.array(strided, copy=True, order="C")
 
 
-def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], tree
+def _flatten(path: str, tree: Mapping) -> dict[str, TensorRef]:
+    """``name -> TensorRef`` for the tensors in nested mappings, their keys joined by dots (depth first, in order).
+
+    Shared mappings are named once per key they sit under, so the names reached are counted.
+    """
+    out: dict[str, TensorRef] = {}
+    todo: list[tuple[str, Any]] = [("", tree)]
+    reached = 0
+    while todo:
+        prefix, node = todo.pop()
+        reached += 1
+        if reached > MAX_ENTRIES:
+            raise CheckpointError(
+                f"{path}: the state dict exceeds {MAX_ENTRIES} entries (counting each name a shared "
+                f"mapping is reached by): {_HOSTILE}"
+            )
+        if isinstance(node, Mapping):
+            todo.extend((f"{prefix}{k}.", v) for k, v in reversed(node.items()))
+        elif isinstance(node, TensorRef):
+            out[prefix[:-1]] = node
+    return out
 
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "params_ema", "ema")
@@ -300,4 +379,4 @@ def pth_state_dict(path: str) -> dict[str, TensorRef]:
         obj = obj[inner[0]]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k: v for k, v in _flatten(obj) if isinstance(v, TensorRef)}
+    return _flatten(path, obj)

@@ -1,5 +1,6 @@
-"""TensorRef, a tensor inside a checkpoint file read only on ``load()``, and the bounds checks both readers
-(io.py's safetensors, pth.py's torch) apply to what a file declares before anything is mapped."""
+"""TensorRef, a tensor inside a checkpoint file read only on ``load()``, the bounds checks both readers
+(io.py's safetensors, pth.py's torch) apply to what a file declares before anything is mapped, and the
+check the loaders apply to every tensor's values as it is read (``check_finite``: no NaN or Inf)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,47 @@ import dataclasses
 import math
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from facecam_jax.errors import CheckpointError
 
 MAX_BYTES = np.iinfo(np.intp).max  # numpy counts an array's bytes and strides in a signed machine word
 _MAX_NDIM = 64  # numpy's limit on dimensions
+_FLOATS = frozenset(
+    np.dtype(t)
+    for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
+)
+_CHUNK = 1 << 22  # elements checked at once: bounds the mask np.isfinite allocates (4 MiB)
+
+
+def check_finite(array: np.ndarray, path: str, name: str) -> np.ndarray:
+    """``array`` unchanged when every value is finite; else a CheckpointError naming tensor ``name`` and its file.
+
+    One NaN or Inf in a weight turns every output it touches into NaN, so a damaged file (or one saved
+    from a diverged run) fails here, naming the tensor, instead of as a black video. Integers pass.
+    """
+    if array.dtype not in _FLOATS:
+        return array
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        if not np.isfinite(flat[start : start + _CHUNK]).all():
+            break
+    else:
+        return array
+    nan = inf = 0
+    first = None
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        nan += int(np.isnan(chunk).sum())
+        inf += int(np.isinf(chunk).sum())
+        if first is None and not np.isfinite(chunk).all():
+            first = start + int(np.argmin(np.isfinite(chunk)))
+    index = tuple(int(i) for i in np.unravel_index(first, array.shape))
+    raise CheckpointError(
+        f"{path}: tensor {name!r} holds {nan} NaN and {inf} Inf values among its {flat.size} (the first at "
+        f"index {index}); the file is damaged or was saved from a diverged run: re-download it or use another"
+    )
 
 
 def shape_problem(shape: Any, itemsize: int) -> str | None:
@@ -81,3 +117,7 @@ class TensorRef:
                 base, shape=self.shape, strides=tuple(s * item for s in self.strides), writeable=False
             )
         return np.array(out, copy=True, order="C")
+
+    def load_finite(self, name: str) -> np.ndarray:
+        """``load()``, refusing a NaN or Inf with a CheckpointError naming ``name`` and the file."""
+        return check_finite(self.load(), self.path, name)

@@ -120,9 +120,12 @@ def _read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(root, "config.json")
     if not os.path.exists(cfg_path):
         return {}
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    return cfg if cfg.get("model_type") in ("umt5", "t5", "mt5") else {}
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{cfg_path}: corrupt config.json ({e})") from None
+    return cfg if isinstance(cfg, dict) and cfg.get("model_type") in ("umt5", "t5", "mt5") else {}
 
 
 def infer_config(refs: Mapping[str, TensorRef], naming: str, hf_config: Mapping | None = None) -> UMT5Config:
@@ -195,7 +198,8 @@ def load_umt5(
     file, sharded index, or a directory holding one (a Wan or diffusers checkpoint directory
     works). ``config`` defaults to the one read from the shapes; when given it must match them.
     With ``mesh``, every parameter is placed sharded by its logical axes as it is read.
-    Raises ``CheckpointError`` naming every missing, unexpected or mis-shaped tensor.
+    Raises ``CheckpointError`` naming every missing, unexpected or mis-shaped tensor, or one
+    holding a NaN or Inf.
     """
     file = find_umt5_checkpoint(path)
     refs = strip_prefix(open_checkpoint(file), ("text_encoder.", "model.", "module."))
@@ -244,7 +248,7 @@ def load_umt5(
     bar = progress_lib.bar(total=len(wanted), desc="loading umT5", unit="tensor", delay=progress_lib.DELAY)
 
     def read(key: str, name: str) -> np.ndarray:
-        arr = refs[key].load()
+        arr = refs[key].load_finite(key)
         arr = arr.T if name in _LINEAR else arr
         bar.update()
         return np.asarray(arr, dtype=np_dtype)

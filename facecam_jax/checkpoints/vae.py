@@ -30,6 +30,7 @@ from facecam_jax.checkpoints.io import (
     strip_prefix,
     write_safetensors,
 )
+from facecam_jax.checkpoints.tensor_ref import TensorRef, check_finite
 from facecam_jax.models import wan_vae as wv
 from facecam_jax.runtime import progress as progress_lib
 
@@ -330,6 +331,7 @@ def load_vae_state_dict(
 
     Either naming is accepted; the config is inferred when None. Every tensor must have a
     place of the right shape, else one :class:`CheckpointError` lists all problems.
+    A NaN or Inf in a tensor is a :class:`CheckpointError` naming it.
     """
     refs = strip_prefix(tensors, _PREFIXES)
     naming = detect_naming(refs)
@@ -351,7 +353,7 @@ def load_vae_state_dict(
     for key, (var, _) in progress_lib.bar(table.items(), total=len(table), desc="loading VAE", unit="tensor",
                                           delay=progress_lib.DELAY):
         ref = refs[key]
-        array = ref.load() if hasattr(ref, "load") else np.asarray(ref)
+        array = ref.load_finite(key) if isinstance(ref, TensorRef) else check_finite(np.asarray(ref), source, key)
         var.set_value(jnp.asarray(to_jax_layout(np.asarray(array, np.float32), var.get_value().shape), dtype))
     return vae
 

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from facecam_jax import conditioning, text
 from facecam_jax import sharding as sh
-from facecam_jax.checkpoints.dit import load_dit
+from facecam_jax.checkpoints.dit import holds_camera_layers, load_dit
 from facecam_jax.checkpoints.vae import load_vae
 from facecam_jax.models import lora, quant, wan_dit
 from facecam_jax.models.lora import LoRAParam
@@ -175,13 +175,18 @@ def build_dit(config, mesh, rules, *, seed: int | None = None, adapters: bool = 
     ``adapters``: the training model, with ``train.lora_rank``'s adapters (``add_adapters``)."""
     m = config.model
     quant.check_mode(m.quantize, list(mesh.devices.flat))
+    kind = conditioning.of(config)
     if m.dit_checkpoint:
+        # A kind's own layers come from the files when they hold them (a trained ReCamMaster), else
+        # the kind adds them at their initial values below (fine-tuning from a Wan base).
+        camera = kind.checkpoint_camera if kind.checkpoint_camera and holds_camera_layers(
+            [m.dit_checkpoint, *m.dit_overlay]) else None
         dit = load_dit(m.dit_checkpoint, config=m.dit, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                        overlay=list(m.dit_overlay) or None, mesh=mesh, rules=rules, attention=m.attention,
-                       remat=m.remat, quantize=m.quantize)
+                       remat=m.remat, quantize=m.quantize, camera=camera)
     else:
         dit = WanDiT(m.dit, rngs=nnx.Rngs(config.seed if seed is None else seed), **_dit_kwargs(config))
-    dit = sh.shard_module(conditioning.of(config).prepare(dit, config), mesh, rules)
+    dit = sh.shard_module(kind.prepare(dit, config), mesh, rules)
     if not m.dit_checkpoint and quant.quantization_mode(dit) != m.quantize:
         quant.quantize_dit(dit, m.quantize)
     return add_adapters(dit, config, mesh, rules) if adapters else dit

@@ -259,3 +259,49 @@ def test_recammaster_samples_alike_on_one_and_eight_devices_and_from_the_cli(tmp
     bad = forked_runs.run("-m", "facecam_jax.sample", "--config", "configs/facecam.py:recammaster-mini,frames=9",
                           "--frames", "9", "--trajectory", f"{cameras}:7", "--out", str(tmp_path / "bad.mp4"))
     assert bad.returncode == 1 and "no cam07" in bad.stderr and not (tmp_path / "bad.mp4").exists()
+
+
+def test_recammaster_checkpoints_load(reference, torch, tmp_path):
+    """ReCamMaster's step20000.ckpt layout (torch.save of a state dict in DiffSynth naming: the
+    whole DiT plus the camera layers) loads with camera='recammaster', as do the same tensors in
+    safetensors and a camera-layers-only overlay over a Wan base; anything else is one clear error."""
+    import re
+
+    from facecam_jax.checkpoints import CheckpointError
+    from facecam_jax.checkpoints.dit_naming import diffusers_to_original
+
+    model, base_path, cams_per_token = reference
+    base = {diffusers_to_original(k): v for k, v in model.state_dict().items()
+            if not re.search(r"\.(cam_encoder|projector)\.", k)}
+    cameras = {f"blocks.{i}.{layer}.{p}": getattr(getattr(b, layer), p).detach().clone()
+               for i, b in enumerate(model.blocks) for layer in ("cam_encoder", "projector") for p in ("weight", "bias")}
+    ckpt_path = str(tmp_path / "step20000.ckpt")
+    torch.save({**base, **cameras}, ckpt_path)
+    noisy, source, cams, t, ctx = _inputs(seed=2)
+    want = _torch_velocity(torch, model, cams_per_token, noisy, source, cams, t, ctx)
+    jmodel = load_dit(ckpt_path, config=TINY, camera="recammaster")
+    got = np.asarray(W.recammaster_velocity(jmodel, noisy, source, cams, t, ctx))
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= REL_TOL
+    overlay = str(tmp_path / "cameras.safetensors")
+    write_safetensors(overlay, {k: v.numpy() for k, v in cameras.items()})
+    layered = load_dit(base_path, config=TINY, camera="recammaster", overlay=overlay)
+    np.testing.assert_allclose(np.asarray(W.recammaster_velocity(layered, noisy, source, cams, t, ctx)), got,
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(CheckpointError, match="camera layers: load it with camera='recammaster'"):
+        load_dit(ckpt_path, config=TINY)
+    with pytest.raises(CheckpointError, match="hold no camera layers"):
+        load_dit(base_path, config=TINY, camera="recammaster")
+    # A hostile pickle under the .ckpt name is refused as for every .pth (nothing runs).
+    import pickle
+    import zipfile
+
+    class Evil:
+        def __reduce__(self):
+            return (__import__("os").system, ("touch " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.ckpt"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
+    with pytest.raises(CheckpointError):
+        load_dit(str(evil), config=TINY, camera="recammaster")
+    assert not (tmp_path / "pwned").exists()

@@ -27,12 +27,13 @@ from flax import nnx
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints.dit_naming import (
     BLOCK_RE,
+    CAMERA_KEY_RE,
     Slot,
     infer_config,
     jax_shape,
-    model_slots,
     named_variables,
     original_to_diffusers,
+    slots_of,
     to_jax_layout,
     to_original_naming,
     to_torch_layout,
@@ -47,12 +48,13 @@ from facecam_jax.checkpoints.io import (
 )
 from facecam_jax.checkpoints.lora import apply_loras
 from facecam_jax.models import quant
-from facecam_jax.models.wan_dit import DiTConfig, WanDiT, get_config
+from facecam_jax.models.wan_dit import DiTConfig, WanDiT, add_camera_layers, get_config
 from facecam_jax.runtime import progress as progress_lib
 
 log = logging.getLogger(__name__)
 
 ORBAX_MARKER = "facecam_dit.json"
+CAMERAS = (None, "none", "landmarks", "recammaster")  # load_dit(camera=): only recammaster adds weights
 
 
 # ------------------------------------------------------------------ loading
@@ -87,6 +89,7 @@ def load_dit(
     quantize: str = "none",
     loras: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = (),
     lora_unmatched: str = "error",
+    camera: str | None = None,
 ) -> WanDiT:
     """Loads a Wan DiT from a .safetensors file, a sharded index, a directory, or an orbax export.
 
@@ -105,11 +108,25 @@ def load_dit(
     the devices (LoRAs merge into the dequantized kernel, which is quantized again). From an
     orbax export the float block kernels are restored to host memory first. An unknown mode,
     or fp8 on a backend that cannot run it, is a ValueError before anything is read.
+
+    ``camera="recammaster"``: the DiT with ReCamMaster's per-block camera layers
+    (``wan_dit.add_camera_layers``), read from the checkpoint (its ``step20000.ckpt``: the whole DiT
+    plus ``blocks.N.cam_encoder`` / ``projector`` in DiffSynth naming, or the same in
+    safetensors) or from an overlay of only those layers over a base Wan checkpoint; found in
+    neither, a ``CheckpointError``. Other camera kinds add no weights (None, "landmarks").
     """
+    if camera not in CAMERAS:
+        raise ValueError(f"load_dit(camera={camera!r}): choose one of {CAMERAS}")
+    layers = camera == "recammaster"
     quant.check_mode(quantize, None if mesh is None else list(mesh.devices.flat))
     path = os.fspath(path)
+    cameras_from = []  # the files the camera layers came from
     if os.path.isdir(path) and os.path.exists(os.path.join(path, ORBAX_MARKER)):
         model = _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat, quantize)
+        if layers and not model.has_camera_layers:
+            raise CheckpointError(f"{path}: an orbax export without camera layers; export the model loaded with "
+                                  "camera='recammaster' (tools/convert_wan_checkpoint.py)")
+        cameras_from += [path] if model.has_camera_layers else []
     else:
         refs = to_original_naming(open_checkpoint(path))
         try:
@@ -118,37 +135,66 @@ def load_dit(
             raise CheckpointError(f"{path}: {e}") from None
         if dtype is None:
             dtype = refs["blocks.0.self_attn.q.weight"].dtype if "blocks.0.self_attn.q.weight" in refs else jnp.float32
-        model = quant.quantize_dit(_build(cfg, dtype, compute_dtype, attention, remat), quantize)
-        _fill(model, refs, strict=True, mesh=mesh, rules=rules, progress=progress, source=path)
+        model = quant.quantize_dit(_build(cfg, dtype, compute_dtype, attention, remat, layers), quantize)
+        with_cameras = any(CAMERA_KEY_RE.match(k) for k in refs)
+        optional = () if with_cameras else [k for k in slots_of(model) if CAMERA_KEY_RE.match(k)]
+        _fill(model, refs, strict=True, mesh=mesh, rules=rules, progress=progress, source=path, optional=optional)
+        cameras_from += [path] if layers and with_cameras else []
     for item in [] if overlay is None else [overlay] if isinstance(overlay, (str, os.PathLike)) else overlay:
         report = overlay_dit(model, item)
         log.info("%s", report.summary())
+        cameras_from += [report.source] if any(CAMERA_KEY_RE.match(k) for k in report.replaced) else []
+    if layers and not cameras_from:
+        raise CheckpointError(f"{path}{' and its overlays' if overlay else ''} hold no camera layers "
+                              "(blocks.N.cam_encoder / projector): camera='recammaster' needs ReCamMaster's "
+                              "checkpoint, or an overlay of its camera layers over the Wan base")
     if loras:
         for report in apply_loras(model, loras, mesh=mesh, rules=rules, unmatched=lora_unmatched):
             log.info("%s", report.summary())
     return model
 
 
-def _build(cfg, dtype, compute_dtype, attention, remat) -> WanDiT:
+def holds_camera_layers(paths: Sequence[str | os.PathLike]) -> bool:
+    """Whether any of these DiT checkpoints (or overlays) holds ReCamMaster's camera layers (keys only)."""
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, ORBAX_MARKER)):
+            with open(os.path.join(path, ORBAX_MARKER)) as f:
+                if json.load(f).get("camera_layers"):
+                    return True
+        elif any(CAMERA_KEY_RE.match(k) for k in to_original_naming(open_checkpoint(path))):
+            return True
+    return False
+
+
+def _build(cfg, dtype, compute_dtype, attention, remat, camera_layers: bool = False) -> WanDiT:
     dtype = jnp.dtype(dtype)
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else dtype
-    return nnx.eval_shape(
-        lambda: WanDiT(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute, attention=attention, remat=remat)
-    )
+
+    def make():
+        model = WanDiT(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute, attention=attention, remat=remat)
+        return add_camera_layers(model) if camera_layers else model
+
+    return nnx.eval_shape(make)
 
 
-def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source) -> list[str]:
-    """Writes checkpoint tensors into ``model`` (abstract or concrete); returns the keys used."""
+def _fill(model: WanDiT, refs, *, strict, mesh, rules, progress, source, optional=()) -> list[str]:
+    """Writes checkpoint tensors into ``model`` (abstract or concrete); returns the keys used.
+    ``optional``: keys a strict read may miss (camera layers an overlay brings; they keep the
+    model's initial values, zero and identity)."""
     cfg = model.config
-    slots = model_slots(cfg)
+    slots = slots_of(model)
     state = nnx.state(model)
     variables = dict(named_variables(state))
     shapes = {p: tuple(np.shape(v.get_value())) for p, v in variables.items()}
     missing, unexpected, mismatched = _check(refs, slots, shapes, strict)
+    missing = [k for k in missing if k not in set(optional)]
     if missing or unexpected or mismatched:
+        hint = ("; it holds ReCamMaster's camera layers: load it with camera='recammaster'"
+                if any(CAMERA_KEY_RE.match(k) for k in unexpected) else "")
         raise CheckpointError(
             f"{source}: checkpoint does not fit the DiT {cfg}:" + format_key_problems(missing, unexpected, mismatched)
-        )
+            + hint)
     by_path: dict[tuple, list[tuple[str, Slot]]] = {}
     for k, slot in slots.items():
         if k in refs:
@@ -209,7 +255,7 @@ def overlay_dit(model: WanDiT, path: str | os.PathLike | Mapping[str, TensorRef]
     source = "<mapping>" if isinstance(path, Mapping) else os.fspath(path)
     refs = to_original_naming(path if isinstance(path, Mapping) else open_checkpoint(path))
     used = _fill(model, refs, strict=False, mesh=None, rules=sh.DEFAULT_RULES, progress=False, source=source)
-    return OverlayReport(source, sorted(used), len(model_slots(model.config)))
+    return OverlayReport(source, sorted(used), len(slots_of(model)))
 
 
 # ------------------------------------------------------------------ saving
@@ -220,7 +266,7 @@ def _named_tensors(model: WanDiT, naming: str, keys=None) -> dict[str, Callable[
     quantized model only float tensors can be written (``keys``: e.g. a QLoRA run's trained
     patch embedding and norms)."""
     variables = dict(named_variables(nnx.state(model)))
-    slots = model_slots(model.config)
+    slots = slots_of(model)
     if keys is not None:
         unknown = sorted(set(keys) - set(slots))
         if unknown:
@@ -312,7 +358,8 @@ def save_dit_orbax(model: WanDiT, path: str | os.PathLike) -> str:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "state"), _pure(nnx.state(model)), force=True)
     param_dtype = str(np.dtype(model.blocks.self_attn.q.kernel.get_value().dtype))
-    meta = {"config": dataclasses.asdict(model.config), "param_dtype": param_dtype, "format": "facecam_jax.WanDiT"}
+    meta = {"config": dataclasses.asdict(model.config), "param_dtype": param_dtype, "format": "facecam_jax.WanDiT",
+            "camera_layers": model.has_camera_layers}
     with open(os.path.join(path, ORBAX_MARKER), "w") as f:
         json.dump(meta, f, indent=2)
     return path
@@ -323,7 +370,8 @@ def _load_orbax(path, dtype, compute_dtype, mesh, rules, attention, remat, quant
         meta = json.load(f)
     cfg = DiTConfig(**meta["config"])
     dtype = meta["param_dtype"] if dtype is None else dtype
-    model = quant.quantize_dit(_build(cfg, dtype, compute_dtype, attention, remat), quantize)
+    model = quant.quantize_dit(_build(cfg, dtype, compute_dtype, attention, remat, meta.get("camera_layers", False)),
+                               quantize)
     state = nnx.state(model)
     variables = named_variables(state)
     # Quantized kernels are restored to the host as floats and quantized there; scales are not saved.

@@ -58,8 +58,14 @@ for _attn in ("self_attn", "cross_attn"):
         ]
     _BLOCK += [(f"{_attn}.norm_{n}.weight", (_attn, f"norm_{n}", "scale"), "copy") for n in "qk"]
 
+# ReCamMaster's per-block camera layers (``wan_dit.add_camera_layers``), in its DiffSynth naming.
+_CAMERA_BLOCK: list[tuple[str, tuple[str, ...], str]] = []
+for _layer in ("cam_encoder", "projector"):
+    _CAMERA_BLOCK += [(f"{_layer}.weight", (_layer, "kernel"), "linear"), (f"{_layer}.bias", (_layer, "bias"), "copy")]
+CAMERA_KEY_RE = re.compile(r"^blocks\.\d+\.(cam_encoder|projector)\.")
+
 _TOP_BY_PATH = {path: (name, kind) for name, path, kind in _TOP}
-_BLOCK_BY_PATH = {path: (name, kind) for name, path, kind in _BLOCK}
+_BLOCK_BY_PATH = {path: (name, kind) for name, path, kind in _BLOCK + _CAMERA_BLOCK}
 
 # diffusers <-> original names (block-local and top-level).
 _DIFFUSERS_BLOCK = {
@@ -201,13 +207,20 @@ def named_variables(state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
 
 
 def keys_of_paths(config: DiTConfig, paths) -> list[str]:
-    """Original-naming keys of the model variables at ``paths`` (tuples of attribute names)."""
+    """Original-naming keys of the model variables at ``paths`` (tuples of attribute names; camera
+    layers included when the paths name them)."""
     paths = set(paths)
-    return [k for k, slot in model_slots(config).items() if slot.path in paths]
+    return [k for k, slot in model_slots(config, camera_layers=True).items() if slot.path in paths]
 
 
-def model_slots(config: DiTConfig) -> dict[str, Slot]:
-    """Original-naming key -> slot, for every tensor a checkpoint of ``config`` must hold."""
+def slots_of(model) -> dict[str, Slot]:
+    """``model_slots`` of a model as built: with its camera layers when it has them."""
+    return model_slots(model.config, camera_layers=model.has_camera_layers)
+
+
+def model_slots(config: DiTConfig, camera_layers: bool = False) -> dict[str, Slot]:
+    """Original-naming key -> slot, for every tensor a checkpoint of ``config`` must hold
+    (``camera_layers``: also ReCamMaster's ``blocks.N.cam_encoder`` / ``projector``)."""
     slots = {}
     for name, path, kind in _TOP:
         slots[name] = Slot(path, None, kind)
@@ -218,6 +231,8 @@ def model_slots(config: DiTConfig) -> dict[str, Slot]:
             if "norm_q" in path or "norm_k" in path:
                 if not config.qk_norm:
                     continue
+            slots[f"blocks.{i}.{name}"] = Slot(("blocks", *path), i, kind)
+        for name, path, kind in _CAMERA_BLOCK if camera_layers else ():
             slots[f"blocks.{i}.{name}"] = Slot(("blocks", *path), i, kind)
     return slots
 

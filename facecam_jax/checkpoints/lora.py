@@ -29,9 +29,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints.dit_naming import (
     keys_of_paths,
-    model_slots,
     named_variables,
     original_to_diffusers,
+    slots_of,
     to_jax_layout,
     torch_shape,
 )
@@ -40,6 +40,7 @@ from facecam_jax.checkpoints.lora_files import METADATA_KEY, LoraFile, LoraRepor
 from facecam_jax.models import quant
 from facecam_jax.models.lora import adapted_linears, lora_rank_alpha
 from facecam_jax.models.wan_dit import WanDiT
+from facecam_jax.runtime.paths import split_lora_spec
 
 # LoRAs are used between about -2 and 2; ComfyUI's LoraLoader stops at +-100, and past that an update
 # swamps the weights it is added to (a typo such as 1e38 overflows them to Inf, a black video), so a
@@ -112,7 +113,7 @@ def _on(target: NamedSharding | None, spec):
 
 
 def _merge(model: WanDiT, lora: LoraFile, strength: float, mesh, rules) -> None:
-    slots = model_slots(model.config)
+    slots = slots_of(model)
     state = nnx.state(model)
     variables = dict(named_variables(state))
     for e in lora.entries:
@@ -203,14 +204,8 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     path, or a strength that is not finite or beyond +-``MAX_STRENGTH`` is a ValueError /
     FileNotFoundError naming the spec."""
     spec = os.fspath(spec).strip()
-    path, strength = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            strength = float(tail)
-            path = head
-        except ValueError:
-            pass
+    path, strength, tail = split_lora_spec(spec)
+    head, sep = spec.rpartition(":")[0], tail is not None
     if not path:
         raise ValueError(f"LoRA {spec!r} has no file: give PATH or PATH:STRENGTH")
     if not math.isfinite(strength):
@@ -245,7 +240,7 @@ def save_lora(
     layers = adapted_linears(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to save; add_lora(model, ...) adds them")
-    slots = model_slots(model.config)
+    slots = slots_of(model)
     tensors: dict[str, Any] = {}
     rank_alpha: dict[str, tuple[int, float]] = {}
     for path_, layer in layers:

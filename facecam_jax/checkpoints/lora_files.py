@@ -32,9 +32,9 @@ from flax import nnx
 from facecam_jax.checkpoints.dit_naming import (
     COMFY_PREFIXES,
     diffusers_to_original,
-    model_slots,
     named_variables,
     original_to_diffusers,
+    slots_of,
     to_jax_layout,
     torch_shape,
 )
@@ -220,7 +220,7 @@ def read_lora(path: str | os.PathLike, model: WanDiT) -> LoraFile:
     source = os.fspath(path)
     refs = open_checkpoint(source)
     cfg = model.config
-    slots = model_slots(cfg)
+    slots = slots_of(model)
     shapes = {p: tuple(np.shape(v.get_value())) for p, v in named_variables(nnx.state(model))}
     peft = _peft_config(source)
     if peft.get("use_dora"):

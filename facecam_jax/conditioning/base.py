@@ -36,6 +36,8 @@ class CameraKind:
     batch_arrays: tuple[str, ...] = ()
     # Parameter names the kind trains whatever train.trainable says (its own new layers).
     trainable: tuple[str, ...] = ()
+    # The layers its checkpoints may hold beyond a Wan DiT's (``load_dit(camera=...)``); None: none.
+    checkpoint_camera: str | None = None
 
     def __repr__(self) -> str:
         return f"<camera kind {self.name}>"

@@ -39,6 +39,7 @@ class ReCamMaster(CameraKind):
     name = "recammaster"
     batch_arrays = ("source_world_2_cam", "target_world_2_cam")
     trainable = ("cam_encoder", "projector")
+    checkpoint_camera = "recammaster"
 
     def prepare(self, model, config):
         return wan_dit.add_camera_layers(model)

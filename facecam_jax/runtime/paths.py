@@ -162,15 +162,19 @@ def _lookup(config, key: str):
     return node
 
 
-def _strip_strength(spec: str) -> str:
-    """``"path:strength"`` -> ``path`` (``checkpoints.lora.parse_lora_spec``'s rule: the text
-    after the last ``:`` is a strength only when it is a number)."""
+def split_lora_spec(spec: str) -> tuple[str, float, str | None]:
+    """``"path"`` or ``"path:strength"`` (``sample.loras``, the sample CLI's ``--lora``) ->
+    ``(path, strength, the text after the last ":" or None)``: that text is a strength only when
+    it parses as a number (a path may contain ``:``). Syntax only; ``checkpoints.lora.parse_lora_spec``
+    checks the file and the strength."""
+    spec = os.fspath(spec).strip()
     head, sep, tail = spec.rpartition(":")
-    try:
-        float(tail)
-    except ValueError:
-        return spec
-    return head if sep and head else spec
+    if sep:
+        try:
+            return head, float(tail), tail
+        except ValueError:
+            pass
+    return spec, 1.0, (tail if sep else None)
 
 
 def config_inputs(config, *, skip: Iterable[str] = ()) -> dict[str, list[str]]:
@@ -182,7 +186,7 @@ def config_inputs(config, *, skip: Iterable[str] = ()) -> dict[str, list[str]]:
         if key in skip or not value:
             continue
         values = [value] if isinstance(value, str) else list(value) if isinstance(value, (tuple, list)) else []
-        values = [_strip_strength(v) if key in _WITH_STRENGTH else v for v in values if isinstance(v, str) and v]
+        values = [split_lora_spec(v)[0] if key in _WITH_STRENGTH else v for v in values if isinstance(v, str) and v]
         found = [v for v in values if os.path.exists(v)]
         if found:
             out[f"config {key}"] = found

@@ -164,7 +164,7 @@ def test_zoom_scales_the_face_by_its_factor():
 def test_relative_cameras_with_own_anchor_is_identity():
     c2w, _ = tr.orbit_cameras(tr.random_trajectory(np.random.default_rng(2), 7))
     w2c = np.linalg.inv(c2w)
-    np.testing.assert_allclose(tr.relative_cameras(w2c, w2c[0]), w2c, atol=1e-12)
+    np.testing.assert_allclose(geometry.relative_cameras(w2c, w2c[0]), w2c, atol=1e-12)
 
 
 def test_source_framing_starts_at_the_source_camera():

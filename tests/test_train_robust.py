@@ -19,7 +19,7 @@ import tensorstore as ts
 from facecam_jax import sharding as sh
 from facecam_jax.errors import CheckpointSaveError, TrainingDiverged, WorkdirLocked
 from facecam_jax.runtime.config_file import load_config as get_config
-from facecam_jax.training import lock, metric_logger, run_state, trainer
+from facecam_jax.training import integrity, lock, metric_logger, run_state, trainer
 from facecam_jax.training.run_state import Checkpoints
 from facecam_jax.training.train_step import build_program
 
@@ -174,15 +174,15 @@ def test_an_array_changed_on_disk_sets_the_step_aside(run2, program, tmp_path, c
 
 def test_checksums_depend_on_every_bit_and_position_not_on_the_sharding():
     x = np.arange(4 * 6, dtype=np.float32).reshape(4, 6)
-    base = run_state.checksums({"x": x})["x"]
+    base = integrity.checksums({"x": x})["x"]
     flipped = x.copy()
     flipped.view(np.uint32)[2, 3] ^= 1  # one bit of one element
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]  # the same values elsewhere
-    assert run_state.checksums({"x": flipped})["x"] != base != run_state.checksums({"x": swapped})["x"]
+    assert integrity.checksums({"x": flipped})["x"] != base != integrity.checksums({"x": swapped})["x"]
     mesh = sh.make_mesh(2, 1, 1, 1, devices=jax.devices()[:2])
     sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-    assert run_state.checksums({"x": sharded})["x"] == base
+    assert integrity.checksums({"x": sharded})["x"] == base
 
 
 # --------------------------------------------------------------------------- NaN after a restore

@@ -65,3 +65,42 @@ def project(points: np.ndarray, w2c: np.ndarray, intrinsics: np.ndarray) -> tupl
     pixels = (np.einsum("tij,tnj->tni", intrinsics[:, :2, :2], normalized)
               + intrinsics[:, None, :2, 2])
     return pixels, depth
+
+
+def relative_cameras(w2c: np.ndarray, anchor_w2c: np.ndarray) -> np.ndarray:
+    """Moves an anchor camera by a trajectory's motion relative to its first frame: w2c [T, 4, 4].
+
+    In camera coordinates the trajectory's step from frame 0 to t maps a point p to
+    R_t (p - c_0) + c_t: a rotation R_t about the head centre (the world origin, at c_0 in
+    camera 0 and c_t in camera t) and a move of the head centre. The anchor camera, which sees
+    the head centre at a, gets the same rotation about its own view of the head centre and the
+    same head-centre move, rescaled by |a| / |c_0| so the face moves by the same fraction of
+    the frame: p -> R_t (p - a) + a + (c_t - c_0) |a| / |c_0|.
+    """
+    w2c = np.asarray(w2c, np.float64)
+    anchor_w2c = np.asarray(anchor_w2c, np.float64)
+    rotations = w2c[:, :3, :3] @ w2c[0, :3, :3].T  # [T, 3, 3] camera 0 -> camera t
+    centres = w2c[:, :3, 3]  # [T, 3] head centre in camera-t coordinates
+    anchor_centre = anchor_w2c[:3, 3]
+    scale = np.linalg.norm(anchor_centre) / np.linalg.norm(centres[0])
+    out = np.zeros_like(w2c)
+    out[:, :3, :3] = rotations @ anchor_w2c[:3, :3]
+    out[:, :3, 3] = anchor_centre + (centres - centres[0]) * scale
+    out[:, 3, 3] = 1.0
+    return out
+
+
+def look_at_world_2_cam(position: np.ndarray, target=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """OpenCV world-to-camera [4, 4] of a camera at `position` looking at `target`, with image
+    'down' along world +y (the source camera's down)."""
+    position = np.asarray(position, np.float64)
+    forward = np.asarray(target, np.float64) - position
+    forward /= np.linalg.norm(forward)
+    right = np.cross([0.0, 1.0, 0.0], forward)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    rotation = np.stack([right, down, forward])  # rows: camera axes in world coordinates
+    world_2_cam = np.eye(4)
+    world_2_cam[:3, :3] = rotation
+    world_2_cam[:3, 3] = -rotation @ position
+    return world_2_cam

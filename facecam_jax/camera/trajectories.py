@@ -206,35 +206,12 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
     source_w2c = np.eye(4)
     source_w2c[:3, :3], source_w2c[:3, 3] = rotation, translation
     c2w, intrinsics = orbit_cameras(trajectory, render_size=min(height, width))
-    w2c = relative_cameras(np.linalg.inv(c2w), source_w2c)
+    w2c = geometry.relative_cameras(np.linalg.inv(c2w), source_w2c)
     scaled_k = np.repeat(source_k[None], trajectory.num_frames, 0)
     scaled_k[:, :2, :2] *= (intrinsics[:, 0, 0] / intrinsics[0, 0, 0])[:, None, None]
     scaled_k[:, :2, 2] += intrinsics[:, :2, 2] - intrinsics[0, :2, 2]
     pixels, depth = project(head, w2c, scaled_k)
     return _pixels_to_landmarks(pixels, depth, height, width, scaled_k[:, 0, 0])
-
-
-def relative_cameras(w2c: np.ndarray, anchor_w2c: np.ndarray) -> np.ndarray:
-    """Moves an anchor camera by a trajectory's motion relative to its first frame: w2c [T, 4, 4].
-
-    In camera coordinates the trajectory's step from frame 0 to t maps a point p to
-    R_t (p - c_0) + c_t: a rotation R_t about the head centre (the world origin, at c_0 in
-    camera 0 and c_t in camera t) and a move of the head centre. The anchor camera, which sees
-    the head centre at a, gets the same rotation about its own view of the head centre and the
-    same head-centre move, rescaled by |a| / |c_0| so the face moves by the same fraction of
-    the frame: p -> R_t (p - a) + a + (c_t - c_0) |a| / |c_0|.
-    """
-    w2c = np.asarray(w2c, np.float64)
-    anchor_w2c = np.asarray(anchor_w2c, np.float64)
-    rotations = w2c[:, :3, :3] @ w2c[0, :3, :3].T  # [T, 3, 3] camera 0 -> camera t
-    centres = w2c[:, :3, 3]  # [T, 3] head centre in camera-t coordinates
-    anchor_centre = anchor_w2c[:3, 3]
-    scale = np.linalg.norm(anchor_centre) / np.linalg.norm(centres[0])
-    out = np.zeros_like(w2c)
-    out[:, :3, :3] = rotations @ anchor_w2c[:3, :3]
-    out[:, :3, 3] = anchor_centre + (centres - centres[0]) * scale
-    out[:, 3, 3] = 1.0
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from facecam_jax import video_io
+from facecam_jax.camera import geometry
 from facecam_jax.camera import landmarks as lm
 from facecam_jax.camera import mesh_topology as topo
 from facecam_jax.data import prepare
@@ -159,22 +160,6 @@ def fit_mesh(landmarks: np.ndarray, height: int, width: int) -> FittedMesh:
                       metres_per_pixel)
 
 
-def look_at_world_2_cam(position: np.ndarray, target=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """OpenCV world-to-camera [4, 4] of a camera at `position` looking at `target`, with image
-    'down' along world +y (the source camera's down)."""
-    position = np.asarray(position, np.float64)
-    forward = np.asarray(target, np.float64) - position
-    forward /= np.linalg.norm(forward)
-    right = np.cross([0.0, 1.0, 0.0], forward)
-    right /= np.linalg.norm(right)
-    down = np.cross(forward, right)
-    rotation = np.stack([right, down, forward])  # rows: camera axes in world coordinates
-    world_2_cam = np.eye(4)
-    world_2_cam[:3, :3] = rotation
-    world_2_cam[:3, 3] = -rotation @ position
-    return world_2_cam
-
-
 def make_cameras(num_cameras: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """world_2_cam float64 [K, 4, 4] on a sphere around the head and shared intrinsics [3, 3]."""
     if not 1 <= num_cameras <= len(CAMERA_ANGLES):
@@ -185,7 +170,7 @@ def make_cameras(num_cameras: int, height: int, width: int) -> tuple[np.ndarray,
         # Yaw turns about world y (down), pitch raises the camera (towards -y).
         position = CAMERA_DISTANCE_M * np.array(
             [np.sin(yaw) * np.cos(pitch), -np.sin(pitch), -np.cos(yaw) * np.cos(pitch)])
-        poses.append(look_at_world_2_cam(position))
+        poses.append(geometry.look_at_world_2_cam(position))
     focal = width / (2.0 * np.tan(np.radians(HFOV_DEG) / 2.0))
     intrinsics = np.array([[focal, 0.0, (width - 1) / 2.0],
                            [0.0, focal, (height - 1) / 2.0],

@@ -13,7 +13,7 @@ Orbax checks no array data (TensorStore's OCDBT keeps no checksum of chunks: ran
 written into an array file restore silently), so each step also keeps a checksum of every
 array of the state (``checksums``: computed on the devices, one pass over the state in device
 memory, a few bytes an array; independent of the mesh). A save first checks the disk has room
-for a step (the newest one's size, or the state's arrays, plus ``SPACE_MARGIN``); a full disk,
+for a step (the newest one's size, or the state's arrays, plus ``integrity.SPACE_MARGIN``); a full disk,
 found then or by a save running in the background (``check`` after every step), is one
 ``CheckpointSaveError`` line naming the folder and the space, with the checkpoints there kept.
 
@@ -34,8 +34,6 @@ is untested.)
 from __future__ import annotations
 
 import dataclasses
-import errno
-import functools
 import glob
 import json
 import logging
@@ -43,22 +41,18 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax import lax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from facecam_jax.errors import CheckpointError, CheckpointSaveError
+from facecam_jax.training import integrity
 from facecam_jax.training.train_step import TrainState
 
 log = logging.getLogger(__name__)
 
 DAMAGED = ".damaged-"  # <step>.damaged-<what>: a step kept aside
-CHECKSUM_METHOD = "u32-weighted-sum-v1"  # see ``checksums``
-SPACE_MARGIN = 1 << 20  # free space a save needs beyond the size of a step: file system blocks, metadata
 
 
 def _is_var(x) -> bool:
@@ -79,150 +73,15 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
     """{dotted leaf path: shape} (Orbax names checkpointed arrays the same way)."""
-    return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+    return {".".join(integrity.key_name(k) for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def config_json(config) -> dict:
-    """A ConfigDict as plain JSON (tuples become lists)."""
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(old: dict, new: dict, limit: int = 8) -> list[str]:
-    """``key: old -> new`` for each config key that differs, the ones that shape the train
-    state first (``distributed.*`` is per process and left out)."""
-    a, b = _flat(old), _flat(new)
-    shaping = ("model.", "vae.", "optimizer.", "train.trainable")
-    keys = sorted((k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
-                   and not k.startswith("distributed.")), key=lambda k: (not k.startswith(shaping), k))
-    out = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
-    if len(keys) > limit:
-        out.append(f"and {len(keys) - limit} more")
-    return out
 
 
 def _short(error: BaseException, limit: int = 160) -> str:
     text = " ".join(str(error).split("See full TensorStore details")[0].split()) or type(error).__name__
     return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
-# --------------------------------------------------------------- checksums
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """An array's elements as uint32 words of their bit patterns (NaNs count as written)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    if x.dtype.itemsize == 8:
-        return lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-    """sum_i mix(word_i) * (2 i + 1) mod 2**32 over the row-major index i: one elementwise pass
-    and a sum, exact under any sharding (integer addition wraps and commutes). ``mix`` and the
-    odd weights are bijections mod 2**32, so any change of one word changes the sum; random
-    changes of several cancel with odds of 2**-32."""
-    w = _words(x)
-    index = jnp.zeros(w.shape, jnp.uint32)
-    stride = 1
-    for d in reversed(range(w.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, w.shape, d) * np.uint32(stride % 2**32)
-        stride *= w.shape[d]
-    h = w * np.uint32(0x9E3779B1)
-    h = h ^ (h >> 16)
-    return jnp.sum(h * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
-
-
-@functools.lru_cache(maxsize=8)
-def _checksum_program(out_sharding):
-    return jax.jit(lambda leaves: jnp.stack([_checksum(x) for x in leaves]), out_shardings=out_sharding)
-
-
-def checksums(tree) -> dict[str, int]:
-    """{dotted leaf path: checksum} of a tree of arrays, computed where they live (one pass over
-    the state in device memory, any mesh; every process gets the same numbers), so a restore on
-    another mesh or process count checks the same values."""
-    named = [(".".join(_key_name(k) for k in path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
-    if not named:
-        return {}
-    mesh = next((x.sharding.mesh for _, x in named if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    sums = np.asarray(_checksum_program(out)([x for _, x in named]))
-    return {name: int(v) for (name, _), v in zip(named, sums)}
-
-
-# --------------------------------------------------------------- disk space
-
-
-def _folder_bytes(path: str) -> int:
-    total = 0
-    for folder, _, names in os.walk(path):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _size(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} bytes"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}"
-
-
-_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
-
-
-def _no_space(error: BaseException) -> str | None:
-    """Why ``error`` (or an error it wraps) is a full disk, or None. Orbax passes TensorStore's
-    as a ValueError: ``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``."""
-    stack, seen = [error], set()
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            return _NO_SPACE[e.errno]
-        text = str(e)
-        for code, reason in _NO_SPACE.items():
-            if os.strerror(code) in text or f"os_error_code='{code}'" in text:
-                return reason
-        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-    return None
-
-
-class _QuietNoSpace(logging.Filter):
-    """Drops Orbax's logged tracebacks (~100 lines each) of a save that failed for lack of space:
-    ``Checkpoints`` reports it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.exc_info[1] is not None and _no_space(record.exc_info[1]))
 
 
 def _all_ok(ok: bool) -> bool:
@@ -250,12 +109,12 @@ class Checkpoints:
         handlers = {"train": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        self.config = config_json(config) if config is not None else None
+        self.config = integrity.config_json(config) if config is not None else None
         self.written: list[int] = []  # steps this run saved
         self.pending: int | None = None  # the step being written in the background
         self.failed = False  # a save failed (reported); closing does not report it again
         self._estimate: tuple[int | None, str] = (None, "")  # the size of the last save, and what it is based on
-        self._quiet = _QuietNoSpace()
+        self._quiet = integrity.QuietNoSpace()
         logging.getLogger("absl").addFilter(self._quiet)  # Orbax logs through absl
 
     def latest(self) -> int | None:
@@ -268,7 +127,7 @@ class Checkpoints:
         values = _values(state)
         self._check_space(step, values)
         items = {"train": ocp.args.StandardSave(values), "data": ocp.args.JsonSave({"batches": batches}),
-                 "checksums": ocp.args.JsonSave({"method": CHECKSUM_METHOD, "arrays": checksums(values)})}
+                 "checksums": ocp.args.JsonSave({"method": integrity.CHECKSUM_METHOD, "arrays": integrity.checksums(values)})}
         if self.config is not None:
             items["config"] = ocp.args.JsonSave(self.config)
         try:
@@ -300,10 +159,10 @@ class Checkpoints:
         needed, basis = sum(int(x.nbytes) for x in jax.tree.leaves(values) if hasattr(x, "nbytes")), "its arrays"
         latest = self.manager.latest_step()
         if latest is not None:
-            size = _folder_bytes(os.path.join(self.directory, str(latest)))
+            size = integrity.folder_bytes(os.path.join(self.directory, str(latest)))
             if size > needed:
                 needed, basis = size, f"step {latest}"
-        needed += SPACE_MARGIN
+        needed += integrity.SPACE_MARGIN
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:  # not a local file system: let the save say
@@ -317,7 +176,7 @@ class Checkpoints:
     def _save_failed(self, step: int | None, error: BaseException) -> BaseException:
         """A CheckpointSaveError for a save that failed for lack of space (the half-written
         step is deleted, the others kept); other errors unchanged."""
-        reason = _no_space(error)
+        reason = integrity.no_space(error)
         if reason is None:
             return error
         self.failed = True
@@ -335,8 +194,8 @@ class Checkpoints:
     def _no_room(self, step: int | None, reason: str, needed: int | None, basis: str, free: int | None) -> str:
         self.manager.reload()
         kept = sorted(self.manager.all_steps())
-        space = "; ".join(([f"a step needs about {_size(needed)}, judged by {basis}"] if needed else []) +
-                          ([f"{_size(free)} free"] if free is not None else []))
+        space = "; ".join(([f"a step needs about {integrity.size_text(needed)}, judged by {basis}"] if needed else []) +
+                          ([f"{integrity.size_text(free)} free"] if free is not None else []))
         resume = f"resume from step {kept[-1]}" if kept else "start over"
         return (f"could not save checkpoint step {step} in {self.directory}: {reason}"
                 f"{f' ({space})' if space else ''}. The checkpoints there are kept "
@@ -425,7 +284,7 @@ class Checkpoints:
             keys = "no config was given to compare"
         else:
             keys = "config keys that differ from the run that wrote it: " + (
-                ", ".join(config_differences(old, self.config)) or "none (the code changed?)")
+                ", ".join(integrity.config_differences(old, self.config)) or "none (the code changed?)")
         hint = "use a new --workdir for this config, or go back to the config that wrote it"
         exported = sorted(glob.glob(os.path.join(self.workdir, "facecam*.safetensors")))
         loads_weights = bool(self.config and self.config.get("model", {}).get("dit_checkpoint"))
@@ -488,11 +347,11 @@ class Checkpoints:
 
     def _verify(self, step: int, state: TrainState, saved: dict | None) -> tuple[str, str] | None:
         """What is wrong with the restored arrays of ``step`` by the checksums saved with them, or None."""
-        if saved is None or saved.get("method") != CHECKSUM_METHOD or not isinstance(saved.get("arrays"), dict):
+        if saved is None or saved.get("method") != integrity.CHECKSUM_METHOD or not isinstance(saved.get("arrays"), dict):
             log.info("checkpoint step %d has no checksums this code knows (written before they were kept, or by "
                      "a newer version): its arrays are not verified", step)
             return None
-        got = checksums(_values(state))
+        got = integrity.checksums(_values(state))
         bad = sorted(k for k in set(saved["arrays"]) | set(got) if saved["arrays"].get(k) != got.get(k))
         if not bad:
             return None

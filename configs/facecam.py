@@ -16,6 +16,9 @@ Variants (`VARIANTS`: each is the base below plus its own overrides, decided in 
              and the `small` DiT trained from scratch (every parameter), batch 4, 2400 steps
              (~65 min on a 2-core CPU); `python -m facecam_jax.sample` with no flags uses the
              shipped result (data/learned_mini).
+  recammaster  ReCamMaster's camera (camera.kind=recammaster: extrinsics in every block) on
+             Wan2.1-T2V-1.3B at 81 x 480 x 832, its trainable set; recammaster-mini the same
+             kind at the mini scale (tiny DiT, mini dataset).
   nersemble  the paper's recipe (SPEC 6, 7): Wan2.2-I2V-A14B experts, 81 frames at stride 3,
              704x480, NeRSemble v2 plus a folder of in-the-wild videos, AdamW 5e-5, batch 24,
              3K steps; set data.multiview_root, data.wild_root, model.dit_checkpoint,
@@ -46,7 +49,9 @@ def data_config() -> ml_collections.ConfigDict:
     """The `data` section: everything facecam_jax.data.pipeline needs."""
     data = ml_collections.ConfigDict()
     data.dataset = "mini"  # "mini": roots come from the mini-dataset build; "files": the roots below
-    data.multiview_layout = "nersemble"  # or "processed" (rgb_images/ + masks/ per sequence)
+    # "nersemble", "processed" (rgb_images/ + masks/ per sequence) or "multicamvideo" (ReCamMaster's
+    # MultiCamVideo: videos/camNN.mp4 + cameras/camera_extrinsics.json per scene, moving cameras)
+    data.multiview_layout = "nersemble"
     data.multiview_root = ""  # "" : no multi-view data
     data.wild_root = ""  # folder of in-the-wild videos; "" : none
     data.prepared_root = ""  # where prepared landmarks/masks live; "" : beside the data
@@ -282,8 +287,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     # ReCamMaster (camera extrinsics in every block) on Wan2.1-T2V-1.3B at its paper's shape:
     # target and source along frames (16 channels), the paper's trainable set (its camera
     # layers, added by the camera kind, and the self-attention), multi-view pairs only (an
-    # in-the-wild video has no cameras). Set model.dit_checkpoint (Wan2.1-T2V-1.3B, or
-    # ReCamMaster's step20000.ckpt with model.dit_camera... see README) and the data roots.
+    # in-the-wild video has no cameras). Set model.dit_checkpoint (Wan2.1-T2V-1.3B to fine-tune
+    # from the base, or ReCamMaster's step20000.ckpt: its camera layers load with it) and the
+    # data roots.
     "recammaster": {
         "camera.kind": "recammaster",
         "data.frames": 81,

@@ -61,28 +61,38 @@ def _parse_matrix(text: str, where: str) -> np.ndarray:
     return np.asarray(rows, np.float64)
 
 
-def recammaster_poses(path: str | os.PathLike, camera: int, frames: int = 81) -> np.ndarray:
-    """ReCamMaster's poses of camera ``camera`` (the N of its ``camNN`` keys) in a
-    ``camera_extrinsics.json``-format file: float32 ``[ceil(frames / 4), 12]``, every 4th frame,
-    converted from Unreal (x forward, y right, z up, centimetres) to OpenCV axes in metres and
-    made relative to the first."""
+def recammaster_c2w(path: str | os.PathLike, camera: int, frames: int | None = None) -> np.ndarray:
+    """Camera ``camera``'s OpenCV camera-to-world poses ``[T, 4, 4]`` (metres, the file's world) in a
+    ``camera_extrinsics.json``-format file: every frame (the first ``frames``), from Unreal axes
+    and centimetres."""
     path = os.fspath(path)
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a ReCamMaster camera file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a ReCamMaster camera file (a JSON object of frame<i> entries expected)")
     key = f"cam{int(camera):02d}"
+    count = sum(1 for k in data if re.fullmatch(r"frame\d+", k)) if frames is None else frames
     c2w = []
-    for i in latent_frame_indices(frames):
-        entry = data.get(f"frame{i}") if isinstance(data, dict) else None
+    for i in range(count):
+        entry = data.get(f"frame{i}")
         if not isinstance(entry, dict) or key not in entry:
-            have = sorted(data.get("frame0", {})) if isinstance(data, dict) and isinstance(data.get("frame0"), dict) else []
-            raise ValueError(f"{path}: no {key} at frame{i} (it has {len(data) if isinstance(data, dict) else 0} "
-                             f"frames; cameras {', '.join(have) or 'none'})")
-        unreal = _parse_matrix(entry[key], f"{path} frame{i} {key}").T
-        c2w.append(unreal_to_opencv(unreal))
-    return flatten(relative_to_first(np.stack(c2w)))
+            have = sorted(data["frame0"]) if isinstance(data.get("frame0"), dict) else []
+            raise ValueError(f"{path}: no {key} at frame{i} (it has {len(data)} frames; cameras "
+                             f"{', '.join(have) or 'none'})")
+        c2w.append(unreal_to_opencv(_parse_matrix(entry[key], f"{path} frame{i} {key}").T))
+    return np.stack(c2w)
+
+
+def recammaster_poses(path: str | os.PathLike, camera: int, frames: int = 81) -> np.ndarray:
+    """ReCamMaster's poses of camera ``camera`` (the N of its ``camNN`` keys) in a
+    ``camera_extrinsics.json``-format file: float32 ``[ceil(frames / 4), 12]``, every 4th frame,
+    converted from Unreal (x forward, y right, z up, centimetres) to OpenCV axes in metres and
+    made relative to the first."""
+    c2w = recammaster_c2w(path, camera, frames)
+    return flatten(relative_to_first(c2w[latent_frame_indices(frames)]))
 
 
 def unreal_to_opencv(c2w: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from facecam_jax import video_io
+from facecam_jax.camera import extrinsics
 from facecam_jax.data import store as store_lib
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class MultiViewSequence:
     cameras: tuple[Stream, ...]
     world_2_cam: np.ndarray | None  # float64 [K, 4, 4] OpenCV world-to-camera, or None
     intrinsics: np.ndarray | None  # float64 [K, 3, 3] at each stream's own resolution, or None
+    # float64 [K, T, 4, 4] per-frame world-to-camera of moving cameras (MultiCamVideo), or None
+    frame_world_2_cam: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -115,7 +118,7 @@ def without_cameras(seq: "MultiViewSequence", cameras: Sequence[int]) -> "MultiV
     keep = [k for k in range(len(seq.cameras)) if k not in drop]
     pick = (lambda a: None if a is None else a[keep])  # noqa: E731
     return MultiViewSequence(seq.name, tuple(seq.cameras[k] for k in keep), pick(seq.world_2_cam),
-                             pick(seq.intrinsics))
+                             pick(seq.intrinsics), pick(seq.frame_world_2_cam))
 
 
 def _stream_info(path: str, prepared: str | None) -> tuple[int, int, int]:
@@ -295,6 +298,40 @@ def discover_processed(root: str, *, prepared_root: str | None = None, min_camer
                             if os.path.exists(p)), None)
         name = os.path.relpath(seq_dir, root)
         found.append(_multiview_sequence(name, streams, calibration, skips))
+    return found, skips.items
+
+
+def discover_multicamvideo(root: str, *, prepared_root: str | None = None, min_cameras: int = 2
+                           ) -> tuple[list[MultiViewSequence], list[tuple[str, str]]]:
+    """Scenes of ReCamMaster's MultiCamVideo layout: every directory under ``root`` with
+    ``videos/camNN.mp4`` and ``cameras/camera_extrinsics.json`` (per frame and camera, in
+    Unreal units: ``camera.extrinsics.recammaster_c2w``). The cameras move, so each sequence
+    carries per-frame cameras (``frame_world_2_cam``); there are no intrinsics."""
+    skips = _Skips()
+    found = []
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"MultiCamVideo root {root!r} does not exist")
+    for scene in sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "videos"), recursive=True)):
+        calibration = os.path.join(scene, "cameras", "camera_extrinsics.json")
+        videos = sorted(glob.glob(os.path.join(scene, "videos", "cam[0-9][0-9].mp4")))
+        candidates = [(os.path.basename(v)[:-len(".mp4")], v,
+                       _prepared_dir(scene, os.path.basename(v)[:-len(".mp4")], root, prepared_root), None)
+                      for v in videos]
+        streams = _open_streams(candidates, skips)
+        if len(streams) < min_cameras:
+            skips.add(scene, f"{len(streams)} readable camera(s), fewer than {min_cameras}")
+            continue
+        if not os.path.exists(calibration):
+            skips.add(scene, f"no {os.path.relpath(calibration, scene)}: the cameras are unknown")
+            continue
+        try:
+            frame_c2w = np.stack([extrinsics.recammaster_c2w(calibration, int(s.name[3:]),
+                                                             min(x.num_frames for x in streams)) for s in streams])
+        except ValueError as e:
+            skips.add(calibration, f"unusable cameras ({e})")
+            continue
+        found.append(MultiViewSequence(os.path.relpath(scene, root), tuple(streams), None, None,
+                                       np.linalg.inv(frame_c2w)))
     return found, skips.items
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 
 import cv2
 import grain
@@ -200,11 +201,14 @@ class _GlobalBatchRows(grain.MapDataset):
             "facecam_jax.data.transforms.skip_counts()")
 
 
-def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0) -> grain.IterDataset:
+def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0,
+                 needs: Sequence[str] | None = None) -> grain.IterDataset:
     """The batched Grain dataset of `data` (a config's data section) for one process.
 
     `rows`: the [lo, hi) rows of every global batch (of data.batch_size) this process loads
     (default: all of them); `start_batch`: the global batches already consumed (resume).
+    `needs`: the batch entries the consumer reads (a camera kind's ``batch_keys``; None: all).
+    Without ``camera`` no landmark map is drawn and no face is needed (``camera`` is black).
     """
     lo, hi = rows or (0, data.batch_size)
     if not 0 <= lo < hi <= data.batch_size:
@@ -229,7 +233,8 @@ def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0
         branches.append(_branch(multiview, [
             tr.MultiShotStitch(data.height, data.width, max_shots=data.max_shots,
                                composite=data.composite, detect_missing=data.detect_missing,
-                               target_cameras=target_positions(data, multiview)),
+                               target_cameras=target_positions(data, multiview),
+                               landmark_maps=needs is None or "camera" in needs),
             tr.ScaleAndColour(tuple(data.multiview_source_scale)),
             tr.SyntheticCameraMotion(tuple(data.multiview_target_zoom)),
             finish], tag=_MULTIVIEW_TAG, **common))
@@ -262,9 +267,9 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
 
 
 def make_train_iterator(config, rows: tuple[int, int] | None = None,
-                        start_batch: int = 0) -> grain.DatasetIterator:
+                        start_batch: int = 0, needs: Sequence[str] | None = None) -> grain.DatasetIterator:
     """The training batch iterator of `config.data`: rows [lo, hi) of every global batch
     (default: all), from global batch `start_batch` on. Its Grain state (`get_state()` /
     `set_state(state)`) restores it within one run; across runs the global batch count is
     the position (`start_batch`), valid for any number of processes."""
-    return iter(make_dataset(config.data, rows, start_batch))
+    return iter(make_dataset(config.data, rows, start_batch, needs))

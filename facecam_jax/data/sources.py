@@ -21,6 +21,7 @@ from facecam_jax.data.discovery import (  # noqa: F401  (re-exported: the data l
     WILD,
     MultiViewSequence,
     Stream,
+    discover_multicamvideo,
     discover_nersemble,
     discover_processed,
     discover_wild,
@@ -127,15 +128,17 @@ def multiview_source(layout: str, root: str, *, frames: int, stride: int,
                      participants: Sequence[int] | None = None,
                      sequences: Sequence[str] | None = None, holdout_windows: Sequence[int] = (),
                      holdout_cameras: Sequence[int] = (), split: str = "train") -> MultiViewSource:
-    """The multi-view source of a `layout` ('nersemble' or 'processed') dataset at `root`
+    """The multi-view source of a `layout` ('nersemble', 'processed' or 'multicamvideo') dataset at `root`
     (its training split, or with split='heldout' its held-out windows: see MultiViewSource)."""
     if layout == "nersemble":
         found, skipped = discover_nersemble(root, participants=participants, sequences=sequences,
                                             prepared_root=prepared_root)
     elif layout == "processed":
         found, skipped = discover_processed(root, prepared_root=prepared_root)
+    elif layout == "multicamvideo":
+        found, skipped = discover_multicamvideo(root, prepared_root=prepared_root)
     else:
-        raise ValueError(f"unknown multi-view layout {layout!r}; use 'nersemble' or 'processed'")
+        raise ValueError(f"unknown multi-view layout {layout!r}; use 'nersemble', 'processed' or 'multicamvideo'")
     return MultiViewSource(found, frames=frames, stride=stride, window_step=window_step,
                            skipped=skipped, holdout_windows=holdout_windows,
                            holdout_cameras=holdout_cameras, split=split)

@@ -159,6 +159,9 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
     composite: bool = True  # read foreground masks for ScaleAndColour
     detect_missing: bool = False  # run MediaPipe for annotations that were not prepared
     target_cameras: tuple[int, ...] = ()
+    # The camera kind reads FaceCam's landmark maps (``camera``); without them no face is needed
+    # (ReCamMaster on MultiCamVideo scenes), ``camera`` is black and the landmarks NaN.
+    landmark_maps: bool = True
 
     def random_map(self, record: dict, rng: np.random.Generator):
         return self._guarded(self._stitch, record, rng)
@@ -168,7 +171,10 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
         num_frames, start, stride = record["frames"], record["start"], record["stride"]
         times = start + stride * np.arange(num_frames)
         # Cameras whose anchor frame shows a face (or is unknown, when detecting on the fly).
-        status = np.array([c.store.read_landmarks([start])[1][0] for c in seq.cameras])
+        if self.landmark_maps:
+            status = np.array([c.store.read_landmarks([start])[1][0] for c in seq.cameras])
+        else:  # no maps to draw: every camera will do
+            status = np.full(len(seq.cameras), store_lib.FOUND)
         usable = status == store_lib.FOUND
         if self.detect_missing:
             usable |= status == store_lib.NOT_COMPUTED
@@ -210,8 +216,8 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
         source, source_mask = load(source_cam, all_idx)
         target = np.empty_like(source)
         target_mask = np.empty_like(source_mask) if self.composite else None
-        camera = np.empty_like(source)
-        landmarks = np.empty((num_frames, NUM_LANDMARKS, 3), np.float32)
+        camera = np.empty_like(source) if self.landmark_maps else np.zeros_like(source)
+        landmarks = np.full((num_frames, NUM_LANDMARKS, 3), np.nan, np.float32)
         for k, cam in enumerate(targets):
             idx = np.flatnonzero(shot == k)
             if cam == source_cam:  # a shot from the source camera reuses its frames
@@ -222,6 +228,8 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
                 target[idx], masks = load(int(cam), idx)
                 if self.composite:
                     target_mask[idx] = masks
+            if not self.landmark_maps:
+                continue
             stream = seq.cameras[int(cam)]
             crop = augment.cover_crop_params(stream.height, stream.width, self.height, self.width)
             anchor = augment.cover_crop_points(_anchor_landmarks(stream, start, self.detect_missing), crop,
@@ -229,6 +237,9 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
             landmarks[idx] = anchor
             camera[idx] = draw.draw_landmark_map(anchor, self.height, self.width)
         cameras = _nan_cameras(num_frames)
+        if seq.frame_world_2_cam is not None:  # moving cameras: the source's at the clip start, the targets' per frame
+            cameras["source_world_2_cam"] = seq.frame_world_2_cam[source_cam, times[0]]
+            cameras["target_world_2_cam"] = seq.frame_world_2_cam[targets][shot, times]
         if seq.world_2_cam is not None:
             def cropped_k(cam):
                 stream = seq.cameras[cam]

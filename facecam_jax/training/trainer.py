@@ -32,7 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from facecam_jax import build
+from facecam_jax import build, conditioning
 from facecam_jax import sharding as sh
 from facecam_jax.checkpoints.dit import save_dit
 from facecam_jax.checkpoints.dit_naming import keys_of_paths, named_variables
@@ -172,10 +172,11 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
     """The loop of ``train``: resume, compile once, step, log, checkpoint, stop on NaN or a signal."""
     batch_size, steps = config.data.batch_size, config.train.steps
     rows = sh.process_rows(batch_sharding, batch_size)
+    needs = conditioning.of(config).batch_keys()  # what the camera kind reads from a batch
     # Where the data stream starts, from the newest complete step's files (cheap), so that a
     # bad dataset fails before the models are built; the restore below has the last word.
     start, batches = ckpt.newest_intact() or (0, 0)
-    iterator = make_train_iterator(config, rows, start_batch=batches) if start < steps else None
+    iterator = make_train_iterator(config, rows, start_batch=batches, needs=needs) if start < steps else None
     program = build_program(config, mesh, rules)
     logger.info("DiT %s: %.4g M trainable of %.4g M parameters", program.dit_config,
                 program.num_trainable / 1e6, program.num_params / 1e6)
@@ -185,7 +186,7 @@ def _run(config, workdir, mesh, rules, ckpt: Checkpoints, logger: Logger, batch_
         state = restored.state
         if (restored.step, restored.batches) != (start, batches):  # a damaged step was set aside
             start, batches = restored.step, restored.batches
-            iterator = make_train_iterator(config, rows, start_batch=batches) if start < steps else None
+            iterator = make_train_iterator(config, rows, start_batch=batches, needs=needs) if start < steps else None
         logger.info("resumed from step %d in %s (data position: %d global batches)", start, workdir, batches)
         loop.resumed_from = start
     loop.start = loop.step = start

@@ -19,6 +19,9 @@ Variants (`VARIANTS`: each is the base below plus its own overrides, decided in 
   recammaster  ReCamMaster's camera (camera.kind=recammaster: extrinsics in every block) on
              Wan2.1-T2V-1.3B at 81 x 480 x 832, its trainable set; recammaster-mini the same
              kind at the mini scale (tiny DiT, mini dataset).
+  cameractrl2  CameraCtrl II's camera (camera.kind=plucker: Plücker ray maps patchified and
+             added to the tokens) on Wan2.1-T2V-1.3B, camera dropout and camera guidance;
+             plucker-mini the same kind at the mini scale.
   nersemble  the paper's recipe (SPEC 6, 7): Wan2.2-I2V-A14B experts, 81 frames at stride 3,
              704x480, NeRSemble v2 plus a folder of in-the-wild videos, AdamW 5e-5, batch 24,
              3K steps; set data.multiview_root, data.wild_root, model.dit_checkpoint,
@@ -151,6 +154,10 @@ def train_config() -> tuple[ml_collections.ConfigDict, ...]:
     # of the fully trained parameters. 0: full fine-tuning of `trainable`. lora_alpha 0: = rank.
     train.lora_rank = 0
     train.lora_alpha = 0.0
+    # CameraCtrl II's joint training: the probability that a sample's camera is the null camera
+    # (camera kinds with one, e.g. plucker: an all-zero ray map), which sample.camera_guidance
+    # guides against. In-the-wild videos, which have no cameras, always have the null camera.
+    train.camera_dropout = 0.0
     # Chip utilisation: every step logs tflops_per_device and, against the device's dense bf16
     # peak (facecam_jax.perf.chips), mfu; peak_tflops > 0 overrides the peak (TFLOP/s per device).
     train.peak_tflops = 0.0
@@ -180,6 +187,9 @@ def sample_config() -> ml_collections.ConfigDict:
     sample = ml_collections.ConfigDict()
     sample.num_steps = 8  # Euler steps (the paper: 50)
     sample.cfg_scale = 5.0  # text guidance; skipped without text.embeddings (no negative prompt)
+    # Camera guidance (CameraCtrl II eq. 3, camera kinds with a null camera): one more pass per
+    # step against the null camera; 1.0: off (no extra pass).
+    sample.camera_guidance = 1.0
     sample.negative_prompt = ""
     sample.framing = "official"  # official | source (camera.trajectories)
     # Wan2.2 A14B: both experts (and their FaceCam overlays); empty: model.dit_checkpoint alone.
@@ -315,6 +325,38 @@ VARIANTS: dict[str, dict[str, object]] = {
         "data.wild_ratio": 0.0,
         "model.in_dim": 16,
         "train.trainable": ("self_attn",),
+    },
+    # CameraCtrl II (camera.kind=plucker: Plücker ray maps through their own patchify) on
+    # Wan2.1-T2V-1.3B: the paper's trainable set (the whole DiT and the camera patchify), joint
+    # training (camera dropout; in-the-wild videos have no camera), its sampler settings (Euler,
+    # 32 steps, shift 12, text CFG 7.5, camera CFG 8.0), at ReCamMaster's shape for comparison.
+    "cameractrl2": {
+        "camera.kind": "plucker",
+        "data.frames": 81,
+        "data.height": 480,
+        "data.width": 832,
+        "model.dit": "wan2.1-t2v-1.3b",
+        "model.in_dim": 16,
+        "model.param_dtype": "bfloat16",
+        "model.compute_dtype": "bfloat16",
+        "model.attention": "auto",
+        "model.remat": "full",
+        "model.shift": 12.0,
+        "vae.config": "wan2.1",
+        "vae.dtype": "bfloat16",
+        "train.trainable": ("all",),
+        "train.camera_dropout": 0.1,
+        "optimizer.lr": 1e-5,
+        "sample.num_steps": 32,
+        "sample.cfg_scale": 7.5,
+        "sample.camera_guidance": 8.0,
+    },
+    # The same kind at the mini scale (tiny DiT, mini dataset with its in-the-wild clip).
+    "plucker-mini": {
+        "camera.kind": "plucker",
+        "model.in_dim": 16,
+        "train.trainable": ("self_attn",),
+        "train.camera_dropout": 0.1,
     },
     "nersemble": {
         "data.dataset": "files",

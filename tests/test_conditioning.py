@@ -18,7 +18,7 @@ CFG = W.get_config("tiny").replace(in_dim=36)
 
 
 def test_kinds_are_the_modules_of_the_package_and_the_config_names_one():
-    assert options.camera_kinds()[:2] == ("landmarks", "recammaster")
+    assert options.camera_kinds() == ("landmarks", "plucker", "recammaster")
     kind = conditioning.of(load_config("mini,frames=9"))
     assert kind is conditioning.get("landmarks") and kind.name == "landmarks"
     with pytest.raises(ValueError, match="camera.kind must be one of 'landmarks', .*got 'rays'"):

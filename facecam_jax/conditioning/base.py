@@ -38,6 +38,9 @@ class CameraKind:
     trainable: tuple[str, ...] = ()
     # The layers its checkpoints may hold beyond a Wan DiT's (``load_dit(camera=...)``); None: none.
     checkpoint_camera: str | None = None
+    # Whether the kind has a null camera (``null_camera``): camera dropout in training and camera
+    # guidance in sampling (CameraCtrl II) need one.
+    has_null_camera: bool = False
 
     def __repr__(self) -> str:
         return f"<camera kind {self.name}>"
@@ -104,8 +107,11 @@ class CameraKind:
         video = ((data.frames, data.height, data.width, 3), np.uint8)
         return {"source": video, "target": video, **{k: video for k in self.batch_videos}}
 
-    def condition(self, latents: dict[str, Array], batch: dict[str, Array]) -> Condition:
-        """The condition of a training batch from its encoded ``batch_videos`` and its arrays."""
+    def condition(self, latents: dict[str, Array], batch: dict[str, Array], *, rng: Array | None = None,
+                  dropout: float = 0.0) -> Condition:
+        """The condition of a training batch from its encoded ``batch_videos`` and its arrays;
+        ``dropout``: the probability (drawn from ``rng``) that a sample's camera is the null camera
+        (``train.camera_dropout``; only kinds with one)."""
         return {**latents, **{k: batch[k] for k in self.batch_arrays}}
 
     # ------------------------------------------------------------------ sampling
@@ -147,6 +153,11 @@ class CameraKind:
     def abstract_condition(self, latent_shape: tuple[int, ...], sharding) -> Condition:
         """``encode_condition``'s result as shapes, for window rows of latents ``latent_shape``."""
         return {k: jax.ShapeDtypeStruct(latent_shape, jnp.float32, sharding=sharding) for k in self.batch_videos}
+
+    def null_camera(self, condition: Condition) -> Condition:
+        """The condition without a camera (camera dropout, camera guidance's null pass)."""
+        raise ValueError(f"camera kind {self.name!r} has no null camera: camera guidance and camera dropout need "
+                         "one (sample.camera_guidance=1.0, train.camera_dropout=0.0)")
 
     def unconditional(self, condition: Condition) -> Condition:
         """The condition of classifier-free guidance's unconditional pass (default: the same:

@@ -70,7 +70,7 @@ class ReCamMaster(CameraKind):
         spec["target_world_2_cam"] = ((data.frames, 4, 4), np.float32)
         return spec
 
-    def condition(self, latents, batch):
+    def condition(self, latents, batch, *, rng=None, dropout=0.0):
         poses = extrinsics.relative_poses(batch["source_world_2_cam"].astype(jnp.float32),
                                           batch["target_world_2_cam"].astype(jnp.float32), xp=jnp)
         return {"cameras": jax.lax.stop_gradient(poses)}

@@ -397,6 +397,9 @@ class WanDiT(nnx.Module):
         # Set by sampler.place_experts (sample.offload=blocks): the stacked block weights live in
         # host memory and run_blocks brings each layer to the device inside the scan.
         self.stream_blocks = False
+        # CameraCtrl II's camera patchify (``add_camera_patch``): Plücker ray maps -> tokens added
+        # to the video tokens before the first block; None: a plain Wan DiT.
+        self.camera_patch = nnx.data(None)
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         d = cfg.dim
         self.patch_embedding = PatchEmbed(cfg, **kw)
@@ -413,24 +416,25 @@ class WanDiT(nnx.Module):
         self.head = Head(cfg, **kw)
 
     def __call__(self, x: Array, t: Array, context: Array, *, out_frames: int | None = None,
-                 camera: Array | None = None) -> Array:
+                 camera: Array | None = None, rays: Array | None = None) -> Array:
         """Velocity for latents ``x [B, F, H, W, Cin]`` at timesteps ``t [B]`` or ``[B, L]``.
 
         ``context [B, Lt, text_dim]`` is zero-padded to ``text_len``. ``out_frames`` keeps
         only the first latent frames of the output (FaceCam discards the source half).
         ``camera [B, F, 12]``: one pose per latent frame for blocks with camera layers
-        (ReCamMaster, ``add_camera_layers``). ``embed`` -> ``run_blocks`` -> ``unembed``; a step
-        cache calls the parts itself.
+        (ReCamMaster, ``add_camera_layers``). ``rays [B, F, H, W, 6]``: Plücker ray maps on the
+        latent grid for a model with a camera patchify (CameraCtrl II, ``add_camera_patch``).
+        ``embed`` -> ``run_blocks`` -> ``unembed``; a step cache calls the parts itself.
         """
-        tokens, cond = self.embed(x, t, context, camera=camera)
+        tokens, cond = self.embed(x, t, context, camera=camera, rays=rays)
         return self.unembed(self.run_blocks(tokens, cond), cond, out_frames=out_frames)
 
     @property
     def has_camera_layers(self) -> bool:
         return self.blocks.cam_encoder is not None
 
-    def embed(self, x: Array, t: Array, context: Array, *, camera: Array | None = None
-              ) -> tuple[Array, "BlockInputs"]:
+    def embed(self, x: Array, t: Array, context: Array, *, camera: Array | None = None,
+              rays: Array | None = None) -> tuple[Array, "BlockInputs"]:
         """Checks the inputs; returns the block stack's input tokens ``[B, L, D]`` (fp32) and its conditioning."""
         cfg = self.config
         _, f, h, w, c = x.shape
@@ -454,8 +458,16 @@ class WanDiT(nnx.Module):
             raise ValueError(f"camera must be [B, F, 12] = {(x.shape[0], grid[0], 12)} (one 3x4 pose per latent "
                              f"frame of the DiT input), got {camera.shape}")
 
+        if (self.camera_patch is not None) != (rays is not None):
+            raise ValueError("this DiT has a camera patchify (CameraCtrl II): give rays [B, F, H, W, 6]" if rays is None
+                             else "ray maps were given but this DiT has no camera patchify (add_camera_patch)")
+        if rays is not None and rays.shape != (*x.shape[:4], 6):
+            raise ValueError(f"rays must be [B, F, H, W, 6] = {(*x.shape[:4], 6)} (the latent grid), got {rays.shape}")
         x_tok = self.patch_embedding(x.astype(dtype))  # [B, L, D]
-        x_tok = sh.constrain(x_tok.astype(jnp.float32), (sh.ACT_BATCH, sh.ACT_SEQ, sh.ACT_EMBED))
+        x_tok = x_tok.astype(jnp.float32)
+        if rays is not None:  # CameraCtrl II: the rays' own patchify, added before the first block
+            x_tok = x_tok + self.camera_patch(rays.astype(dtype)).astype(jnp.float32)
+        x_tok = sh.constrain(x_tok, (sh.ACT_BATCH, sh.ACT_SEQ, sh.ACT_EMBED))
 
         t = jnp.asarray(t)
         if t.ndim == 2 and t.shape[1] != n_tokens:
@@ -570,16 +582,17 @@ def facecam_velocity_cached(
 
 
 def cached_forward(model: WanDiT, x: Array, t: Array, context: Array, *, out_frames: int | None,
-                   skip: bool | Array, residual: Array, camera: Array | None = None) -> tuple[Array, Array]:
+                   skip: bool | Array, residual: Array, camera: Array | None = None,
+                   rays: Array | None = None) -> tuple[Array, Array]:
     """``model(x, t, context, out_frames=...)`` with the block stack replaceable by a cached
     residual (a step cache's hook).
 
     ``skip`` (a traced bool: ``lax.cond``; Python ``False``: no branch in the program) adds
     ``residual [B, L, D]`` to the stack's input tokens instead of running the blocks. Returns
     the output and the residual to cache: the blocks' output minus input when they ran (in
-    ``residual``'s dtype), else ``residual`` itself. ``camera``: as for ``WanDiT.__call__``.
+    ``residual``'s dtype), else ``residual`` itself. ``camera``, ``rays``: as for ``WanDiT.__call__``.
     """
-    tokens, cond = model.embed(x, t, context, camera=camera)
+    tokens, cond = model.embed(x, t, context, camera=camera, rays=rays)
 
     def run():
         out = model.run_blocks(tokens, cond)
@@ -669,6 +682,23 @@ def add_camera_layers(model: WanDiT) -> WanDiT:
 
     blocks.cam_encoder = stacked(12, d, (None, sh.EMBED), jnp.zeros((n, 12, d)))
     blocks.projector = stacked(d, d, (sh.EMBED, sh.HEADS), jnp.broadcast_to(jnp.eye(d), (n, d, d)))
+    return model
+
+
+# --------------------------------------------------------------------------- CameraCtrl II
+
+
+def add_camera_patch(model: WanDiT) -> WanDiT:
+    """CameraCtrl II's camera patchify on ``model`` (in place, abstract models too): a patch
+    embedding of 6-channel Plücker ray maps with the visual patchify's patch size and width,
+    zero-initialised, whose tokens are added to the video tokens before the first block (the
+    model's output is unchanged until it is trained). Returns ``model``."""
+    if model.camera_patch is not None:
+        return model
+    param_dtype = model.patch_embedding.kernel.get_value().dtype
+    layer = PatchEmbed(model.config.replace(in_dim=6), rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=model.dtype)
+    layer.kernel = nnx.Param(jnp.zeros_like(layer.kernel.get_value()), axes=(None, None, None, sh.CONV_IN, sh.EMBED))
+    model.camera_patch = layer
     return model
 
 

@@ -131,8 +131,12 @@ def dit_flops(cfg, batch: int, tokens: int, out_tokens: int, trainable: Sequence
     ]
     # A camera kind's own layers (``CameraKind.block_linears``): the input of a per-frame layer is
     # the camera, which needs no gradient; a per-token layer's input is on the tokens' path.
+    per_block = [c for c in camera_linears if c[0][0] == "blocks"]
     block += [(path, b * (frames if rows == "frames" else l), din, dout, tokens_grad and rows == "tokens")
-              for path, rows, din, dout in camera_linears]
+              for path, rows, din, dout in per_block]
+    # Once per forward (a camera patchify): its input is the camera's, which needs no gradient.
+    linears += [(path, b * (frames if rows == "frames" else l), din, dout, False, 1)
+                for path, rows, din, dout in camera_linears if path[0] != "blocks"]
     linears += [(*entry, layers) for entry in block]
     r = lora_rank if train else 0
     adapted = lambda path: r > 0 and path != ("patch_embedding",) and build.is_trainable(path, names)  # noqa: E731
@@ -193,7 +197,7 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
         parts["vae"] = vae_flops(vae_config, (videos * b, *video))
     elif program == "sample":
         s = config.sample
-        cfg_batch = 2 if s.cfg_scale != 1.0 else 1
+        cfg_batch = 1 + (s.cfg_scale != 1.0) + (s.get("camera_guidance", 1.0) != 1.0)  # passes per step
         one = dit_flops(dit_config, cfg_batch * windows, tokens, out_tokens, **camera)
         parts = {"forward": (s.num_steps if evaluations is None else evaluations) * one["forward"]}
         parts["vae"] = (vae_flops(vae_config, ((videos - 1) * windows, *video))

@@ -127,6 +127,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.trainable": (_names, "must be a non-empty tuple of parameter names (or ('all',))"),
     "train.lora_rank": _int_at_least(0),  # 0: full fine-tuning of train.trainable
     "train.lora_alpha": _number(0.0),  # 0: the rank
+    "train.camera_dropout": _number(0.0, 1.0),
     "train.peak_tflops": _number(0.0),
     "train.profile_start_step": _int_at_least(1),
     "train.profile_steps": _int_at_least(0),
@@ -142,6 +143,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mesh.tensor": (_mesh_size, "must be an integer >= 1, or -1 (the rest of the devices)"),
     "sample.num_steps": _int_at_least(1),
     "sample.cfg_scale": _number(),
+    "sample.camera_guidance": _number(),
     "sample.framing": _one_of(FRAMINGS),
     "camera.kind": ((lambda v: v in options.camera_kinds()),
                     f"must be one of {', '.join(map(repr, options.camera_kinds()))} (facecam_jax/conditioning/)"),

@@ -46,6 +46,7 @@ class SampleOptions:
     offload: str = "none"
     cfg: str = "batch"  # "batch": cond and uncond in one forward; "sequential": one after the other
     camera: str = opts.DEFAULT_CAMERA_KIND  # camera.kind
+    camera_guidance: float = 1.0  # CameraCtrl II's camera CFG scale (1.0: off, no extra pass)
 
     def __post_init__(self):
         if self.cache is not None and self.cache.num_steps != self.steps:
@@ -55,6 +56,8 @@ class SampleOptions:
     def of(cls, config, num_experts: int, *, guidance: float | None = None,
            windows: Windows | None = None) -> "SampleOptions":
         s = config.sample
+        if s.get("camera_guidance", 1.0) != 1.0 and not conditioning.of(config).has_null_camera:
+            conditioning.of(config).null_camera({})  # its error: this kind has no null camera to guide against
         boundary = config.model.expert_boundary if num_experts == 2 else None
         steps = s.num_steps
         cache = None
@@ -66,7 +69,13 @@ class SampleOptions:
                                               always_run=() if low is None or low >= steps else (low,))
         return cls(steps=steps, shift=config.model.shift, guidance=s.cfg_scale if guidance is None else guidance,
                    num_experts=num_experts, boundary=boundary, solver=s.solver, cache=cache, windows=windows,
-                   window_batch=s.window_batch, offload=s.offload, cfg=s.cfg, camera=conditioning.of(config).name)
+                   window_batch=s.window_batch, offload=s.offload, cfg=s.cfg, camera=conditioning.of(config).name,
+                   camera_guidance=s.get("camera_guidance", 1.0))
+
+    @property
+    def passes(self) -> int:
+        """DiT passes per step and window: 1, 2 with text CFG or with camera CFG, 3 with both."""
+        return 1 + (self.guidance != 1.0) + (self.camera_guidance != 1.0)
 
     def sigmas(self) -> np.ndarray:
         return flow.inference_sigmas(self.steps, self.shift)
@@ -128,26 +137,42 @@ def _forward(spec: _Spec, state, rows: _Rows, context, condition, skip, residual
 
 
 def _guided(spec: _Spec, state, rows: _Rows, skip, residual):
-    """The guided velocity of ``rows``: one pass without CFG; with it the conditional and
-    unconditional passes (the kind's unconditional condition, the negative prompt) as one batch
-    or one after the other (``sample.cfg``)."""
+    """The guided velocity of ``rows``: one pass without CFG; with text CFG the conditional and
+    unconditional passes (the kind's unconditional condition, the negative prompt); with camera
+    CFG (CameraCtrl II, eq. 3) also the pass with the kind's null camera:
+    ``v(0t, 0c) + w_text (v(t, 0c) - v(0t, 0c)) + w_cam (v(t, c) - v(t, 0c))``. The passes run as
+    one batch or one after the other (``sample.cfg``)."""
     options, kind = spec.options, spec.kind
-    if options.guidance == 1.0:
+    if options.guidance == 1.0 and options.camera_guidance == 1.0:
         return _forward(spec, state, rows, rows.ctx_cond, rows.condition, skip, residual)
-    uncond = kind.unconditional(rows.condition)
-    if options.cfg == "sequential":  # half the activations: the two passes one after the other
-        r_cond, r_uncond = (None, None) if residual is None else jnp.split(residual, 2, axis=0)
-        v_cond, r_cond = _forward(spec, state, rows, rows.ctx_cond, rows.condition, skip, r_cond)
-        v_uncond, r_uncond = _forward(spec, state, rows, rows.ctx_uncond, uncond, skip, r_uncond)
-        residual = None if residual is None else jnp.concatenate([r_cond, r_uncond])
-        return solvers.guided(v_cond, v_uncond, options.guidance), residual
-    two = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731  cond and uncond in one batch
-    both = dataclasses.replace(rows, x=two(rows.x), source=two(rows.source), t=two(rows.t))
-    condition = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), rows.condition, uncond)
-    v, residual = _forward(spec, state, both, jnp.concatenate([rows.ctx_cond, rows.ctx_uncond]), condition, skip,
-                           residual)
-    v_cond, v_uncond = jnp.split(v, 2, axis=0)
-    return solvers.guided(v_cond, v_uncond, options.guidance), residual
+    if options.camera_guidance == 1.0:  # text CFG, the camera in both passes
+        passes = [(rows.ctx_cond, rows.condition), (rows.ctx_uncond, kind.unconditional(rows.condition))]
+    else:
+        null = kind.null_camera(rows.condition)
+        passes = [(rows.ctx_cond, rows.condition), (rows.ctx_cond, null)]
+        passes += [(rows.ctx_uncond, null)] if options.guidance != 1.0 else []
+    vs, residual = _passes(spec, state, rows, passes, skip, residual)
+    if options.camera_guidance == 1.0:
+        return solvers.guided(vs[0], vs[1], options.guidance), residual
+    v_cam, v_null = vs[0], vs[1]
+    base = v_null if options.guidance == 1.0 else solvers.guided(v_null, vs[2], options.guidance)
+    return base + options.camera_guidance * (v_cam - v_null), residual
+
+
+def _passes(spec: _Spec, state, rows: _Rows, passes, skip, residual):
+    """The velocities of ``rows`` under each ``(context, condition)`` of ``passes``: as one batch,
+    or one after the other (half the activations for two passes)."""
+    n = len(passes)
+    if spec.options.cfg == "sequential":
+        parts = [None] * n if residual is None else jnp.split(residual, n, axis=0)
+        out = [_forward(spec, state, rows, ctx, cond, skip, r) for (ctx, cond), r in zip(passes, parts)]
+        residual = None if residual is None else jnp.concatenate([r for _, r in out])
+        return [v for v, _ in out], residual
+    many = lambda a: jnp.concatenate([a] * n, axis=0)  # noqa: E731
+    both = dataclasses.replace(rows, x=many(rows.x), source=many(rows.source), t=many(rows.t))
+    condition = jax.tree.map(lambda *c: jnp.concatenate(c, axis=0), *[cond for _, cond in passes])
+    v, residual = _forward(spec, state, both, jnp.concatenate([ctx for ctx, _ in passes]), condition, skip, residual)
+    return jnp.split(v, n, axis=0), residual
 
 
 def _chunked(spec: _Spec, state, rows: _Rows, skip, residual):
@@ -224,8 +249,8 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
 
 
 def cache_shape(dit_config, options: SampleOptions, source_shape) -> tuple[int, int, int]:
-    """The step cache's residual ``[rows, L, D]``: every window of every video, twice with CFG."""
-    rows = source_shape[0] * (2 if options.guidance != 1.0 else 1)
+    """The step cache's residual ``[rows, L, D]``: every window of every video, once per pass."""
+    rows = source_shape[0] * options.passes
     return conditioning.get(options.camera).token_shape(dit_config, (rows, *source_shape[1:]))
 
 

@@ -90,11 +90,11 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
     program = sample_program(nnx.graphdef(experts.models[0]), options)
     states = tuple(nnx.state(m) for m in experts.models)
     ran, steps = options.evaluations()
-    passes = 2 if options.guidance != 1.0 else 1
+    passes = options.passes
     log.info("sampling %d video(s) of %d frames: %d window(s) of %d frames, %d steps (%s), model evaluations: "
              "%d of %d (%d of %d forward passes per window%s)", len(sources), sources.shape[1],
              windows.count if windows else 1, config.data.frames if windows else sources.shape[1], steps,
-             options.solver, ran, steps, passes * ran, passes * steps, ", CFG" if passes == 2 else "")
+             options.solver, ran, steps, passes * ran, passes * steps, ", CFG" if passes > 1 else "")
     out = []
     for lo in range(0, len(sources), batch):
         part = {k: v[lo:lo + batch] for k, v in raw.items()}

@@ -52,6 +52,9 @@ def make_train_step(graphdef, vae_graphdef, optimizer, config):
     condition and the DiT's forward are the camera kind's (``conditioning.of(config)``)."""
     kind = conditioning.of(config)
     videos_in = ("source", "target", *kind.batch_videos)  # encoded together, in this order
+    camera_dropout = config.train.get("camera_dropout", 0.0)
+    if camera_dropout and not kind.has_null_camera:
+        kind.null_camera({})  # its error: this kind has no null camera to drop to
     grid = flow.TrainGrid.make(config.model.shift)
     index_range = grid.index_range(*flow.expert_timestep_range(config.model.expert or None, config.model.expert_boundary))
 
@@ -63,7 +66,7 @@ def make_train_step(graphdef, vae_graphdef, optimizer, config):
         videos = jnp.concatenate([to_unit_range(batch[k]) for k in videos_in], axis=0)  # [(2 + c) B, T, H, W, 3]
         latents = dict(zip(videos_in, jnp.split(jax.lax.stop_gradient(vae.encode(videos)), len(videos_in))))
         source, target = latents.pop("source"), latents.pop("target")
-        condition = kind.condition(latents, batch)
+        condition = kind.condition(latents, batch, rng=jax.random.fold_in(rng, 2), dropout=camera_dropout)
         sigma, timestep, weight = flow.sample_training_levels(level_rng, b, grid, index_range)
         eps = jax.random.normal(noise_rng, target.shape, jnp.float32)
         noisy = flow.add_noise(target, eps, sigma)

@@ -1,0 +1,148 @@
+"""CameraCtrl II's camera (paper in shared/papers/cameractrl2.txt; SPEC 12): per-pixel Plücker
+ray maps ``(o x d, d)`` of the target camera relative to the first source frame, one per latent
+frame on the latent grid, patchified by their own zero-initialised patch embedding and added
+to the video tokens before the first block (``wan_dit.add_camera_patch``).
+
+For video re-rendering the source video enters as in FaceCam and ReCamMaster: target and
+source latents concatenated along frames (16 channels), the ray maps on the target half and
+zero on the source half. We chose frame concatenation over channel concatenation because it
+is what both re-rendering systems in this project do (so the three kinds differ only in the
+camera), it needs no wider input layer, and the source tokens attend to the target through
+the same self-attention that carries the camera.
+
+The condition is compact and resolution-free: per latent frame the camera-to-world pose
+relative to the source camera (``c2w [B, F, 4, 4]``, metres), the intrinsics as fractions of
+the frame (``k [B, F, 4]``: fx / W, fy / H, cx / W, cy / H in ray_map's pixel-centre
+convention) and whether the sample has a camera (``has [B]``); the maps are computed on the
+latent grid inside the DiT's forward. The null camera (camera dropout in training, in-the-wild
+videos, camera guidance's null pass) is ``has = 0``: an all-zero ray map.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facecam_jax.camera import extrinsics, geometry, plucker, trajectories
+from facecam_jax.conditioning.base import CameraKind
+from facecam_jax.conditioning.recammaster import Poses
+from facecam_jax.models import wan_dit
+
+
+def _fractions(k: np.ndarray, height: int, width: int, xp=np):
+    """OpenCV intrinsics ``[..., 3, 3]`` of a ``height x width`` frame -> ``[..., 4]`` fractions of it."""
+    grid = plucker.grid_intrinsics(k, 1, xp=xp)  # (fx, fy, cx + 0.5, cy + 0.5) in pixels
+    return grid / xp.asarray([width, height, width, height], grid.dtype)
+
+
+class Plucker(CameraKind):
+    name = "plucker"
+    batch_arrays = ("source_world_2_cam", "target_world_2_cam", "target_intrinsics")
+    trainable = ("camera_patch",)
+    has_null_camera = True
+
+    def prepare(self, model, config):
+        return wan_dit.add_camera_patch(model)
+
+    def input_frames(self, frames: int) -> int:
+        return 2 * frames  # target half, then source half
+
+    def block_linears(self, config):
+        return ((("camera_patch",), "tokens", 6 * int(np.prod(config.patch_size)), config.dim),)
+
+    def dit_input(self, model, noisy, source, condition):
+        return wan_dit.recammaster_input(model, noisy, source)  # [noisy; source] along frames, no extra channels
+
+    def rays(self, noisy, condition):
+        """The DiT input's ray maps ``[B, 2F, h, w, 6]``: the target half's on the latent grid, zero
+        on the source half and for samples without a camera."""
+        b, f, h, w = noisy.shape[:4]
+        k = condition["k"] * jnp.asarray([w, h, w, h], jnp.float32)  # fractions -> latent-grid pixels
+        maps = plucker.ray_map(k, condition["c2w"], h, w, xp=jnp)  # [B, F, h, w, 6]
+        maps = maps * condition["has"].astype(maps.dtype)[:, None, None, None, None]
+        return jnp.concatenate([maps, jnp.zeros_like(maps)], axis=1)
+
+    def velocity(self, model, noisy, source, condition, t, context):
+        x = self.dit_input(model, noisy, source, condition)
+        return model(x, t, context, out_frames=noisy.shape[1], rays=self.rays(noisy, condition))
+
+    def velocity_cached(self, model, noisy, source, condition, t, context, *, skip, residual):
+        x = self.dit_input(model, noisy, source, condition)
+        return wan_dit.cached_forward(model, x, t, context, out_frames=noisy.shape[1], skip=skip, residual=residual,
+                                      rays=self.rays(noisy, condition))
+
+    def null_camera(self, condition):
+        return {**condition, "has": jnp.zeros_like(condition["has"])}
+
+    # ------------------------------------------------------------------ training
+
+    def batch_spec(self, data):
+        spec = super().batch_spec(data)
+        spec["source_world_2_cam"] = ((4, 4), np.float32)
+        spec["target_world_2_cam"] = ((data.frames, 4, 4), np.float32)
+        spec["target_intrinsics"] = ((data.frames, 3, 3), np.float32)
+        return spec
+
+    def condition(self, latents, batch, *, rng=None, dropout=0.0):
+        source, target = batch["source_world_2_cam"], batch["target_world_2_cam"]
+        height, width = batch["target"].shape[2:4]
+        idx = extrinsics.latent_frame_indices(target.shape[1])
+        k = batch["target_intrinsics"][:, idx]
+        has = jnp.all(jnp.isfinite(source), axis=(1, 2)) & jnp.all(jnp.isfinite(target[:, idx]), axis=(1, 2, 3))
+        has = has & jnp.all(jnp.isfinite(k), axis=(1, 2, 3))
+        c2w = jnp.einsum("bij,btjk->btik", jnp.nan_to_num(source), jnp.linalg.inv(jnp.where(
+            has[:, None, None, None], target[:, idx], jnp.eye(4))))  # each target camera in the source's frame
+        if dropout and rng is not None:
+            has = has & (jax.random.uniform(rng, has.shape) >= dropout)
+        fractions = _fractions(jnp.where(has[:, None, None, None], k, jnp.eye(3)), height, width, xp=jnp)
+        return jax.lax.stop_gradient({"c2w": c2w.astype(jnp.float32), "k": fractions.astype(jnp.float32),
+                                      "has": has.astype(jnp.float32)})
+
+    # ------------------------------------------------------------------ sampling
+
+    def load_trajectory(self, spec, frames: int):
+        """A project trajectory (its orbit and field of view), or ReCamMaster's presets and camera
+        files (poses only: the base field of view)."""
+        text = str(spec)
+        if extrinsics.preset_number(text) is not None or (text.rpartition(":")[0].endswith(".json")
+                                                          and text.rpartition(":")[2].isdigit()):
+            from facecam_jax.conditioning import recammaster  # the same camera files and presets
+
+            return recammaster.KIND.load_trajectory(spec, frames)
+        return trajectories.load_trajectory(spec, frames)
+
+    def make_condition(self, trajectory, *, height, width, framing, source_frames):
+        if isinstance(trajectory, Poses):  # relative 3x4 poses of the latent frames, base field of view
+            rows = trajectory.poses.reshape(-1, 3, 4)
+            c2w = np.concatenate([rows, np.broadcast_to([[[0.0, 0.0, 0.0, 1.0]]], (len(rows), 1, 4))], axis=1)
+            k = np.broadcast_to(geometry.camera_matrix(height, width, fov=geometry.BASE_FOV), (len(rows), 3, 3))
+        else:
+            c2w, k = trajectories.orbit_cameras(trajectory, render_size=min(height, width))
+            c2w, k = c2w[extrinsics.latent_frame_indices(trajectory.num_frames)], k[
+                extrinsics.latent_frame_indices(trajectory.num_frames)]
+            c2w = extrinsics.relative_to_first(c2w)
+            c2w[:, :3, 3] *= extrinsics.METRES_PER_ORBIT_UNIT
+        return {"c2w": np.asarray(c2w, np.float32), "k": _fractions(np.asarray(k), height, width).astype(np.float32),
+                "has": np.ones((), np.float32)}
+
+    def encode_condition(self, raw, encode, windows):
+        out = {k: jnp.asarray(v, jnp.float32) for k, v in raw.items()}  # c2w [N, T, 4, 4], k [N, T, 4], has [N]
+        if windows is None:
+            return out
+        per = lambda a: jnp.stack([a[:, s:s + windows.length] for s in windows.starts], axis=1)  # noqa: E731
+        n = out["has"].shape[0]
+        return {"c2w": per(out["c2w"]).reshape(-1, windows.length, 4, 4),
+                "k": per(out["k"]).reshape(-1, windows.length, 4),
+                "has": jnp.repeat(out["has"], windows.count, axis=0).reshape(n * windows.count)}
+
+    def abstract_condition(self, latent_shape, sharding):
+        rows, f = latent_shape[:2]
+
+        def shape(*s):
+            return jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding)
+
+        return {"c2w": shape(rows, f, 4, 4), "k": shape(rows, f, 4), "has": shape(rows)}
+
+
+KIND = Plucker()

@@ -46,6 +46,10 @@ RECIPES = {
     # 2 x 32,760 tokens, camera layers in every block, its trainable set (issue 30).
     "rcm-1.3b-train": ("train", "recammaster"),
     "rcm-1.3b-sample": ("sample", "recammaster"),
+    # CameraCtrl II (camera.kind=plucker) on Wan2.1-T2V-1.3B, the whole DiT trained, at the same
+    # shape; sampling with text and camera guidance: 3 passes per step (issue 31).
+    "cc2-1.3b-train": ("train", "cameractrl2"),
+    "cc2-1.3b-sample": ("sample", "cameractrl2"),
 }
 
 
@@ -114,6 +118,9 @@ CASES = [case(*c) for c in [
     ("rcm-1.3b-sample", "v5e", 1, 1),
     ("rcm-1.3b-train", "v5e", 2, 2),
     ("rcm-1.3b-train", "v6e", 1, 1),
+    # CameraCtrl II 1.3B (issue 31): one chip of each kind.
+    ("cc2-1.3b-train", "v5p", 1, 1),
+    ("cc2-1.3b-sample", "v5e", 1, 1),
 ]]
 
 

@@ -124,3 +124,27 @@ def test_flops_count_the_camera_patchify_as_traced():
     assert 0 < rays < 1e-3 * traced_forward
     assert flops["forward"] == traced_forward - rays > flops_lib.dit_flops(TINY, 1, 16, 8)["forward"]
     assert flops["forward"] + flops["backward"] == traced_step - rays
+
+
+def test_plucker_samples_alike_on_one_and_eight_devices_and_from_the_cli(tmp_path):
+    """Camera guidance in the rendered program: fsdp 8 renders what one device renders (within
+    one grey level), and the sample command line runs the kind with camera guidance."""
+    import forked_runs
+
+    from facecam_jax import sampling
+    from facecam_jax.video_io import read_video
+
+    config = load_config("plucker-mini,frames=9,sample.num_steps=2,sample.camera_guidance=3.0")
+    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 48, 3), dtype=np.uint8)
+    path = KIND.load_trajectory("arc_left", 9)
+    videos = [sampling.generate(config, frames, path, mesh=sh.make_mesh(1, n, 1, 1, devices=jax.devices()[:n])).video
+              for n in (1, 8)]
+    diff = np.abs(videos[0].astype(int) - videos[1].astype(int)).max()
+    print(f"\nplucker render with camera guidance, fsdp 8 vs 1 device: max {diff} grey levels")
+    assert diff <= 1
+    out = tmp_path / "out.mp4"
+    run = forked_runs.run("-m", "facecam_jax.sample", "--config", "configs/facecam.py:plucker-mini,frames=9",
+                          "--config.sample.num_steps=1", "--config.sample.camera_guidance=2.0", "--frames", "9",
+                          "--trajectory", "cam05", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert read_video(str(out))[0].shape == (9, 64, 48, 3)

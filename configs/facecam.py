@@ -268,6 +268,22 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+# The camera-representation baselines' shared recipe: Wan2.1-T2V-1.3B (16 input channels: target
+# and source along frames) at ReCamMaster's shape, bf16, splash attention, full remat.
+_T2V_1_3B_480P: dict[str, object] = {
+    "data.frames": 81,
+    "data.height": 480,
+    "data.width": 832,
+    "model.dit": "wan2.1-t2v-1.3b",
+    "model.in_dim": 16,
+    "model.param_dtype": "bfloat16",
+    "model.compute_dtype": "bfloat16",
+    "model.attention": "auto",
+    "model.remat": "full",
+    "vae.config": "wan2.1",
+    "vae.dtype": "bfloat16",
+}
+
 # Each variant is the base plus these overrides (dotted paths), and nothing else.
 VARIANTS: dict[str, dict[str, object]] = {
     "mini": {},
@@ -301,19 +317,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     # from the base, or ReCamMaster's step20000.ckpt: its camera layers load with it) and the
     # data roots.
     "recammaster": {
+        **_T2V_1_3B_480P,
         "camera.kind": "recammaster",
-        "data.frames": 81,
-        "data.height": 480,
-        "data.width": 832,
         "data.wild_ratio": 0.0,
-        "model.dit": "wan2.1-t2v-1.3b",
-        "model.in_dim": 16,
-        "model.param_dtype": "bfloat16",
-        "model.compute_dtype": "bfloat16",
-        "model.attention": "auto",
-        "model.remat": "full",
-        "vae.config": "wan2.1",
-        "vae.dtype": "bfloat16",
         "train.trainable": ("self_attn",),
         "optimizer.lr": 1e-4,
         "sample.num_steps": 50,
@@ -331,19 +337,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     # training (camera dropout; in-the-wild videos have no camera), its sampler settings (Euler,
     # 32 steps, shift 12, text CFG 7.5, camera CFG 8.0), at ReCamMaster's shape for comparison.
     "cameractrl2": {
+        **_T2V_1_3B_480P,
         "camera.kind": "plucker",
-        "data.frames": 81,
-        "data.height": 480,
-        "data.width": 832,
-        "model.dit": "wan2.1-t2v-1.3b",
-        "model.in_dim": 16,
-        "model.param_dtype": "bfloat16",
-        "model.compute_dtype": "bfloat16",
-        "model.attention": "auto",
-        "model.remat": "full",
         "model.shift": 12.0,
-        "vae.config": "wan2.1",
-        "vae.dtype": "bfloat16",
         "train.trainable": ("all",),
         "train.camera_dropout": 0.1,
         "optimizer.lr": 1e-5,

@@ -130,16 +130,12 @@ def test_plucker_samples_alike_on_one_and_eight_devices_and_from_the_cli(tmp_pat
     """Camera guidance in the rendered program: fsdp 8 renders what one device renders (within
     one grey level), and the sample command line runs the kind with camera guidance."""
     import forked_runs
+    from camera_kind_checks import grey_levels_one_vs_eight_devices
 
-    from facecam_jax import sampling
     from facecam_jax.video_io import read_video
 
     config = load_config("plucker-mini,frames=9,sample.num_steps=2,sample.camera_guidance=3.0")
-    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 48, 3), dtype=np.uint8)
-    path = KIND.load_trajectory("arc_left", 9)
-    videos = [sampling.generate(config, frames, path, mesh=sh.make_mesh(1, n, 1, 1, devices=jax.devices()[:n])).video
-              for n in (1, 8)]
-    diff = np.abs(videos[0].astype(int) - videos[1].astype(int)).max()
+    diff = grey_levels_one_vs_eight_devices(config, "arc_left")
     print(f"\nplucker render with camera guidance, fsdp 8 vs 1 device: max {diff} grey levels")
     assert diff <= 1
     out = tmp_path / "out.mp4"

@@ -233,19 +233,12 @@ def test_recammaster_samples_alike_on_one_and_eight_devices_and_from_the_cli(tmp
     """The sampling program with the camera layers on fsdp 8 renders what one device renders
     (within one grey level); the sample command line takes ReCamMaster's camera files."""
     import forked_runs
+    from camera_kind_checks import grey_levels_one_vs_eight_devices
 
-    from facecam_jax import sampling
-    from facecam_jax import sharding as sh
     from facecam_jax.runtime.config_file import load_config
     from facecam_jax.video_io import read_video
 
-    config = load_config("recammaster-mini,frames=9,sample.num_steps=2")
-    kind = conditioning.of(config)
-    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 48, 3), dtype=np.uint8)
-    path = kind.load_trajectory("cam09", 9)
-    videos = [sampling.generate(config, frames, path, mesh=sh.make_mesh(1, n, 1, 1, devices=jax.devices()[:n])).video
-              for n in (1, 8)]
-    diff = np.abs(videos[0].astype(int) - videos[1].astype(int)).max()
+    diff = grey_levels_one_vs_eight_devices(load_config("recammaster-mini,frames=9,sample.num_steps=2"), "cam09")
     print(f"\nrecammaster render, fsdp 8 vs 1 device: max {diff} grey levels")
     assert diff <= 1
     cameras = tmp_path / "camera_extrinsics.json"

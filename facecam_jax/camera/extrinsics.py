@@ -20,6 +20,7 @@ poses in that format.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -196,6 +197,26 @@ def preset_poses(spec: str, frames: int) -> np.ndarray:
         raise ValueError(f"unknown preset {spec!r}: cam01..cam10 or {', '.join(PRESETS)}")
     c2w = preset_c2w(PRESETS[number - 1], frames)
     return flatten(relative_to_first(c2w[latent_frame_indices(frames)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Poses:
+    """A camera path as relative poses: ``poses [ceil(num_frames / 4), 12]`` (3x4, row-major)."""
+
+    poses: np.ndarray
+    num_frames: int
+
+
+def load_poses(spec, frames: int) -> Poses | None:
+    """ReCamMaster's presets (``cam01``..``cam10`` or their names) and camera files (``path.json:N``)
+    as ``Poses`` over ``frames`` frames; None for anything else (a project trajectory)."""
+    text = str(spec)
+    if preset_number(text) is not None:
+        return Poses(preset_poses(text, frames), frames)
+    path, sep, camera = text.rpartition(":")
+    if sep and path.endswith(".json") and camera.isdigit():
+        return Poses(recammaster_poses(path, int(camera), frames), frames)
+    return None
 
 
 # ------------------------------------------------------------------ the project's trajectories

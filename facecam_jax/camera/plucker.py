@@ -55,25 +55,31 @@ def grid_intrinsics(K, stride: int, xp=np):
     return xp.stack([K[..., 0, 0], K[..., 1, 1], K[..., 0, 2] + 0.5, K[..., 1, 2] + 0.5], axis=-1) / stride
 
 
-def latent_ray_maps(source_w2c, target_w2c, target_K, height: int, width: int, stride: int = 8, xp=np):
-    """Training pairs' ray maps: at the latent frames' video frames, each target camera relative
-    to the source camera (camera-to-world ``source_w2c @ inv(target_w2c_t)``), on the latent grid.
-    ``source_w2c [B, 4, 4]``, ``target_w2c [B, T, 4, 4]`` (OpenCV world-to-camera), ``target_K
-    [B, T, 3, 3]`` (full resolution, ``height x width``) -> float32
-    ``[B, ceil(T / 4), height // stride, width // stride, 6]``. A sample with any non-finite
-    camera (NaN: in-the-wild video) gets an all-zero map, CameraCtrl II's null camera."""
+def training_cameras(source_w2c, target_w2c, target_K, xp=np):
+    """Training pairs' cameras at the latent frames' video frames: each target camera relative to
+    the source camera (camera-to-world ``source_w2c @ inv(target_w2c_t)``) ``[B, F, 4, 4]``, its
+    intrinsics ``[B, F, 3, 3]`` and whether the sample has cameras at all ``[B]`` (a NaN anywhere,
+    as an in-the-wild video has, is no camera: its cameras are the identity, never NaN)."""
     source_w2c, target_w2c, target_K = (xp.asarray(a) for a in (source_w2c, target_w2c, target_K))
     dtype = _float_dtype(xp, source_w2c, target_w2c, target_K)
     known = (xp.all(xp.isfinite(source_w2c), axis=(-2, -1))
              & xp.all(xp.isfinite(target_w2c), axis=(-3, -2, -1))
              & xp.all(xp.isfinite(target_K), axis=(-3, -2, -1)))  # [B]
     idx = latent_frame_indices(target_w2c.shape[1])
-    # Unknown samples compute on identity cameras (no NaN through inv), then are zeroed.
+    # Unknown samples compute on identity cameras (no NaN through inv).
     eye4, eye3 = xp.eye(4, dtype=dtype), xp.eye(3, dtype=dtype)
     source = xp.where(known[:, None, None], source_w2c.astype(dtype), eye4)  # [B, 4, 4]
     target = xp.where(known[:, None, None, None], target_w2c[:, idx].astype(dtype), eye4)  # [B, F, 4, 4]
     K = xp.where(known[:, None, None, None], target_K[:, idx].astype(dtype), eye3)  # [B, F, 3, 3]
-    c2w = source[:, None] @ xp.linalg.inv(target)  # [B, F, 4, 4]
+    return source[:, None] @ xp.linalg.inv(target), K, known
+
+
+def latent_ray_maps(source_w2c, target_w2c, target_K, height: int, width: int, stride: int = 8, xp=np):
+    """Training pairs' ray maps (``training_cameras``) on the latent grid: ``source_w2c [B, 4, 4]``,
+    ``target_w2c [B, T, 4, 4]`` (OpenCV world-to-camera), ``target_K [B, T, 3, 3]`` (full
+    resolution, ``height x width``) -> float32 ``[B, ceil(T / 4), height // stride, width // stride, 6]``.
+    A sample without cameras gets an all-zero map, CameraCtrl II's null camera."""
+    c2w, K, known = training_cameras(source_w2c, target_w2c, target_K, xp)
     maps = ray_map(grid_intrinsics(K, stride, xp), c2w, height // stride, width // stride, xp)
     return xp.where(known[:, None, None, None, None], maps, xp.zeros((), maps.dtype))
 

@@ -9,6 +9,7 @@ needs. Everything that moves rows around (CFG's doubled batch, a long video's wi
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable
 
 import jax
@@ -23,10 +24,10 @@ Array = jax.Array
 Condition = dict[str, Any]  # the kind's condition: arrays [B, ...] (latents, cameras, ...)
 
 
-class CameraKind:
-    """A camera representation. A kind sets the class attributes and overrides the methods
-    whose default (a condition made of VAE-encoded videos, entering through the DiT input)
-    does not describe it."""
+class CameraKind(abc.ABC):
+    """A camera representation. A kind sets the class attributes, defines ``dit_input`` and
+    ``make_condition``, and overrides the methods whose default (a condition made of VAE-encoded
+    videos and per-frame arrays, entering through the DiT input) does not describe it."""
 
     name: str = ""
     # Training batch entries (uint8 videos [B, T, H, W, 3]) VAE-encoded with source and target:
@@ -56,9 +57,9 @@ class CameraKind:
         """Latent frames the DiT sees for ``frames`` target latent frames."""
         return frames
 
+    @abc.abstractmethod
     def dit_input(self, model: WanDiT, noisy: Array, source: Array, condition: Condition) -> Array:
         """The DiT's input latents ``[B, input_frames(F), H, W, in_dim]``."""
-        raise NotImplementedError(f"camera kind {self.name!r} defines neither dit_input nor velocity")
 
     def velocity(self, model: WanDiT, noisy: Array, source: Array, condition: Condition, t: Array,
                  context: Array) -> Array:
@@ -121,11 +122,12 @@ class CameraKind:
         frames, in the form ``make_condition`` takes (default: ``camera.trajectories``')."""
         return trajectories.load_trajectory(spec, frames)
 
+    @abc.abstractmethod
     def make_condition(self, trajectory, *, height: int, width: int, framing: str,
                        source_frames: np.ndarray) -> dict[str, np.ndarray]:
         """The raw condition of one video along ``trajectory`` (``load_trajectory``'s result, or a
-        project ``Trajectory``)."""
-        raise NotImplementedError(f"camera kind {self.name!r} has no sampling condition")
+        project ``Trajectory``): uint8 videos ``[T, H, W, 3]``, arrays per latent frame ``[F, ...]``
+        and per-video values ``[]``."""
 
     def preview(self, raw: dict[str, np.ndarray], source_frames: np.ndarray) -> np.ndarray:
         """A uint8 video like ``source_frames [T, H, W, 3]`` showing one video's raw condition (the
@@ -143,12 +145,25 @@ class CameraKind:
 
     def encode_condition(self, raw: dict[str, np.ndarray], encode: Callable[[np.ndarray], Array],
                          windows) -> Condition:
-        """A batch's raw conditions ``[N, T, ...]`` -> the program's condition per window row:
-        ``encode`` turns uint8 videos into the latents of their windows (``[N * K, F, h, w, C]``,
-        ``windows``: a long video's ``diffusion.windows.Windows``, or None)."""
-        if self.batch_arrays:
-            raise NotImplementedError(f"camera kind {self.name!r} must say how its arrays are windowed")
-        return {k: encode(raw[k]) for k in self.batch_videos}
+        """A batch's raw conditions -> the program's condition per window row (video-major,
+        ``[N * K, ...]``): uint8 videos ``[N, T, H, W, 3]`` through ``encode`` (the latents of their
+        windows), arrays per latent frame ``[N, F_total, ...]`` cut to each window's frames (the
+        timeline's; ``windows``: a long video's ``diffusion.windows.Windows``, or None), per-video
+        values ``[N]`` repeated per window."""
+        out = {}
+        for key, value in raw.items():
+            if key in self.batch_videos:
+                out[key] = encode(value)
+                continue
+            value = jnp.asarray(value, jnp.float32)
+            if windows is None:
+                out[key] = value
+            elif value.ndim == 1:
+                out[key] = jnp.repeat(value, windows.count, axis=0)
+            else:
+                cut = jnp.stack([value[:, s:s + windows.length] for s in windows.starts], axis=1)
+                out[key] = cut.reshape(-1, *cut.shape[2:])  # [N * K, F, ...]
+        return out
 
     def abstract_condition(self, latent_shape: tuple[int, ...], sharding) -> Condition:
         """``encode_condition``'s result as shapes, for window rows of latents ``latent_shape``."""
@@ -156,8 +171,14 @@ class CameraKind:
 
     def null_camera(self, condition: Condition) -> Condition:
         """The condition without a camera (camera dropout, camera guidance's null pass)."""
-        raise ValueError(f"camera kind {self.name!r} has no null camera: camera guidance and camera dropout need "
-                         "one (sample.camera_guidance=1.0, train.camera_dropout=0.0)")
+        self.require_null_camera()
+        return condition
+
+    def require_null_camera(self) -> None:
+        """A clear error, before anything is built, for a kind without a null camera."""
+        if not self.has_null_camera:
+            raise ValueError(f"camera kind {self.name!r} has no null camera: camera guidance and camera dropout "
+                             "need one (sample.camera_guidance=1.0, train.camera_dropout=0.0)")
 
     def unconditional(self, condition: Condition) -> Condition:
         """The condition of classifier-free guidance's unconditional pass (default: the same:

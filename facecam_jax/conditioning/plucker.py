@@ -26,7 +26,6 @@ import numpy as np
 
 from facecam_jax.camera import extrinsics, geometry, plucker, trajectories
 from facecam_jax.conditioning.base import CameraKind
-from facecam_jax.conditioning.recammaster import Poses
 from facecam_jax.models import wan_dit
 
 
@@ -85,18 +84,13 @@ class Plucker(CameraKind):
         return spec
 
     def condition(self, latents, batch, *, rng=None, dropout=0.0):
-        source, target = batch["source_world_2_cam"], batch["target_world_2_cam"]
         height, width = batch["target"].shape[2:4]
-        idx = extrinsics.latent_frame_indices(target.shape[1])
-        k = batch["target_intrinsics"][:, idx]
-        has = jnp.all(jnp.isfinite(source), axis=(1, 2)) & jnp.all(jnp.isfinite(target[:, idx]), axis=(1, 2, 3))
-        has = has & jnp.all(jnp.isfinite(k), axis=(1, 2, 3))
-        c2w = jnp.einsum("bij,btjk->btik", jnp.nan_to_num(source), jnp.linalg.inv(jnp.where(
-            has[:, None, None, None], target[:, idx], jnp.eye(4))))  # each target camera in the source's frame
+        c2w, k, has = plucker.training_cameras(batch["source_world_2_cam"], batch["target_world_2_cam"],
+                                               batch["target_intrinsics"], xp=jnp)
         if dropout and rng is not None:
             has = has & (jax.random.uniform(rng, has.shape) >= dropout)
-        fractions = _fractions(jnp.where(has[:, None, None, None], k, jnp.eye(3)), height, width, xp=jnp)
-        return jax.lax.stop_gradient({"c2w": c2w.astype(jnp.float32), "k": fractions.astype(jnp.float32),
+        return jax.lax.stop_gradient({"c2w": c2w.astype(jnp.float32),
+                                      "k": _fractions(k, height, width, xp=jnp).astype(jnp.float32),
                                       "has": has.astype(jnp.float32)})
 
     # ------------------------------------------------------------------ sampling
@@ -104,16 +98,10 @@ class Plucker(CameraKind):
     def load_trajectory(self, spec, frames: int):
         """A project trajectory (its orbit and field of view), or ReCamMaster's presets and camera
         files (poses only: the base field of view)."""
-        text = str(spec)
-        if extrinsics.preset_number(text) is not None or (text.rpartition(":")[0].endswith(".json")
-                                                          and text.rpartition(":")[2].isdigit()):
-            from facecam_jax.conditioning import recammaster  # the same camera files and presets
-
-            return recammaster.KIND.load_trajectory(spec, frames)
-        return trajectories.load_trajectory(spec, frames)
+        return extrinsics.load_poses(spec, frames) or trajectories.load_trajectory(spec, frames)
 
     def make_condition(self, trajectory, *, height, width, framing, source_frames):
-        if isinstance(trajectory, Poses):  # relative 3x4 poses of the latent frames, base field of view
+        if isinstance(trajectory, extrinsics.Poses):  # relative 3x4 poses of the latent frames, base field of view
             rows = trajectory.poses.reshape(-1, 3, 4)
             c2w = np.concatenate([rows, np.broadcast_to([[[0.0, 0.0, 0.0, 1.0]]], (len(rows), 1, 4))], axis=1)
             k = np.broadcast_to(geometry.camera_matrix(height, width, fov=geometry.BASE_FOV), (len(rows), 3, 3))
@@ -125,16 +113,6 @@ class Plucker(CameraKind):
             c2w[:, :3, 3] *= extrinsics.METRES_PER_ORBIT_UNIT
         return {"c2w": np.asarray(c2w, np.float32), "k": _fractions(np.asarray(k), height, width).astype(np.float32),
                 "has": np.ones((), np.float32)}
-
-    def encode_condition(self, raw, encode, windows):
-        out = {k: jnp.asarray(v, jnp.float32) for k, v in raw.items()}  # c2w [N, T, 4, 4], k [N, T, 4], has [N]
-        if windows is None:
-            return out
-        per = lambda a: jnp.stack([a[:, s:s + windows.length] for s in windows.starts], axis=1)  # noqa: E731
-        n = out["has"].shape[0]
-        return {"c2w": per(out["c2w"]).reshape(-1, windows.length, 4, 4),
-                "k": per(out["k"]).reshape(-1, windows.length, 4),
-                "has": jnp.repeat(out["has"], windows.count, axis=0).reshape(n * windows.count)}
 
     def abstract_condition(self, latent_shape, sharding):
         rows, f = latent_shape[:2]

@@ -16,8 +16,6 @@ timeline's, relative to the same source camera.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,14 +23,6 @@ import numpy as np
 from facecam_jax.camera import extrinsics, trajectories
 from facecam_jax.conditioning.base import CameraKind
 from facecam_jax.models import wan_dit
-
-
-@dataclasses.dataclass(frozen=True)
-class Poses:
-    """A camera path as ReCamMaster takes it: ``poses [ceil(num_frames / 4), 12]``."""
-
-    poses: np.ndarray
-    num_frames: int
 
 
 class ReCamMaster(CameraKind):
@@ -77,28 +67,18 @@ class ReCamMaster(CameraKind):
 
     # ------------------------------------------------------------------ sampling
 
-    def load_trajectory(self, spec, frames: int) -> Poses:
+    def load_trajectory(self, spec, frames: int) -> extrinsics.Poses:
         """``cam01``..``cam10`` or a preset's name, ``path.json:N`` (a ReCamMaster camera file and
         its camera number), or any trajectory the project reads."""
-        text = str(spec)
-        if extrinsics.preset_number(text) is not None:
-            return Poses(extrinsics.preset_poses(text, frames), frames)
-        path, sep, camera = text.rpartition(":")
-        if sep and path.endswith(".json") and camera.isdigit():
-            return Poses(extrinsics.recammaster_poses(path, int(camera), frames), frames)
-        return Poses(extrinsics.trajectory_poses(trajectories.load_trajectory(spec, frames)), frames)
+        poses = extrinsics.load_poses(spec, frames)
+        if poses is not None:
+            return poses
+        return extrinsics.Poses(extrinsics.trajectory_poses(trajectories.load_trajectory(spec, frames)), frames)
 
     def make_condition(self, trajectory, *, height, width, framing, source_frames):
         if isinstance(trajectory, trajectories.Trajectory):
-            trajectory = Poses(extrinsics.trajectory_poses(trajectory), trajectory.num_frames)
+            trajectory = extrinsics.Poses(extrinsics.trajectory_poses(trajectory), trajectory.num_frames)
         return {"cameras": np.asarray(trajectory.poses, np.float32)}
-
-    def encode_condition(self, raw, encode, windows):
-        cameras = jnp.asarray(raw["cameras"], jnp.float32)  # [N, total latent frames, 12]
-        if windows is None:
-            return {"cameras": cameras}
-        per_window = jnp.stack([cameras[:, s:s + windows.length] for s in windows.starts], axis=1)
-        return {"cameras": per_window.reshape(-1, windows.length, extrinsics.POSE_SIZE)}  # [N * K, F, 12]
 
     def abstract_condition(self, latent_shape, sharding):
         return {"cameras": jax.ShapeDtypeStruct((*latent_shape[:2], extrinsics.POSE_SIZE), jnp.float32,

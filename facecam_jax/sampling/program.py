@@ -56,8 +56,8 @@ class SampleOptions:
     def of(cls, config, num_experts: int, *, guidance: float | None = None,
            windows: Windows | None = None) -> "SampleOptions":
         s = config.sample
-        if s.get("camera_guidance", 1.0) != 1.0 and not conditioning.of(config).has_null_camera:
-            conditioning.of(config).null_camera({})  # its error: this kind has no null camera to guide against
+        if s.get("camera_guidance", 1.0) != 1.0:
+            conditioning.of(config).require_null_camera()
         boundary = config.model.expert_boundary if num_experts == 2 else None
         steps = s.num_steps
         cache = None

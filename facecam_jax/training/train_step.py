@@ -53,8 +53,8 @@ def make_train_step(graphdef, vae_graphdef, optimizer, config):
     kind = conditioning.of(config)
     videos_in = ("source", "target", *kind.batch_videos)  # encoded together, in this order
     camera_dropout = config.train.get("camera_dropout", 0.0)
-    if camera_dropout and not kind.has_null_camera:
-        kind.null_camera({})  # its error: this kind has no null camera to drop to
+    if camera_dropout:
+        kind.require_null_camera()
     grid = flow.TrainGrid.make(config.model.shift)
     index_range = grid.index_range(*flow.expert_timestep_range(config.model.expert or None, config.model.expert_boundary))
 

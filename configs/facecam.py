@@ -158,6 +158,11 @@ def train_config() -> tuple[ml_collections.ConfigDict, ...]:
     # (camera kinds with one, e.g. plucker: an all-zero ray map), which sample.camera_guidance
     # guides against. In-the-wild videos, which have no cameras, always have the null camera.
     train.camera_dropout = 0.0
+    # CameraCtrl II's clip-level extension, trained jointly with single clips: the probability
+    # that a sample's first 1 .. F // 2 latent frames (drawn uniformly) are clean context (not
+    # noised, marked by a mask channel, no loss on them), as when sample.extend=clip continues
+    # a clip. Camera kinds with a context mask (plucker) only.
+    train.context_prob = 0.0
     # Chip utilisation: every step logs tflops_per_device and, against the device's dense bf16
     # peak (facecam_jax.perf.chips), mfu; peak_tflops > 0 overrides the peak (TFLOP/s per device).
     train.peak_tflops = 0.0
@@ -224,6 +229,12 @@ def sample_config() -> ml_collections.ConfigDict:
     # forward pass (0: all at once); at most max_frames frames.
     sample.window_overlap = 2
     sample.window_batch = 0
+    # Or (extend=clip, CameraCtrl II) clip by clip: each clip after the first starts with the
+    # last context_frames latent frames (4 (n - 1) + 1 video frames) of the clip before, decoded
+    # and encoded again, as clean context; the rest of it is new. Camera kinds with a context
+    # mask (plucker) only; their model learns it with train.context_prob.
+    sample.extend = "joint"
+    sample.context_frames = 2
     sample.max_frames = 481
     return sample
 
@@ -336,16 +347,21 @@ VARIANTS: dict[str, dict[str, object]] = {
     # Wan2.1-T2V-1.3B: the paper's trainable set (the whole DiT and the camera patchify), joint
     # training (camera dropout; in-the-wild videos have no camera), its sampler settings (Euler,
     # 32 steps, shift 12, text CFG 7.5, camera CFG 8.0), at ReCamMaster's shape for comparison.
+    # Clip extension is trained jointly (the paper's second stage; its share of samples is not
+    # published: a quarter here) and, with sample.extend=clip, continues from 5 latent frames
+    # (17 video frames; the paper's context is 5 frames up to half the clip).
     "cameractrl2": {
         **_T2V_1_3B_480P,
         "camera.kind": "plucker",
         "model.shift": 12.0,
         "train.trainable": ("all",),
         "train.camera_dropout": 0.1,
+        "train.context_prob": 0.25,
         "optimizer.lr": 1e-5,
         "sample.num_steps": 32,
         "sample.cfg_scale": 7.5,
         "sample.camera_guidance": 8.0,
+        "sample.context_frames": 5,
     },
     # The same kind at the mini scale (tiny DiT, mini dataset with its in-the-wild clip).
     "plucker-mini": {
@@ -353,6 +369,7 @@ VARIANTS: dict[str, dict[str, object]] = {
         "model.in_dim": 16,
         "train.trainable": ("self_attn",),
         "train.camera_dropout": 0.1,
+        "train.context_prob": 0.25,
     },
     "nersemble": {
         "data.dataset": "files",

@@ -19,6 +19,10 @@ QUANTIZE = ("none", "int8", "fp8")  # model.quantize: weight-only quantization o
 FRAMINGS = ("official", "source")  # sample.framing: where the camera condition puts the face
 EXPERTS = ("", "high", "low")  # model.expert: the Wan2.2 A14B expert a run trains ("" : every timestep)
 ASPECTS = ("config", "source")  # sample --aspect: the output's aspect ratio
+# sample.extend: how a video longer than the model's window is sampled: its windows denoised
+# jointly (diffusion.windows) or clip by clip, each clip continuing from the last frames of the
+# one before as clean context (CameraCtrl II's clip-level extension, sampling.extend).
+EXTENDS = ("joint", "clip")
 DEFAULT_CAMERA_KIND = "landmarks"
 
 _CONDITIONING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conditioning")

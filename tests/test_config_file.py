@@ -79,7 +79,7 @@ def test_each_enumeration_is_spelled_once_and_checked_where_the_config_loads():
     assert options.DEFAULT_CAMERA_KIND == "landmarks" and "landmarks" in options.camera_kinds()
     package = pathlib.Path(options.__file__).parent
     sources = {p: p.read_text() for p in package.rglob("*.py")}
-    for name in ("SOLVERS", "CACHES", "OFFLOADS", "CFG_MODES", "QUANTIZE", "FRAMINGS", "EXPERTS", "ASPECTS"):
+    for name in ("SOLVERS", "CACHES", "OFFLOADS", "CFG_MODES", "QUANTIZE", "FRAMINGS", "EXPERTS", "ASPECTS", "EXTENDS"):
         spelled = repr(getattr(options, name)).replace("'", '"')
         where = [str(p.relative_to(package)) for p, text in sources.items() if spelled in text]
         assert where == ["options.py"], (name, where)

@@ -1,5 +1,6 @@
 """CameraCtrl II's camera kind: the zero-initialised camera patchify, camera guidance in the
-sampling program, joint training on 1 and 8 devices, FLOPs as traced."""
+sampling program, joint training (camera dropout, clip-extension context) on 1 and 8 devices,
+sampling with clip extension on 1 and 8 devices and from the CLI, FLOPs as traced."""
 
 import json
 
@@ -42,7 +43,8 @@ def test_the_zero_camera_patchify_starts_as_the_base_model_and_rays_then_matter(
     got = KIND.velocity(model, noisy, source, _condition(), t, ctx)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     rays = KIND.rays(noisy, _condition())
-    assert rays.shape == (1, 4, 4, 6, 6) and not np.asarray(rays[:, 2:]).any()  # zero on the source half
+    assert rays.shape == (1, 4, 4, 6, 7) and not np.asarray(rays[:, 2:]).any()  # zero on the source half
+    assert not np.asarray(rays[..., 6]).any()  # no context mask: no frame is context
     kernel = model.camera_patch.kernel
     kernel.set_value(0.1 * jax.random.normal(jax.random.key(0), kernel.get_value().shape))
     moved = KIND.velocity(model, noisy, source, _condition(), t, ctx)
@@ -82,11 +84,11 @@ def test_camera_guidance_in_the_sampling_program():
         sp.SampleOptions.of(load_config("mini,frames=9,sample.camera_guidance=2.0"), 1)
 
 
-def test_plucker_trains_alike_on_one_and_eight_devices_with_camera_dropout(tmp_path):
+def test_plucker_trains_alike_on_one_and_eight_devices_with_camera_dropout_and_context(tmp_path):
     from facecam_jax.training import trainer
 
     config = load_config("plucker-mini,frames=9,batch_size=2,steps=2,checkpoint_every=2,optimizer.lr=1e-2,"
-                         "train.camera_dropout=0.5")
+                         "train.camera_dropout=0.5,train.context_prob=0.5")
     losses = []
     for name, shape in (("one", (1, 1, 1, 1)), ("eight", (2, 2, 1, 2))):
         result = trainer.train(config, str(tmp_path / name),
@@ -98,6 +100,8 @@ def test_plucker_trains_alike_on_one_and_eight_devices_with_camera_dropout(tmp_p
     assert float(jnp.abs(result.model.camera_patch.kernel.get_value()).max()) > 0  # trained from zero
     with pytest.raises(ValueError, match="no null camera"):
         trainer.train(load_config("mini,frames=9,steps=1,train.camera_dropout=0.5"), str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="no context mask"):
+        trainer.train(load_config("mini,frames=9,steps=1,train.context_prob=0.5"), str(tmp_path / "bad"))
 
 
 def test_flops_count_the_camera_patchify_as_traced():
@@ -127,20 +131,23 @@ def test_flops_count_the_camera_patchify_as_traced():
 
 
 def test_plucker_samples_alike_on_one_and_eight_devices_and_from_the_cli(tmp_path):
-    """Camera guidance in the rendered program: fsdp 8 renders what one device renders (within
-    one grey level), and the sample command line runs the kind with camera guidance."""
+    """Camera guidance and clip extension in the rendered program: fsdp 8 renders what one
+    device renders (within one grey level), and the sample command line runs the kind with
+    both (17 frames in clips of 9)."""
     import forked_runs
     from camera_kind_checks import grey_levels_one_vs_eight_devices
 
     from facecam_jax.video_io import read_video
 
-    config = load_config("plucker-mini,frames=9,sample.num_steps=2,sample.camera_guidance=3.0")
-    diff = grey_levels_one_vs_eight_devices(config, "arc_left")
-    print(f"\nplucker render with camera guidance, fsdp 8 vs 1 device: max {diff} grey levels")
+    config = load_config("plucker-mini,frames=9,sample.num_steps=2,sample.camera_guidance=3.0,sample.extend=clip,"
+                         "sample.context_frames=1")
+    diff = grey_levels_one_vs_eight_devices(config, "arc_left", frames=17)
+    print(f"\nplucker render with camera guidance in extended clips, fsdp 8 vs 1 device: max {diff} grey levels")
     assert diff <= 1
     out = tmp_path / "out.mp4"
     run = forked_runs.run("-m", "facecam_jax.sample", "--config", "configs/facecam.py:plucker-mini,frames=9",
-                          "--config.sample.num_steps=1", "--config.sample.camera_guidance=2.0", "--frames", "9",
-                          "--trajectory", "cam05", "--out", str(out))
+                          "--config.sample.num_steps=1", "--config.sample.camera_guidance=2.0",
+                          "--config.sample.extend=clip", "--frames", "17", "--trajectory", "cam05", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
-    assert read_video(str(out))[0].shape == (9, 64, 48, 3)
+    assert "3 clips of 9 frames, each continuing from the last 2 latent frames" in run.stderr
+    assert read_video(str(out))[0].shape == (17, 64, 48, 3)

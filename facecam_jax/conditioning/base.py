@@ -42,6 +42,10 @@ class CameraKind(abc.ABC):
     # Whether the kind has a null camera (``null_camera``): camera dropout in training and camera
     # guidance in sampling (CameraCtrl II) need one.
     has_null_camera: bool = False
+    # Whether the kind's DiT input marks clean context frames (a mask channel): CameraCtrl II's
+    # clip-level extension (``train.context_prob``, ``sample.extend=clip``) needs it. The
+    # condition then carries ``mask [B, F]`` (1 on context latent frames; absent: none).
+    has_context: bool = False
 
     def __repr__(self) -> str:
         return f"<camera kind {self.name}>"
@@ -179,6 +183,12 @@ class CameraKind(abc.ABC):
         if not self.has_null_camera:
             raise ValueError(f"camera kind {self.name!r} has no null camera: camera guidance and camera dropout "
                              "need one (sample.camera_guidance=1.0, train.camera_dropout=0.0)")
+
+    def require_context(self) -> None:
+        """A clear error, before anything is built, for a kind without a context mask."""
+        if not self.has_context:
+            raise ValueError(f"camera kind {self.name!r} has no context mask: clip extension needs one "
+                             "(camera.kind=plucker; or sample.extend=joint, train.context_prob=0.0)")
 
     def unconditional(self, condition: Condition) -> Condition:
         """The condition of classifier-free guidance's unconditional pass (default: the same:

@@ -1,7 +1,8 @@
 """CameraCtrl II's camera (paper in shared/papers/cameractrl2.txt; SPEC 12): per-pixel Plücker
 ray maps ``(o x d, d)`` of the target camera relative to the first source frame, one per latent
 frame on the latent grid, patchified by their own zero-initialised patch embedding and added
-to the video tokens before the first block (``wan_dit.add_camera_patch``).
+to the video tokens before the first block (``wan_dit.add_camera_patch``), with the binary
+mask channel of clip-level extension (1 on clean context frames: ``sampling.extend``).
 
 For video re-rendering the source video enters as in FaceCam and ReCamMaster: target and
 source latents concatenated along frames (16 channels), the ray maps on the target half and
@@ -40,6 +41,7 @@ class Plucker(CameraKind):
     batch_arrays = ("source_world_2_cam", "target_world_2_cam", "target_intrinsics")
     trainable = ("camera_patch",)
     has_null_camera = True
+    has_context = True
 
     def prepare(self, model, config):
         return wan_dit.add_camera_patch(model)
@@ -48,18 +50,23 @@ class Plucker(CameraKind):
         return 2 * frames  # target half, then source half
 
     def block_linears(self, config):
-        return ((("camera_patch",), "tokens", 6 * int(np.prod(config.patch_size)), config.dim),)
+        return ((("camera_patch",), "tokens", wan_dit.CAMERA_PATCH_CHANNELS * int(np.prod(config.patch_size)),
+                 config.dim),)
 
     def dit_input(self, model, noisy, source, condition):
         return wan_dit.recammaster_input(model, noisy, source)  # [noisy; source] along frames, no extra channels
 
     def rays(self, noisy, condition):
-        """The DiT input's ray maps ``[B, 2F, h, w, 6]``: the target half's on the latent grid, zero
-        on the source half and for samples without a camera."""
+        """The camera patchify's input ``[B, 2F, h, w, 7]``: on the target half the ray maps on the
+        latent grid (zero for samples without a camera) and the context mask (``condition["mask"]
+        [B, F]``, 1 on clip extension's clean context frames; absent: none); zero on the source half."""
         b, f, h, w = noisy.shape[:4]
         k = condition["k"] * jnp.asarray([w, h, w, h], jnp.float32)  # fractions -> latent-grid pixels
         maps = plucker.ray_map(k, condition["c2w"], h, w, xp=jnp)  # [B, F, h, w, 6]
         maps = maps * condition["has"].astype(maps.dtype)[:, None, None, None, None]
+        mask = condition.get("mask")
+        mask = jnp.zeros((b, f), maps.dtype) if mask is None else mask.astype(maps.dtype)
+        maps = jnp.concatenate([maps, jnp.broadcast_to(mask[:, :, None, None, None], (b, f, h, w, 1))], axis=-1)
         return jnp.concatenate([maps, jnp.zeros_like(maps)], axis=1)
 
     def velocity(self, model, noisy, source, condition, t, context):

@@ -82,10 +82,35 @@ def velocity_target(z0: jax.Array, eps: jax.Array) -> jax.Array:
     return eps - z0
 
 
-def flow_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
-    """Per-sample MSE (fp32) times the grid weight, averaged over the batch."""
-    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=tuple(range(1, pred.ndim)))
+def flow_loss(pred: jax.Array, target: jax.Array, weight: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """Per-sample MSE (fp32) times the grid weight, averaged over the batch. ``keep [B, F]``: 1 on
+    the latent frames the loss counts (clip extension: not the context), 0 elsewhere; a
+    sample's MSE is then the mean over its kept frames."""
+    sq = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    axes = tuple(range(1, pred.ndim))
+    if keep is None:
+        return jnp.mean(jnp.mean(sq, axis=axes) * weight)
+    k = jnp.broadcast_to(keep.reshape(*keep.shape, *([1] * (pred.ndim - 2))).astype(jnp.float32), sq.shape)
+    per_sample = jnp.sum(sq * k, axis=axes) / jnp.maximum(jnp.sum(k, axis=axes), 1.0)
     return jnp.mean(per_sample * weight)
+
+
+def context_mask(rng: jax.Array, batch: int, frames: int, prob: float) -> jax.Array:
+    """CameraCtrl II's clip-extension training (``train.context_prob``): float32 ``[B, F]``, 1 on a
+    sample's context latent frames. With probability ``prob`` a sample's first ``n`` latent
+    frames are context, ``n`` uniform in ``1 .. F // 2`` (the paper: up to half the clip);
+    otherwise none are."""
+    if frames < 2:
+        raise ValueError(f"clip-extension training needs at least 2 latent frames (data.frames >= 5), got {frames}")
+    use_rng, count_rng = jax.random.split(rng)
+    n = jax.random.randint(count_rng, (batch,), 1, frames // 2 + 1)
+    n = jnp.where(jax.random.uniform(use_rng, (batch,)) < prob, n, 0)
+    return (jnp.arange(frames)[None, :] < n[:, None]).astype(jnp.float32)
+
+
+def keep_context(noisy: jax.Array, clean: jax.Array, mask: jax.Array) -> jax.Array:
+    """``noisy [B, F, ...]`` with its context latent frames (``mask [B, F]`` = 1) the clean ones."""
+    return jnp.where(mask.reshape(*mask.shape, *([1] * (noisy.ndim - 2))) > 0, clean, noisy)
 
 
 def inference_sigmas(num_steps: int, shift: float = 5.0) -> np.ndarray:

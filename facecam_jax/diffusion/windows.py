@@ -38,16 +38,20 @@ class Windows:
     starts: tuple[int, ...]
 
     @classmethod
-    def cover(cls, total: int, length: int, overlap: int) -> "Windows":
+    def cover(cls, total: int, length: int, overlap: int, *, least: int = 2,
+              key: str = "sample.window_overlap") -> "Windows":
         """Windows of ``length`` every ``length - overlap`` latent frames, the last one ending at the
-        video's end (it may overlap its neighbour by more); one window when the video fits in one."""
+        video's end (it may overlap its neighbour by more); one window when the video fits in one.
+        ``overlap`` is at least ``least`` (config ``key``): jointly denoised windows need 2 (a later
+        window's latent 0 is its own: 1 would share nothing); extended clips (``sampling.extend``)
+        1 (the one frame that latent 0 encodes is the previous clip's last)."""
         if length < 1 or total < 1:
             raise ValueError(f"need a window and a video of at least one latent frame, got {length} and {total}")
         if total <= length:
             return cls(total, total, (0,))
-        if not 1 < overlap < length:  # a later window's latent 0 is its own: 1 would share nothing
-            raise ValueError(f"sample.window_overlap must be in [2, {length - 1}] latent frames for windows of "
-                             f"{length}, got {overlap}")
+        if not least <= overlap < length:
+            raise ValueError(f"{key} must be in [{least}, {length - 1}] latent frames for windows of {length}, "
+                             f"got {overlap}")
         stride = length - overlap
         count = 1 + math.ceil((total - length) / stride)
         starts = tuple(min(k * stride, total - length) for k in range(count))

@@ -123,13 +123,14 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     if s.offload == "blocks":  # the stacked block weights wait in host memory, streamed layer by layer
         experts_lib.offload_blocks(dit, _on_host)
     n = build.num_experts(config)
-    windows = sp.window_layout(config, frames)
-    options = sp.SampleOptions.of(config, n, windows=windows)
+    options, windows = sp.options_for(config, n, frames)
     state = nnx.state(dit)
     graphdef = nnx.graphdef(dit)
     states = tuple(state for _ in range(n))
     vae_graphdef, vae_state = nnx.split(build.abstract_vae(config, mesh))
-    inputs = abstract_inputs(config, conditioning.of(config), dit.config, mesh, frames, windows)
+    # Extended clips (sample.extend=clip) run the program once per clip: one clip's program.
+    inputs = abstract_inputs(config, conditioning.of(config), dit.config, mesh, d.frames if options.context else frames,
+                             options.windows, context=options.context)
     window_frames = d.frames if windows else frames
     program = sp.sample_program(graphdef, options)
     expert_device = device_bytes(states[0], "device")
@@ -163,7 +164,8 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     params = n * sum(x.size for x in jax.tree.leaves(states[0]))
     described = (f"{options.solver} {options.steps} steps, CFG {options.guidance}, cache "
                  f"{'magcache' if options.cache else 'none'}, weights {config.model.quantize}, offload {s.offload}, "
-                 f"{frames} frames" + (f" in {windows.count} windows of {d.frames}" if windows else ""))
+                 f"{frames} frames" + (f" in {windows.count} {'clips' if options.context else 'windows'} of "
+                                       f"{d.frames}" if windows else ""))
     return out, {"params": params, "trainable": 0, "experts": n, "options": described,
                  "host_traffic": traffic if s.offload != "none" else 0}
 
@@ -180,8 +182,7 @@ def attention_used(config, target: Target) -> str:
 def _program_flops(config, program: str, frames: int | None) -> dict[str, float]:
     if program == "train":
         return step_flops(config, "train")
-    windows = sp.window_layout(config, frames or config.data.frames)
-    options = sp.SampleOptions.of(config, build.num_experts(config), windows=windows)
+    options, windows = sp.options_for(config, build.num_experts(config), frames or config.data.frames)
     return step_flops(config, "sample", windows=windows.count if windows else 1, evaluations=options.evaluations()[0])
 
 

@@ -422,8 +422,9 @@ class WanDiT(nnx.Module):
         ``context [B, Lt, text_dim]`` is zero-padded to ``text_len``. ``out_frames`` keeps
         only the first latent frames of the output (FaceCam discards the source half).
         ``camera [B, F, 12]``: one pose per latent frame for blocks with camera layers
-        (ReCamMaster, ``add_camera_layers``). ``rays [B, F, H, W, 6]``: Plücker ray maps on the
-        latent grid for a model with a camera patchify (CameraCtrl II, ``add_camera_patch``).
+        (ReCamMaster, ``add_camera_layers``). ``rays [B, F, H, W, 7]``: Plücker ray maps and the
+        clip-extension context mask on the latent grid for a model with a camera patchify
+        (CameraCtrl II, ``add_camera_patch``).
         ``embed`` -> ``run_blocks`` -> ``unembed``; a step cache calls the parts itself.
         """
         tokens, cond = self.embed(x, t, context, camera=camera, rays=rays)
@@ -459,10 +460,13 @@ class WanDiT(nnx.Module):
                              f"frame of the DiT input), got {camera.shape}")
 
         if (self.camera_patch is not None) != (rays is not None):
-            raise ValueError("this DiT has a camera patchify (CameraCtrl II): give rays [B, F, H, W, 6]" if rays is None
+            raise ValueError(f"this DiT has a camera patchify (CameraCtrl II): give rays [B, F, H, W, "
+                             f"{CAMERA_PATCH_CHANNELS}]" if rays is None
                              else "ray maps were given but this DiT has no camera patchify (add_camera_patch)")
-        if rays is not None and rays.shape != (*x.shape[:4], 6):
-            raise ValueError(f"rays must be [B, F, H, W, 6] = {(*x.shape[:4], 6)} (the latent grid), got {rays.shape}")
+        if rays is not None and rays.shape != (*x.shape[:4], CAMERA_PATCH_CHANNELS):
+            raise ValueError(f"rays must be [B, F, H, W, {CAMERA_PATCH_CHANNELS}] = "
+                             f"{(*x.shape[:4], CAMERA_PATCH_CHANNELS)} (the latent grid: Plücker rays and the "
+                             f"context mask), got {rays.shape}")
         x_tok = self.patch_embedding(x.astype(dtype))  # [B, L, D]
         x_tok = x_tok.astype(jnp.float32)
         if rays is not None:  # CameraCtrl II: the rays' own patchify, added before the first block
@@ -688,15 +692,24 @@ def add_camera_layers(model: WanDiT) -> WanDiT:
 # --------------------------------------------------------------------------- CameraCtrl II
 
 
+# The camera patchify's input channels: a Plücker ray map (o x d, d), then CameraCtrl II's
+# clip-extension mask (1 on clean context frames). A patchify of the mask concatenated to the
+# rays is the patchify of the mask concatenated to the latents that the paper describes: both
+# add a linear function of the mask to the video tokens.
+CAMERA_PATCH_CHANNELS = 7
+
+
 def add_camera_patch(model: WanDiT) -> WanDiT:
     """CameraCtrl II's camera patchify on ``model`` (in place, abstract models too): a patch
-    embedding of 6-channel Plücker ray maps with the visual patchify's patch size and width,
+    embedding of the 6 channels of Plücker ray maps and the context mask's one
+    (``CAMERA_PATCH_CHANNELS``) with the visual patchify's patch size and width,
     zero-initialised, whose tokens are added to the video tokens before the first block (the
     model's output is unchanged until it is trained). Returns ``model``."""
     if model.camera_patch is not None:
         return model
     param_dtype = model.patch_embedding.kernel.get_value().dtype
-    layer = PatchEmbed(model.config.replace(in_dim=6), rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=model.dtype)
+    layer = PatchEmbed(model.config.replace(in_dim=CAMERA_PATCH_CHANNELS), rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                       dtype=model.dtype)
     layer.kernel = nnx.Param(jnp.zeros_like(layer.kernel.get_value()), axes=(None, None, None, sh.CONV_IN, sh.EMBED))
     model.camera_patch = layer
     return model

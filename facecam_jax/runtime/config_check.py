@@ -22,6 +22,7 @@ from facecam_jax.options import (
     CACHES,
     CFG_MODES,
     EXPERTS,
+    EXTENDS,
     FRAMINGS,
     OFFLOADS,
     QUANTIZE,
@@ -128,6 +129,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.lora_rank": _int_at_least(0),  # 0: full fine-tuning of train.trainable
     "train.lora_alpha": _number(0.0),  # 0: the rank
     "train.camera_dropout": _number(0.0, 1.0),
+    "train.context_prob": _number(0.0, 1.0),
     "train.peak_tflops": _number(0.0),
     "train.profile_start_step": _int_at_least(1),
     "train.profile_steps": _int_at_least(0),
@@ -157,6 +159,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.cfg": _one_of(CFG_MODES),
     "sample.window_overlap": _int_at_least(2),  # a later window's latent 0 is its own
     "sample.window_batch": _int_at_least(0),
+    "sample.extend": _one_of(EXTENDS),
+    "sample.context_frames": _int_at_least(1),  # a clip's latent 0 is its own: 1 shares one frame
     "distributed.num_processes": _int_at_least(1),
     "distributed.process_id": _int_at_least(0),
     "distributed.initialization_timeout": _number(0.0, low_open=True),

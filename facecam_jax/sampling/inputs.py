@@ -42,9 +42,12 @@ class SampleInputs:
         return self.noise.shape[0]
 
 
-def noise_for(seed: int, shape: Sequence[int]) -> jax.Array:
-    """The initial noise of one video ``[1, F, H, W, C]`` from its seed."""
-    return jax.random.normal(jax.random.key(seed), (math.prod(shape),), jnp.float32).reshape(shape)
+def noise_for(seed: int, shape: Sequence[int], clip: int = 0) -> jax.Array:
+    """The initial noise of one video ``[1, F, H, W, C]`` from its seed (of its ``clip``-th clip
+    after the first when it is extended clip by clip: ``sampling.extend``)."""
+    key = jax.random.key(seed)
+    key = jax.random.fold_in(key, clip) if clip else key
+    return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
 
 
 def encode_windows(vae, videos: np.ndarray, windows: Windows | None) -> jax.Array:
@@ -72,9 +75,10 @@ def make_inputs(kind: CameraKind, vae, sources: np.ndarray, conditions, seeds: S
 
 
 def abstract_inputs(config, kind: CameraKind, dit_config, mesh, frames: int, windows: Windows | None,
-                    videos: int = 1) -> SampleInputs:
+                    videos: int = 1, *, context: bool = False) -> SampleInputs:
     """``make_inputs``' result as replicated shapes, for ``videos`` videos of ``frames`` frames at
-    the config's size (the text contexts at the DiT's ``text_len``)."""
+    the config's size (the text contexts at the DiT's ``text_len``); ``context``: one clip's,
+    with clip extension's context (``sampling.extend``)."""
     d = config.data
     replicated = NamedSharding(mesh, PartitionSpec())
     vae_config = build.vae_config(config.vae.config)
@@ -88,4 +92,7 @@ def abstract_inputs(config, kind: CameraKind, dit_config, mesh, frames: int, win
         return jax.ShapeDtypeStruct(s, jnp.float32, sharding=replicated)
 
     ctx = shape((videos, dit_config.text_len, dit_config.text_dim))
-    return SampleInputs(shape(latent), kind.abstract_condition(latent, replicated), ctx, ctx, shape(state))
+    condition = kind.abstract_condition(latent, replicated)
+    if context:
+        condition = {**condition, "clean": shape(latent), "mask": shape(latent[:2])}
+    return SampleInputs(shape(latent), condition, ctx, ctx, shape(state))

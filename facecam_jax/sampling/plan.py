@@ -57,9 +57,13 @@ def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | 
     config, count = plan_output(config, video, frames=frames, height=height, width=width, aspect=aspect)
     d = config.data
     windows = window_layout(config, count)
+    clips = config.sample.extend == "clip"
     log.info("re-rendering %d frames at %dx%d: %s", count, d.height, d.width,
+             "one window" if windows is None else
+             f"{windows.count} clips of {d.frames} frames, each continuing from the last "
+             f"{config.sample.context_frames} latent frames of the one before" if clips else
              f"{windows.count} windows of {d.frames} frames overlapping by {config.sample.window_overlap} latent "
-             "frames, denoised jointly" if windows else "one window")
+             "frames, denoised jointly")
     source = source_lib.load_source(video, count, d.height, d.width, require_face=require_face)
     path = conditioning.of(config).load_trajectory(trajectory, count)
     result = generate(config, source, path, workdir=weights_dir(config, workdir), seed=seed, profile=profile)

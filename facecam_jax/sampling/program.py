@@ -47,6 +47,9 @@ class SampleOptions:
     cfg: str = "batch"  # "batch": cond and uncond in one forward; "sequential": one after the other
     camera: str = opts.DEFAULT_CAMERA_KIND  # camera.kind
     camera_guidance: float = 1.0  # CameraCtrl II's camera CFG scale (1.0: off, no extra pass)
+    # Clip extension (sampling.extend): the condition carries each row's clean context latents
+    # (``clean [N, F, ...]``) and their mask (``mask [N, F]``); those frames stay clean.
+    context: bool = False
 
     def __post_init__(self):
         if self.cache is not None and self.cache.num_steps != self.steps:
@@ -58,6 +61,8 @@ class SampleOptions:
         s = config.sample
         if s.get("camera_guidance", 1.0) != 1.0:
             conditioning.of(config).require_null_camera()
+        if s.get("extend", "joint") == "clip":
+            conditioning.of(config).require_context()
         boundary = config.model.expert_boundary if num_experts == 2 else None
         steps = s.num_steps
         cache = None
@@ -198,6 +203,7 @@ def _velocity(spec: _Spec, states, expert: int | None, inputs: SampleInputs):
     n = inputs.source.shape[0]
 
     def run(x, t, skip, residual):
+        x = _with_context(options, x, inputs)
         per_video = lambda a: jnp.repeat(a, n // a.shape[0], axis=0)  # noqa: E731  one row per window
         rows = _Rows(windows.gather(x) if windows is not None else x, inputs.source, inputs.condition,
                      per_video(t), per_video(inputs.ctx_cond), per_video(inputs.ctx_uncond))
@@ -212,6 +218,14 @@ def _velocity(spec: _Spec, states, expert: int | None, inputs: SampleInputs):
     if options.cache is None:
         return lambda x, t: run(x, t, False, None)[0]
     return lambda x, t, st: options.cache(st, lambda skip, residual: run(x, t, skip, residual))
+
+
+def _with_context(options: SampleOptions, x, inputs: SampleInputs):
+    """``x`` with clip extension's context frames the clean ones (what the DiT sees and what the
+    program returns there: whatever a solver does with their state, they stay as given)."""
+    if not options.context:
+        return x
+    return flow.keep_context(x, inputs.condition["clean"], inputs.condition["mask"])
 
 
 def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple | None = None,
@@ -235,15 +249,16 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
             carry = solvers.initial_carry(inputs.noise, options.solver, st)
             carry = solvers.solve_steps(_velocity(spec, states, None, inputs), carry, sigmas, solver=options.solver,
                                         on_step=on_step)
-            return carry[-1].norms if record_norms else carry[0]
+            return carry[-1].norms if record_norms else _with_context(options, carry[0], inputs)
 
         return fn
 
     expert, start, stop = phase
 
     def phase_fn(state, inputs: SampleInputs, carry):
-        return solvers.solve_steps(_velocity(spec, (state,), expert, inputs), carry, sigmas, solver=options.solver,
-                                   start=start, stop=stop, on_step=on_step)
+        carry = solvers.solve_steps(_velocity(spec, (state,), expert, inputs), carry, sigmas, solver=options.solver,
+                                    start=start, stop=stop, on_step=on_step)
+        return (_with_context(options, carry[0], inputs), *carry[1:])
 
     return phase_fn
 
@@ -304,12 +319,26 @@ def sample_program(graphdef, options: SampleOptions) -> SampleProgram:
     return SampleProgram(None, steps, phased)
 
 
+def options_for(config, num_experts: int, frames: int, *,
+                guidance: float | None = None) -> tuple[SampleOptions, Windows | None]:
+    """The program's options for a ``frames``-frame video, and the windows it is sampled in:
+    joint windows live inside one run of the program; extended clips (``sample.extend=clip``)
+    outside it, one run per clip with its context (``sampling.extend``)."""
+    windows = window_layout(config, frames)
+    if windows is not None and config.sample.get("extend", "joint") == "clip":
+        return dataclasses.replace(SampleOptions.of(config, num_experts, guidance=guidance), context=True), windows
+    return SampleOptions.of(config, num_experts, guidance=guidance, windows=windows), windows
+
+
 def window_layout(config, frames: int) -> Windows | None:
-    """The windows a video of ``frames`` frames is re-rendered in (None: it fits one window)."""
+    """The windows a video of ``frames`` frames is re-rendered in (None: it fits one window):
+    jointly denoised, or with ``sample.extend=clip`` the clips of ``sampling.extend``."""
     window = opts.latent_frames(config.data.frames)
     total = opts.latent_frames(frames)
     if total <= window:
         return None
+    if config.sample.get("extend", "joint") == "clip":  # clips, each continuing from the one before
+        return Windows.cover(total, window, config.sample.context_frames, least=1, key="sample.context_frames")
     return Windows.cover(total, window, config.sample.window_overlap)
 
 

@@ -4,7 +4,8 @@
 (``camera.kind``: for FaceCam's landmarks, the landmark-map videos) and one noise seed per
 video. Its inputs are built by ``sampling.inputs`` (VAE-encoded per window), one jitted
 ``sampling.program`` runs every solver step (SPEC 7: shifted sigmas, classifier-free guidance
-on the text), and the latents are decoded (a long video's windows cross-faded).
+on the text), and the latents are decoded (a long video's windows cross-faded; or, with
+``sample.extend=clip``, its clips sampled one after the other: ``sampling.extend``).
 ``residual_norms`` runs the same program uncached for MagCache's calibration. ``generate``
 serves one video along a trajectory (the kind draws its condition).
 """
@@ -29,6 +30,7 @@ from facecam_jax.diffusion.step_cache import MagCache
 from facecam_jax.diffusion.windows import Windows
 from facecam_jax.models.wan_vae import to_uint8
 from facecam_jax.sampling.experts import Experts, check_options, load_experts, on_mesh, place_experts
+from facecam_jax.sampling.extend import sample_clips
 from facecam_jax.sampling.inputs import SampleInputs, make_inputs
 from facecam_jax.sampling.program import (
     SampleOptions,
@@ -36,6 +38,7 @@ from facecam_jax.sampling.program import (
     cache_shape,
     initial_carry_fn,
     make_sample_fn,
+    options_for,
     sample_program,
     window_layout,
 )
@@ -74,7 +77,8 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
     entries stacked per video, ``CameraKind.make_condition``; for a kind whose condition is one
     video, e.g. FaceCam's landmark maps, that video ``[N, T, H, W, 3]`` alone), a batch of ``batch`` at a time (noise of video k from ``seeds[k]``) -> uint8
     ``[N, T, H, W, 3]``. ``T`` longer than the model's window (``data.frames``) is re-rendered
-    in jointly denoised windows (``window_layout``). Experts and VAE must already be on
+    in jointly denoised windows, or clip by clip with ``sample.extend=clip`` (``window_layout``,
+    ``sampling.extend``). Experts and VAE must already be on
     ``mesh`` (``load_experts``, ``build.build_vae``; ``place_experts`` for ``sample.offload``);
     ``contexts_`` defaults to ``contexts(config, experts)``. ``profile``: a ``jax.profiler``
     trace of the sampling program's runs into that directory (xprof)."""
@@ -85,30 +89,31 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
             shapes[key] != sources.shape for key in kind.batch_videos if key in shapes):
         raise ValueError(f"sources {sources.shape}, conditions {shapes} and {len(seeds)} seeds do not match")
     ctx_cond, ctx_uncond, guidance = contexts_ or contexts(config, experts)
-    windows = window_layout(config, sources.shape[1])
-    options = SampleOptions.of(config, len(experts.models), guidance=guidance, windows=windows)
+    options, windows = options_for(config, len(experts.models), sources.shape[1], guidance=guidance)
     program = sample_program(nnx.graphdef(experts.models[0]), options)
     states = tuple(nnx.state(m) for m in experts.models)
     ran, steps = options.evaluations()
     passes = options.passes
-    log.info("sampling %d video(s) of %d frames: %d window(s) of %d frames, %d steps (%s), model evaluations: "
+    how = "one after the other, each continuing from the one before" if options.context else "denoised jointly"
+    log.info("sampling %d video(s) of %d frames: %d window(s) of %d frames %s, %d steps (%s), model evaluations: "
              "%d of %d (%d of %d forward passes per window%s)", len(sources), sources.shape[1],
-             windows.count if windows else 1, config.data.frames if windows else sources.shape[1], steps,
-             options.solver, ran, steps, passes * ran, passes * steps, ", CFG" if passes > 1 else "")
-    out = []
-    for lo in range(0, len(sources), batch):
-        part = {k: v[lo:lo + batch] for k, v in raw.items()}
-        inputs = make_inputs(kind, vae, sources[lo:lo + batch], part, seeds[lo:lo + batch], (ctx_cond, ctx_uncond),
-                             windows, mesh)
-        desc = f"sample ({windows.count} windows)" if windows else "sample"
+             windows.count if windows else 1, config.data.frames if windows else sources.shape[1],
+             how if windows else "", steps, options.solver, ran, steps, passes * ran, passes * steps,
+             ", CFG" if passes > 1 else "")
+
+    compiled = {}  # per input shapes: a batch's clips share one compilation
+
+    def run(inputs: SampleInputs, desc: str) -> jax.Array:
         bar = program.progress.bar(options.steps, desc=desc) if show_progress else contextlib.nullcontext()
         trace = jax.profiler.trace(profile) if profile else contextlib.nullcontext()
         t0 = time.perf_counter()
         with bar, trace:
             if program.fn is not None:
-                compiled = program.fn.lower(states, inputs).compile()
+                key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(inputs))
+                if key not in compiled:
+                    compiled[key] = program.fn.lower(states, inputs).compile()
                 compile_s = time.perf_counter() - t0
-                latents = jax.block_until_ready(compiled(states, inputs))
+                latents = jax.block_until_ready(compiled[key](states, inputs))
             else:
                 latents, compile_s = _run_phases(program, options, experts, states, inputs, mesh)
         log.info("model evaluations: %d of %d steps (sampled in %.1f s; compile %.1f s)", ran, steps,
@@ -116,6 +121,20 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
         if not bool(jnp.isfinite(latents).all()):  # a NaN would decode to a black video
             raise ValueError("the sampled latents are not finite (NaN or Inf): the weights, a LoRA (its values or "
                              "strength) or sample.cfg_scale blew the model up; nothing was written")
+        return latents
+
+    out = []
+    for lo in range(0, len(sources), batch):
+        part = {k: v[lo:lo + batch] for k, v in raw.items()}
+        if options.context:  # extended clip by clip (sampling.extend)
+            videos, _ = sample_clips(kind, vae, sources[lo:lo + batch], part, seeds[lo:lo + batch],
+                                     (ctx_cond, ctx_uncond), windows, mesh,
+                                     lambda inputs, k: run(inputs, f"sample (clip {k + 1} of {windows.count})"))
+            out.append(videos)
+            continue
+        inputs = make_inputs(kind, vae, sources[lo:lo + batch], part, seeds[lo:lo + batch], (ctx_cond, ctx_uncond),
+                             windows, mesh)
+        latents = run(inputs, f"sample ({windows.count} windows)" if windows else "sample")
         out.append(_decode(vae, latents, windows))
     return np.concatenate(out)
 

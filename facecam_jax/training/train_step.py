@@ -3,7 +3,8 @@
 One jitted ``step(state, frozen, vae, context, batch)`` per run, donating the train state.
 Each step encodes source, target and landmark-map videos with the frozen VAE, draws a
 flow-matching level from the fixed shifted grid (restricted to the trained Wan2.2 expert's
-range), and updates only the trainable parameters (the paper: self-attention and the patch
+range; with ``train.context_prob`` some samples' first frames kept clean as clip-extension
+context), and updates only the trainable parameters (the paper: self-attention and the patch
 embedding; with ``train.lora_rank > 0`` their LoRA adapters, the patch embedding and the
 q/k norm scales, ``build.trainable_filter``: the optimizer state exists for those alone).
 A NaN/Inf step changes nothing (``metrics["finite"]`` says so). Every leaf of the state
@@ -55,6 +56,9 @@ def make_train_step(graphdef, vae_graphdef, optimizer, config):
     camera_dropout = config.train.get("camera_dropout", 0.0)
     if camera_dropout:
         kind.require_null_camera()
+    context_prob = config.train.get("context_prob", 0.0)
+    if context_prob:
+        kind.require_context()
     grid = flow.TrainGrid.make(config.model.shift)
     index_range = grid.index_range(*flow.expert_timestep_range(config.model.expert or None, config.model.expert_boundary))
 
@@ -70,12 +74,17 @@ def make_train_step(graphdef, vae_graphdef, optimizer, config):
         sigma, timestep, weight = flow.sample_training_levels(level_rng, b, grid, index_range)
         eps = jax.random.normal(noise_rng, target.shape, jnp.float32)
         noisy = flow.add_noise(target, eps, sigma)
+        keep = None
+        if context_prob:  # clip extension (CameraCtrl II): clean context frames, marked, not in the loss
+            mask = flow.context_mask(jax.random.fold_in(rng, 3), b, target.shape[1], context_prob)
+            noisy = flow.keep_context(noisy, target, mask)
+            condition, keep = {**condition, "mask": mask}, 1.0 - mask
         ctx = jnp.broadcast_to(context, (b, *context.shape[1:]))
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
             v = kind.velocity(model, noisy, source, condition, timestep, ctx)
-            return flow.flow_loss(v, flow.velocity_target(target, eps), weight)
+            return flow.flow_loss(v, flow.velocity_target(target, eps), weight, keep)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -163,3 +163,21 @@ def test_an_extended_render_continues_from_its_context():
         sp.SampleOptions.of(load_config("mini,frames=9,sample.extend=clip"), 1)
     with pytest.raises(ValueError, match=r"sample.context_frames must be in \[1, 2\]"):
         sp.window_layout(load_config("plucker-mini,frames=9,sample.extend=clip,sample.context_frames=3"), 17)
+
+
+def test_the_fit_tool_sizes_one_clip_of_an_extended_video():
+    """Extended clips run the program once per clip: the fit tool compiles one clip's program (with
+    its context), whose plan does not grow with the video as the joint windows' does."""
+    from facecam_jax.fit import programs as fit
+
+    def loop(extend):
+        config = load_config(f"plucker-mini,frames=9,sample.extend={extend},sample.context_frames=2")
+        report = fit.analyze(config, "sample", None, with_vae=False, frames=33)
+        (compiled,) = report.compiled
+        return report, compiled.total
+
+    clips, clip_bytes = loop("clip")
+    joint, joint_bytes = loop("joint")
+    assert "33 frames in 7 clips of 9" in clips.text() and "33 frames in 7 windows of 9" in joint.text()
+    assert clip_bytes < joint_bytes
+    assert clips.flops == joint.flops  # the same window forwards, in turn instead of at once

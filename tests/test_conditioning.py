@@ -18,7 +18,7 @@ CFG = W.get_config("tiny").replace(in_dim=36)
 
 
 def test_kinds_are_the_modules_of_the_package_and_the_config_names_one():
-    assert options.camera_kinds() == ("landmarks", "plucker", "recammaster")
+    assert options.camera_kinds() == ("landmarks", "none", "plucker", "recammaster")
     kind = conditioning.of(load_config("mini,frames=9"))
     assert kind is conditioning.get("landmarks") and kind.name == "landmarks"
     with pytest.raises(ValueError, match="camera.kind must be one of 'landmarks', .*got 'rays'"):
@@ -60,3 +60,19 @@ def test_nothing_outside_the_landmarks_kind_calls_facecams_input_by_name():
             if rel not in allowed and call.search(path.read_text()):
                 found.append(rel)
     assert found == []
+
+
+def test_the_none_kind_trains_and_samples_without_a_camera(tmp_path):
+    """The comparison's floor: no camera input and no camera layers; it trains and samples."""
+    from facecam_jax import sampling
+    from facecam_jax.training import trainer
+
+    config = load_config("mini,frames=9,batch_size=2,steps=2,checkpoint_every=2,camera.kind=none,model.in_dim=16,"
+                         "sample.num_steps=1")
+    kind = conditioning.of(config)
+    assert kind.batch_keys() == ("source", "target") and kind.input_frames(3) == 6
+    result = trainer.train(config, str(tmp_path / "run"))
+    assert result.model.camera_patch is None and not result.model.has_camera_layers
+    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 48, 3), dtype=np.uint8)
+    video = sampling.generate(config, frames, kind.load_trajectory("arc_left", 9), workdir=str(tmp_path / "run")).video
+    assert video.shape == frames.shape

@@ -97,7 +97,16 @@ def test_plucker_trains_alike_on_one_and_eight_devices_with_camera_dropout_and_c
             losses.append([m["loss"] for m in map(json.loads, f)])
     print(f"\nplucker losses, 1 device {losses[0]}, 8 devices {losses[1]}")
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    assert float(jnp.abs(result.model.camera_patch.kernel.get_value()).max()) > 0  # trained from zero
+    trained = result.model.camera_patch.kernel.get_value()
+    assert float(jnp.abs(trained).max()) > 0  # trained from zero
+    # The exported weights hold the camera patchify, and sampling from the run loads it.
+    from facecam_jax import sampling
+    from facecam_jax.checkpoints.io import open_checkpoint
+
+    assert {"camera_patch.weight", "camera_patch.bias"} <= set(open_checkpoint(result.exported))
+    mesh = sh.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    (loaded,) = sampling.load_experts(config, mesh, sh.DEFAULT_RULES, str(tmp_path / "eight")).models
+    np.testing.assert_allclose(np.asarray(loaded.camera_patch.kernel.get_value()), np.asarray(trained), rtol=1e-6)
     with pytest.raises(ValueError, match="no null camera"):
         trainer.train(load_config("mini,frames=9,steps=1,train.camera_dropout=0.5"), str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="no context mask"):

@@ -64,7 +64,14 @@ for _layer in ("cam_encoder", "projector"):
     _CAMERA_BLOCK += [(f"{_layer}.weight", (_layer, "kernel"), "linear"), (f"{_layer}.bias", (_layer, "bias"), "copy")]
 CAMERA_KEY_RE = re.compile(r"^blocks\.\d+\.(cam_encoder|projector)\.")
 
-_TOP_BY_PATH = {path: (name, kind) for name, path, kind in _TOP}
+# CameraCtrl II's camera patchify (``wan_dit.add_camera_patch``): Plücker rays and the context
+# mask, laid out like the patch embedding. This project's own layer: no released checkpoint names it.
+_CAMERA_PATCH: list[tuple[str, tuple[str, ...], str]] = [
+    ("camera_patch.weight", ("camera_patch", "kernel"), "conv"),
+    ("camera_patch.bias", ("camera_patch", "bias"), "copy"),
+]
+
+_TOP_BY_PATH = {path: (name, kind) for name, path, kind in _TOP + _CAMERA_PATCH}
 _BLOCK_BY_PATH = {path: (name, kind) for name, path, kind in _BLOCK + _CAMERA_BLOCK}
 
 # diffusers <-> original names (block-local and top-level).
@@ -210,19 +217,20 @@ def keys_of_paths(config: DiTConfig, paths) -> list[str]:
     """Original-naming keys of the model variables at ``paths`` (tuples of attribute names; camera
     layers included when the paths name them)."""
     paths = set(paths)
-    return [k for k, slot in model_slots(config, camera_layers=True).items() if slot.path in paths]
+    return [k for k, slot in model_slots(config, camera_layers=True, camera_patch=True).items() if slot.path in paths]
 
 
 def slots_of(model) -> dict[str, Slot]:
-    """``model_slots`` of a model as built: with its camera layers when it has them."""
-    return model_slots(model.config, camera_layers=model.has_camera_layers)
+    """``model_slots`` of a model as built: with its camera layers and camera patchify when it has them."""
+    return model_slots(model.config, camera_layers=model.has_camera_layers, camera_patch=model.camera_patch is not None)
 
 
-def model_slots(config: DiTConfig, camera_layers: bool = False) -> dict[str, Slot]:
+def model_slots(config: DiTConfig, camera_layers: bool = False, camera_patch: bool = False) -> dict[str, Slot]:
     """Original-naming key -> slot, for every tensor a checkpoint of ``config`` must hold
-    (``camera_layers``: also ReCamMaster's ``blocks.N.cam_encoder`` / ``projector``)."""
+    (``camera_layers``: also ReCamMaster's ``blocks.N.cam_encoder`` / ``projector``;
+    ``camera_patch``: CameraCtrl II's ``camera_patch``)."""
     slots = {}
-    for name, path, kind in _TOP:
+    for name, path, kind in _TOP + (_CAMERA_PATCH if camera_patch else []):
         slots[name] = Slot(path, None, kind)
     for i in range(config.num_layers):
         for name, path, kind in _BLOCK:

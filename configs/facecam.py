@@ -22,6 +22,9 @@ Variants (`VARIANTS`: each is the base below plus its own overrides, decided in 
   cameractrl2  CameraCtrl II's camera (camera.kind=plucker: Plücker ray maps patchified and
              added to the tokens) on Wan2.1-T2V-1.3B, camera dropout and camera guidance;
              plucker-mini the same kind at the mini scale.
+  scale-landmarks, scale-recammaster, scale-plucker, scale-none
+             FaceCam's claim tested: the same recipe with only camera.kind changed, on the
+             scale-ambiguous mini dataset (one scene at scales 0.6-1.6), bench/camera_kinds.py.
   nersemble  the paper's recipe (SPEC 6, 7): Wan2.2-I2V-A14B experts, 81 frames at stride 3,
              704x480, NeRSemble v2 plus a folder of in-the-wild videos, AdamW 5e-5, batch 24,
              3K steps; set data.multiview_root, data.wild_root, model.dit_checkpoint,
@@ -46,6 +49,11 @@ from ml_collections import config_dict
 # facecam.safetensors.
 LEARNED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "learned_mini")
 LEARNED_VAE = os.path.join(LEARNED_DIR, "vae")
+# The comparison of camera representations (the scale-* variants): its trained models, shipped
+# (data/scale_kinds/<kind>), the scene scales of its training data, and its step budget.
+SCALE_DIR = os.path.join(os.path.dirname(LEARNED_DIR), "scale_kinds")
+SCALE_FACTORS = (0.6, 0.8, 1.25, 1.6)
+SCALE_STEPS = 1200
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -100,6 +108,10 @@ def data_config() -> ml_collections.ConfigDict:
     data.mini.height = 192
     data.mini.width = 128
     data.mini.num_cameras = 8
+    # The scale-ambiguous build (facecam_jax/data/mini_dataset.py): one participant per scale,
+    # the whole scene (head, rig) scaled by it: the same pixels, metric cameras times the scale
+    # (the subject at scale x 1 m); (): the plain build, every camera at 1 m.
+    data.mini.scales = ()
     return data
 
 
@@ -371,6 +383,41 @@ VARIANTS: dict[str, dict[str, object]] = {
         "train.camera_dropout": 0.1,
         "train.context_prob": 0.25,
     },
+    # FaceCam's claim tested (bench/camera_kinds.py, bench/RESULTS.md): one recipe, only the
+    # camera representation changes (scale-landmarks, scale-recammaster, scale-plucker and the
+    # floor scale-none). The scale-ambiguous mini dataset: four participants, the same videos
+    # with the scene scaled by 0.6, 0.8, 1.25 and 1.6 (data.mini.scales: heads that much larger,
+    # cameras that much farther, so only the metric cameras differ); one target camera per clip and
+    # no zoom, pan or source scaling (the augmentations would add image changes no extrinsics
+    # state); multi-view pairs only (every sample has true metric cameras). The learn recipe
+    # otherwise: the small DiT from scratch (same seed), the shipped mini VAE, batch 4.
+    **{f"scale-{kind}": {
+        "data.mini.scales": SCALE_FACTORS,
+        "data.frames": 9,
+        "data.stride": 1,
+        "data.window_step": 4,
+        "data.holdout_windows": (4, 8, -1),
+        "data.holdout_cameras": (4,),
+        "data.batch_size": 4,
+        "data.max_shots": 1,
+        "data.multiview_source_scale": (1.0, 1.0),
+        "data.multiview_target_zoom": (1.0, 1.0),
+        "data.wild_ratio": 0.0,
+        "camera.kind": kind,
+        "model.dit": "small",
+        "model.in_dim": 36 if kind == "landmarks" else 16,
+        "model.shift": 3.0,
+        "vae.checkpoint": LEARNED_VAE,
+        "train.steps": SCALE_STEPS,
+        "train.log_every": 25,
+        "train.checkpoint_every": 200,
+        "train.preview_every": 400,
+        "train.trainable": ("all",),
+        "optimizer.lr": 3e-4,
+        "sample.weights": os.path.join(SCALE_DIR, kind),
+        "sample.num_steps": 20,
+        "sample.framing": "source",
+    } for kind in ("landmarks", "recammaster", "plucker", "none")},
     "nersemble": {
         "data.dataset": "files",
         "data.frames": 81,

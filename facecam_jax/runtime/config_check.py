@@ -116,6 +116,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.mini.height": _int_at_least(1),
     "data.mini.width": _int_at_least(1),
     "data.mini.num_cameras": _int_at_least(1),
+    "data.mini.scales": ((lambda v: isinstance(v, (tuple, list)) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0.25 <= x <= 4.0 for x in v)),
+        "must be a tuple of scene scales, each in [0.25, 4] (or () for the plain build)"),
     "model.in_dim": _int_at_least(1),
     "model.expert": _one_of(EXPERTS),
     "model.expert_boundary": _number(0.0, 1.0, low_open=True, high_open=True),

@@ -25,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every command that writes a file, with the flags naming what it writes.
 WRITERS = [
     ("facecam_jax.sample", "--out"),
+    ("facecam_jax.sample", "--output_dir"),
+    ("facecam_jax.app", "--output_dir"),
     ("facecam_jax.aot", "--json"),
     ("facecam_jax.evaluate", "--out_json"),
     ("facecam_jax.evaluate", "--out_md"),

@@ -292,6 +292,23 @@ def random_trajectory(rng: np.random.Generator, num_frames: int = NUM_FRAMES, *,
     return Trajectory.from_official(random_camera_params(rng, large_pose=large_pose), num_frames)
 
 
+# `--trajectory random`: the official sampler per video, drawn from that video's seed. The
+# generator is seeded with (RANDOM_STREAM, seed), a stream of its own: the noise of the same
+# seed (jax.random) and the camera are unrelated draws.
+RANDOM = "random"
+RANDOM_STREAM = 0xFACECA
+
+
+def seeded_random(seed: int, num_frames: int = NUM_FRAMES) -> tuple[Trajectory, dict[str, float]]:
+    """`--trajectory random` for the video of noise seed `seed`: the official sampler's
+    parameters (`random_camera_params`, large_pose as the release) and their trajectory. The
+    parameters, written to a JSON file, are a trajectory `load_trajectory` reads back exactly."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"a random trajectory needs a seed >= 0 (an integer), got {seed!r}")
+    params = random_camera_params(np.random.default_rng([RANDOM_STREAM, int(seed)]))
+    return Trajectory.from_official(params, num_frames), params
+
+
 _KEY_FIELDS = ("azimuth", "elevation", "fov", "shift_x", "shift_y")
 _DEFAULTS = {"azimuth": 0.0, "elevation": 0.0, "fov": BASE_FOV, "shift_x": 0.0, "shift_y": 0.0}
 INTERPOLATIONS = ("linear", "ease")

@@ -66,10 +66,13 @@ def entries_from_rows(rows: Iterable[Mapping[str, Any]], base: str = ".") -> lis
     return entries
 
 
-def read_manifest(path: str | os.PathLike) -> list[Entry]:
-    """A JSON list of objects or a CSV with a header row -> entries (paths relative to the manifest's folder)."""
+def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = MANIFEST_COLUMNS,
+              required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:
+    """The rows of a JSON list of objects or of a CSV with a header row naming at least
+    ``required`` (the format's fields: ``columns``); at least one row. Rows are not checked
+    field by field (the caller's reader does that). Also read by ``sampling.batch``."""
     path = os.fspath(path)
-    base = os.path.dirname(os.path.abspath(path))
+    fields = ", ".join(columns)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
@@ -77,10 +80,10 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
         raise ManifestError(f"cannot read manifest {path}: {e.strerror or e}") from e
     except UnicodeDecodeError:
         raise ManifestError(f"manifest {path} is not text (a binary file?); give a JSON list or a CSV of "
-                            f"{', '.join(MANIFEST_COLUMNS)} rows") from None
+                            f"{fields} rows") from None
     if "\0" in text:
         raise ManifestError(f"manifest {path} holds NUL bytes (a binary file?); give a JSON list or a CSV of "
-                            f"{', '.join(MANIFEST_COLUMNS)} rows")
+                            f"{fields} rows")
     if path.lower().endswith(".json") or text.lstrip().startswith(("[", "{")):
         try:
             rows = json.loads(text)
@@ -91,16 +94,22 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
     else:
         reader = csv.DictReader(text.splitlines())
         try:
-            if not reader.fieldnames or not set(REQUIRED_COLUMNS) <= {c.strip() for c in reader.fieldnames}:
+            if not reader.fieldnames or not set(required) <= {c.strip() for c in reader.fieldnames}:
                 raise ManifestError(f"CSV manifest {path} needs a header row naming at least "
-                                    f"{', '.join(REQUIRED_COLUMNS)} (columns: {', '.join(MANIFEST_COLUMNS)})")
+                                    f"{', '.join(required)} (columns: {fields})")
             rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
         except csv.Error as e:
             raise ManifestError(f"CSV manifest {path} cannot be parsed (line {reader.line_num}): {e}") from None
     if not rows:
         raise ManifestError(f"manifest {path} has no rows")
+    return rows
+
+
+def read_manifest(path: str | os.PathLike) -> list[Entry]:
+    """A JSON list of objects or a CSV with a header row -> entries (paths relative to the manifest's folder)."""
+    path = os.fspath(path)
+    rows = read_rows(path)
     try:
-        return entries_from_rows(rows, base)
+        return entries_from_rows(rows, os.path.dirname(os.path.abspath(path)))
     except ManifestError as e:
         raise ManifestError(f"manifest {path}: {e}") from e
-

@@ -138,7 +138,8 @@ _WITH_STRENGTH = ("sample.loras",)
 # checked with their flag. Not listed: sample's ``--profile`` (a trace folder jax.profiler
 # fills with new, timestamped files: nothing is replaced).
 WRITERS: dict[str, tuple[str, ...]] = {
-    "facecam_jax.sample": ("--out",),
+    "facecam_jax.sample": ("--out", "--output_dir"),
+    "facecam_jax.app": ("--output_dir",),
     "facecam_jax.aot": ("--json",),
     "facecam_jax.evaluate": ("--out_json", "--out_md"),
     "facecam_jax.camera.preview": ("--out", "--save-trajectory"),

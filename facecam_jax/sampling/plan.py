@@ -11,6 +11,7 @@ from typing import Sequence
 
 from facecam_jax import conditioning
 from facecam_jax.camera import source as source_lib
+from facecam_jax.camera import trajectories
 from facecam_jax.sampling.experts import weights_dir
 from facecam_jax.sampling.program import window_layout
 from facecam_jax.sampling.render import default_source_video, generate, side_by_side
@@ -46,13 +47,22 @@ def plan_output(config, video: str, *, frames: int | None = None, height: int | 
     return config, count
 
 
+def load_camera(kind, spec: str, frames: int, seed: int):
+    """The camera path ``spec`` names over ``frames`` frames, in the form ``kind.make_condition``
+    takes, and the official random parameters it was drawn with (None unless ``spec`` is
+    ``random``: ``trajectories.seeded_random`` from the video's ``seed``)."""
+    if spec == trajectories.RANDOM:
+        return trajectories.seeded_random(seed, frames)
+    return kind.load_trajectory(spec, frames), None
+
+
 def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | None, seed: int,
         fps: float = 24.0, require_face: bool = False, profile: str | None = None, frames: int | None = None,
         height: int | None = None, width: int | None = None, aspect: str | None = None) -> Sequence[str]:
     """The sampling script: reads, generates, writes ``out`` and ``<out>_compare.mp4``. Without
     ``workdir`` the weights in ``config.sample.weights`` (if any) are overlaid. ``frames`` /
     ``height`` / ``width`` / ``aspect``: the output's shape (``plan_output``); the trajectory
-    is stretched over the whole output."""
+    is stretched over the whole output (``random``: drawn from ``seed``, ``load_camera``)."""
     video = video or default_source_video()
     config, count = plan_output(config, video, frames=frames, height=height, width=width, aspect=aspect)
     d = config.data
@@ -65,7 +75,9 @@ def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | 
              f"{windows.count} windows of {d.frames} frames overlapping by {config.sample.window_overlap} latent "
              "frames, denoised jointly")
     source = source_lib.load_source(video, count, d.height, d.width, require_face=require_face)
-    path = conditioning.of(config).load_trajectory(trajectory, count)
+    path, drawn = load_camera(conditioning.of(config), trajectory, count, seed)
+    if drawn is not None:
+        log.info("random camera from seed %d: %s", seed, ", ".join(f"{k} {v:.2f}" for k, v in drawn.items()))
     result = generate(config, source, path, workdir=weights_dir(config, workdir), seed=seed, profile=profile)
     compare = os.path.splitext(out)[0] + "_compare.mp4"
     write_video(out, result.video, fps)

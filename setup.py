@@ -55,9 +55,17 @@ setup(
         ],
         # Identity similarity in `python -m facecam_jax.evaluate` (dlib's face-recognition ResNet).
         "eval": ["dlib-bin>=20", "face_recognition_models>=0.3"],
+        # The web app (python -m facecam_jax.app) and its tests: gradio_client against a served page,
+        # Playwright driving Debian's chromium (no browser download).
+        "app": ["gradio>=6,<7", "gradio_client", "playwright"],
         # libtpu for real TPUs, and for compile-only TPU use on any machine (python -m facecam_jax.aot).
         "tpu": [f"jax[tpu]{JAX[3:]}"],
         # jax's CUDA 12 plugin (with the CUDA wheels) for GPU users.
         "cuda12": [f"jax[cuda12]{JAX[3:]}"],
+        # The CUDA PJRT plugin alone (no CUDA libraries): compile-only GPU verdicts on any machine
+        # (python -m facecam_jax.aot --gpu h100). Pinned to the jaxlib the shipped specs parse on.
+        "gpu-aot": ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     },
+    # GPU target specs for the fit tool (facecam_jax/fit/gpu_specs/*.txtpb).
+    package_data={"facecam_jax.fit": ["gpu_specs/*.txtpb"]},
 )

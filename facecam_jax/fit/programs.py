@@ -5,7 +5,8 @@ abstract=True)``: the preset DiT, trainable subset or its LoRA adapters, optimiz
 over (data, fsdp)) or the sampling program (``sp.sample_program``: both Wan2.2 A14B
 experts in one jitted Euler loop with CFG, plus the VAE encode and decode that run beside
 them) from the factory's abstract models, on the config's mesh over the devices of a named
-TPU topology (``chips.tpu_topology``) or the local devices. It compiles them and reports
+TPU topology (``chips.tpu_topology``), of named NVIDIA GPUs (``gpus.make_target``: the CUDA
+plugin's compile-only devices) or the local devices. It compiles them and reports
 (``perf.report.Report``) the trained parameters and optimizer-state bytes, per-device memory
 from XLA's buffer plan, the device's memory, the
 analytic FLOPs (``flops.step_flops``), the time at the bf16 peak, and a verdict.
@@ -13,6 +14,7 @@ analytic FLOPs (``flops.step_flops``), the time at the bf16 peak, and a verdict.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -24,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from facecam_jax import build, conditioning
 from facecam_jax import sharding as sh
+from facecam_jax.fit import gpus
 from facecam_jax.models import attention, wan_dit
 from facecam_jax.perf import chips
 from facecam_jax.perf.chips import BadTarget, GiB, Target
@@ -58,10 +61,11 @@ def _check_arguments(name: str, arguments: int, hbm: int | None) -> None:
                           f"{hbm / GiB:.2f} GiB of HBM; not compiled", 0.0, arguments, hbm)
 
 
-def _compile(name: str, lowered_fn, resident_elsewhere: int = 0, host_elsewhere: int = 0) -> Compiled:
+def _compile(name: str, lowered_fn, resident_elsewhere: int = 0, host_elsewhere: int = 0,
+             options: dict | None = None) -> Compiled:
     start = time.perf_counter()
     try:
-        compiled = lowered_fn().compile()
+        compiled = lowered_fn().compile(compiler_options=options or None)
     except Exception as e:  # noqa: BLE001  XLA raises a generic runtime error
         if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
             raise OutOfMemory(name, str(e).splitlines()[0], time.perf_counter() - start) from e
@@ -92,7 +96,7 @@ def _under_mesh(mesh, rules, jitted, *args):
     return lower
 
 
-def _train_programs(config, mesh, rules, hbm: int | None, info: dict) -> list[Compiled]:
+def _train_programs(config, mesh, rules, hbm: int | None, info: dict, options: dict) -> list[Compiled]:
     """The training step; ``info`` receives its parameter counts and optimizer-state bytes
     (before a compile that may not fit)."""
     # Built outside the mesh context (optax's state-sharding helper runs an init eagerly, which a
@@ -103,7 +107,7 @@ def _train_programs(config, mesh, rules, hbm: int | None, info: dict) -> list[Co
                 optimizer_device_bytes=device_bytes(program.state.opt_state))
     args = (program.state, program.frozen, program.vae_state, program.context, program.batch)
     _check_arguments("train step", device_bytes(args), hbm)
-    return [_compile("train step", _under_mesh(mesh, rules, program.step, *args))]
+    return [_compile("train step", _under_mesh(mesh, rules, program.step, *args), options=options)]
 
 
 def _on_host(tree):
@@ -112,12 +116,24 @@ def _on_host(tree):
         "pinned_host")), tree)
 
 
-def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = True,
-                     frames: int | None = None) -> tuple[list[Compiled], dict]:
+def _without_progress(graphdef, options) -> sp.SampleProgram:
+    """``sp.sample_program`` without its per-step progress callback: jax lowers a host callback
+    only with the target platform's runtime loaded, which a compile-only GPU target has not
+    (the callback sends one scalar per step to the host: nothing in the memory plan)."""
+    if options.phases()[0][0] is None:
+        return sp.SampleProgram(jax.jit(sp.make_sample_fn(graphdef, options)), sp.StepProgress())
+    return sp.SampleProgram(None, sp.StepProgress(), tuple(
+        (e, a, b, jax.jit(sp.make_sample_fn(graphdef, options, phase=(e, a, b)))) for e, a, b in options.phases()))
+
+
+def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = True, frames: int | None = None,
+                     compiler_options: dict | None = None, host_callbacks: bool = True) -> tuple[list[Compiled], dict]:
     """The sampling loop (both experts resident, or offloaded as ``sample.offload`` says, over
-    the windows of a ``frames``-frame video) and, beside it, the VAE encode and decode."""
+    the windows of a ``frames``-frame video) and, beside it, the VAE encode and decode.
+    ``host_callbacks`` False: the loop without its progress callback (compile-only GPUs)."""
     d, s = config.data, config.sample
     frames = frames or d.frames
+    compile_ = functools.partial(_compile, options=compiler_options)
     replicated = NamedSharding(mesh, PartitionSpec())
     dit = build.abstract_dit(config, mesh, rules)
     if s.offload == "blocks":  # the stacked block weights wait in host memory, streamed layer by layer
@@ -132,14 +148,14 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
     inputs = abstract_inputs(config, conditioning.of(config), dit.config, mesh, d.frames if options.context else frames,
                              options.windows, context=options.context)
     window_frames = d.frames if windows else frames
-    program = sp.sample_program(graphdef, options)
+    program = sp.sample_program(graphdef, options) if host_callbacks else _without_progress(graphdef, options)
     expert_device = device_bytes(states[0], "device")
     expert_host = device_bytes(states[0], "pinned_host")
     vae_bytes = device_bytes(vae_state)
     out = []
     if program.fn is not None:
         _check_arguments("sample loop", n * expert_device + vae_bytes, hbm)
-        out.append(_compile("sample loop", _under_mesh(mesh, rules, program.fn, states, inputs), vae_bytes))
+        out.append(compile_("sample loop", _under_mesh(mesh, rules, program.fn, states, inputs), vae_bytes))
         traffic = options.steps * expert_host  # blocks: every step streams the running expert's layers in
     else:  # one program per expert phase: that expert on the device, the other in host memory
         _check_arguments("sample loop", expert_device + vae_bytes, hbm)
@@ -148,7 +164,7 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
         carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), carry)
         for expert, start, stop, fn in program.phases:
             name = f"{('high', 'low')[expert]}-noise steps {start}-{stop - 1}"
-            out.append(_compile(name, _under_mesh(mesh, rules, fn, states[expert], inputs, carry),
+            out.append(compile_(name, _under_mesh(mesh, rules, fn, states[expert], inputs, carry),
                                 vae_bytes, host_elsewhere=expert_device))
         traffic = n * expert_device  # each expert comes to the device once per video
     if with_vae:
@@ -157,10 +173,10 @@ def _sample_programs(config, mesh, rules, hbm: int | None, *, with_vae: bool = T
         encode = jax.jit(lambda st, v: nnx.merge(vae_graphdef, st).encode(v))
         decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(z))
         beside = n * expert_device if program.fn is not None else 0  # offloaded experts are not on the device
-        out.append(_compile("VAE encode", _under_mesh(mesh, rules, encode, vae_state, video), beside))
+        out.append(compile_("VAE encode", _under_mesh(mesh, rules, encode, vae_state, video), beside))
         lat = inputs.source
         one = jax.ShapeDtypeStruct((1, *lat.shape[1:]), lat.dtype, sharding=replicated)  # and decodes one window
-        out.append(_compile("VAE decode", _under_mesh(mesh, rules, decode, vae_state, one), beside))
+        out.append(compile_("VAE decode", _under_mesh(mesh, rules, decode, vae_state, one), beside))
     params = n * sum(x.size for x in jax.tree.leaves(states[0]))
     described = (f"{options.solver} {options.steps} steps, CFG {options.guidance}, cache "
                  f"{'magcache' if options.cache else 'none'}, weights {config.model.quantize}, offload {s.offload}, "
@@ -194,8 +210,12 @@ def analyze(config, program: str, topology: str | None = None, *, config_name: s
     if program not in ("train", "sample"):
         raise BadTarget(f"--program must be 'train' or 'sample', got {program!r}")
     target = target or chips.make_target(topology)
-    if target.is_tpu:
+    if target.is_tpu or target.compile_only:
         chips.no_persistent_cache()
+    gpus.check_supported(target, config, program)
+    attention_impl = attention_used(config, target)
+    target = gpus.reserve_workspace(target, config, program, attention_impl)
+    options = gpus.compiler_options(target)
     try:
         mesh, rules = build.mesh_and_rules(config, devices=target.devices)
     except ValueError as e:
@@ -206,7 +226,7 @@ def analyze(config, program: str, topology: str | None = None, *, config_name: s
     report = Report(
         program=program, config=config_name, target=target.name, chip=target.chip, devices=len(target.devices),
         chips=target.chips, mesh=dict(mesh.shape), model=config.model.dit, remat=config.model.remat,
-        attention=attention_used(config, target), tokens=tokens,
+        attention=attention_impl, tokens=tokens,
         batch=d.batch_size if program == "train" else 1, params=0, trainable=0, experts=1,
         lora_rank=config.train.lora_rank if program == "train" else 0,
         hbm=target.hbm_per_device, hbm_source=target.hbm_source, flops=_program_flops(config, program, frames),
@@ -215,14 +235,17 @@ def analyze(config, program: str, topology: str | None = None, *, config_name: s
     start = time.perf_counter()
     info: dict = {}
     try:
-        if program == "train":
-            report.compiled = _train_programs(config, mesh, rules, target.hbm_per_device, info)
-        else:
-            report.compiled, sampled = _sample_programs(config, mesh, rules, target.hbm_per_device, with_vae=with_vae,
-                                                        frames=frames)
-            info.update(sampled)
-            report.options, report.host_traffic = info["options"], info["host_traffic"]
-            report.host_bandwidth = target.host_bandwidth
+        with gpus.cudnn_as_on(target):
+            if program == "train":
+                report.compiled = _train_programs(config, mesh, rules, target.hbm_per_device, info, options)
+            else:
+                report.compiled, sampled = _sample_programs(config, mesh, rules, target.hbm_per_device,
+                                                            with_vae=with_vae, frames=frames,
+                                                            compiler_options=options,
+                                                            host_callbacks=not gpus.compile_only_gpu(target))
+                info.update(sampled)
+                report.options, report.host_traffic = info["options"], info["host_traffic"]
+                report.host_bandwidth = target.host_bandwidth
     except OutOfMemory as e:
         report.out_of_memory = {"program": e.name, "required": e.required, "available": e.available,
                                 "message": str(e), "seconds": e.seconds}

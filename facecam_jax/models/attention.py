@@ -179,6 +179,9 @@ def attention(q, k, v, *, implementation: str = "xla", scale: float | None = Non
     if mesh is not None and not mesh.empty and implementation != "xla":
         if implementation == "splash" or mesh.shape.get(sh.CONTEXT, 1) > 1:
             return _per_device(q, k, v, implementation, scale, chunk, mesh)
+        if implementation == "cudnn":  # its partitioner takes q, k and v on one sharding, which GSPMD
+            # need not have picked for k and v (fsdp 8 on H100s: "should have same sharding")
+            q, k, v = (sh.constrain(x, (sh.ACT_BATCH, None, sh.ACT_HEADS, None)) for x in (q, k, v))
     return _local(q, k, v, implementation, scale, chunk)
 
 

@@ -37,9 +37,16 @@ CHIPS = {
     "TPU v5": Chip("v5p", 459e12, 95 * GiB),
     "TPU v6 lite": Chip("v6e", 918e12, 32 * GiB),
     "TPU7x": Chip("v7x", 2307e12, 192 * GiB, 64e9),
+    # GPUs: more specific names first (chip_of takes the first key found in the device kind).
+    "H100 PCIe": Chip("H100 PCIe", 756e12, 80 * GiB, 64e9),
     "H100": Chip("H100", 989e12, 80 * GiB, 64e9),
     "H200": Chip("H200", 989e12, 141 * GiB, 64e9),
+    "B200": Chip("B200", 2250e12, 180 * GiB, 64e9),
+    "A100-SXM4-40GB": Chip("A100", 312e12, 40 * GiB),
     "A100": Chip("A100", 312e12, 80 * GiB),
+    "L40S": Chip("L40S", 362e12, 48 * GiB),
+    "RTX 4090": Chip("RTX 4090", 165e12, 24 * GiB),
+    "L4": Chip("L4", 121e12, 24 * GiB),
 }
 
 
@@ -77,6 +84,8 @@ class Target:
     hbm_per_device: int | None  # bytes
     hbm_source: str  # where hbm_per_device came from
     host_bandwidth: float | None = None  # bytes/s of one chip's host link (assumed: Chip.host_bandwidth)
+    compile_only: bool = False  # a named topology: devices to compile for, none to run on
+    cudnn_version: int | None = None  # compile-only GPUs: the cuDNN version their spec names
 
     @property
     def is_tpu(self) -> bool:
@@ -168,11 +177,12 @@ def make_target(topology: str | None) -> Target:
     if hbm is None and chip is not None:
         hbm, source = chip.hbm * chips // len(devices), "spec sheet"
     return Target(topology or "local", devices, chip.name if chip else devices[0].device_kind, chips,
-                  chip.peak_flops if chip else None, hbm, source, chip.host_bandwidth if chip else None)
+                  chip.peak_flops if chip else None, hbm, source, chip.host_bandwidth if chip else None,
+                  compile_only=bool(topology))
 
 
 def no_persistent_cache() -> None:
-    """A TPU executable written into JAX's persistent cache cannot be read back by the CPU
+    """A TPU or GPU executable written into JAX's persistent cache cannot be read back by the CPU
     client (a warning and a recompile), so compile-only targets do not use it."""
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()

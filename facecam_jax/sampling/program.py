@@ -304,6 +304,8 @@ class SampleProgram:
     fn: object  # jax.jit(make_sample_fn(...)), or per phase
     progress: StepProgress
     phases: tuple = ()  # (expert, start, stop, jitted phase fn) when the experts are offloaded
+    # fn compiled, per input shapes (``render``): every batch and clip of those shapes reuses it
+    compiled: dict = dataclasses.field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=8)

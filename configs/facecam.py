@@ -22,6 +22,10 @@ Variants (`VARIANTS`: each is the base below plus its own overrides, decided in 
   cameractrl2  CameraCtrl II's camera (camera.kind=plucker: Plücker ray maps patchified and
              added to the tokens) on Wan2.1-T2V-1.3B, camera dropout and camera guidance;
              plucker-mini the same kind at the mini scale.
+  factorportrait  FactorPortrait (camera.kind=factorportrait: reference image, face normal
+             maps and ray maps fused on channels, expression codes modulating every block) on
+             Wan2.1-T2V-1.3B, self-reenactment training on multi-view data;
+             factorportrait-mini the same kind at the mini scale (training only for now).
   scale-landmarks, scale-recammaster, scale-plucker, scale-none
              FaceCam's claim tested: the same recipe with only camera.kind changed, on the
              scale-ambiguous mini dataset (one scene at scales 0.6-1.6), bench/camera_kinds.py.
@@ -382,6 +386,29 @@ VARIANTS: dict[str, dict[str, object]] = {
         "train.trainable": ("self_attn",),
         "train.camera_dropout": 0.1,
         "train.context_prob": 0.25,
+    },
+    # FactorPortrait (camera.kind=factorportrait, issue 33): one portrait image animated by a
+    # driving video's expressions (the expression controller) and head pose (face normal maps)
+    # along a camera path (Plücker ray maps), all fused on channels (in_dim 54: video, reference,
+    # normals, rays). Wan2.1-T2V-1.3B fully fine-tuned as the paper, self-reenactment on
+    # multi-view pairs (one target camera per clip; in-the-wild clips have no per-frame meshes).
+    "factorportrait": {
+        **_T2V_1_3B_480P,
+        "camera.kind": "factorportrait",
+        "model.in_dim": 54,
+        "data.wild_ratio": 0.0,
+        "data.max_shots": 1,
+        "train.trainable": ("all",),
+        "optimizer.lr": 1e-5,
+        "sample.num_steps": 50,
+    },
+    # The same kind at the mini scale (tiny DiT, mini dataset, 9 frames: 3 latent frames).
+    "factorportrait-mini": {
+        "camera.kind": "factorportrait",
+        "model.in_dim": 54,
+        "data.frames": 9,
+        "data.wild_ratio": 0.0,
+        "data.max_shots": 1,
     },
     # FaceCam's claim tested (bench/camera_kinds.py, bench/RESULTS.md): one recipe, only the
     # camera representation changes (scale-landmarks, scale-recammaster, scale-plucker and the

@@ -18,10 +18,10 @@ CFG = W.get_config("tiny").replace(in_dim=36)
 
 
 def test_kinds_are_the_modules_of_the_package_and_the_config_names_one():
-    assert options.camera_kinds() == ("landmarks", "none", "plucker", "recammaster")
+    assert options.camera_kinds() == ("factorportrait", "landmarks", "none", "plucker", "recammaster")
     kind = conditioning.of(load_config("mini,frames=9"))
     assert kind is conditioning.get("landmarks") and kind.name == "landmarks"
-    with pytest.raises(ValueError, match="camera.kind must be one of 'landmarks', .*got 'rays'"):
+    with pytest.raises(ValueError, match="camera.kind must be one of 'factorportrait', 'landmarks', .*got 'rays'"):
         conditioning.get("rays")
     assert kind.batch_keys() == ("source", "target", "camera")
     spec = kind.batch_spec(load_config("mini,frames=9").data)

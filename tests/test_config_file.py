@@ -83,7 +83,7 @@ def test_each_enumeration_is_spelled_once_and_checked_where_the_config_loads():
         spelled = repr(getattr(options, name)).replace("'", '"')
         where = [str(p.relative_to(package)) for p, text in sources.items() if spelled in text]
         assert where == ["options.py"], (name, where)
-    with pytest.raises(ValueError, match="camera.kind='extrinsics' must be one of 'landmarks', 'none', 'plucker', 'recammaster'"):
+    with pytest.raises(ValueError, match="camera.kind='extrinsics' must be one of 'factorportrait', 'landmarks', 'none', 'plucker', 'recammaster'"):
         load_config("mini,camera.kind=extrinsics")
     with pytest.raises(ValueError, match="sample.solver='heun'.*sample.window_overlap=0"):
         load_config("mini,sample.solver=heun,sample.window_overlap=0")

@@ -71,7 +71,20 @@ _CAMERA_PATCH: list[tuple[str, tuple[str, ...], str]] = [
     ("camera_patch.bias", ("camera_patch", "bias"), "copy"),
 ]
 
-_TOP_BY_PATH = {path: (name, kind) for name, path, kind in _TOP + _CAMERA_PATCH}
+# FactorPortrait's expression controller (``wan_dit.add_expression_layers``), named like torch
+# modules of the same structure. This project's own layers: no released checkpoint names them.
+_EXPRESSION: list[tuple[str, tuple[str, ...], str]] = []
+for _mine in (("proj",), ("out",), *((f"layer{_i}", _p) for _i in range(2) for _p in "qkvo"),
+              *((f"layer{_i}", "ffn", _fc) for _i in range(2) for _fc in ("fc1", "fc2"))):
+    _name = "expression." + ".".join(_mine)
+    _EXPRESSION += [(f"{_name}.weight", ("expression", *_mine, "kernel"), "linear"),
+                    (f"{_name}.bias", ("expression", *_mine, "bias"), "copy")]
+for _i in range(2):
+    for _norm in ("norm1", "norm2"):
+        _EXPRESSION += [(f"expression.layer{_i}.{_norm}.weight", ("expression", f"layer{_i}", _norm, "scale"), "copy"),
+                        (f"expression.layer{_i}.{_norm}.bias", ("expression", f"layer{_i}", _norm, "bias"), "copy")]
+
+_TOP_BY_PATH = {path: (name, kind) for name, path, kind in _TOP + _CAMERA_PATCH + _EXPRESSION}
 _BLOCK_BY_PATH = {path: (name, kind) for name, path, kind in _BLOCK + _CAMERA_BLOCK}
 
 # diffusers <-> original names (block-local and top-level).
@@ -217,20 +230,25 @@ def keys_of_paths(config: DiTConfig, paths) -> list[str]:
     """Original-naming keys of the model variables at ``paths`` (tuples of attribute names; camera
     layers included when the paths name them)."""
     paths = set(paths)
-    return [k for k, slot in model_slots(config, camera_layers=True, camera_patch=True).items() if slot.path in paths]
+    slots = model_slots(config, camera_layers=True, camera_patch=True, expression=True)
+    return [k for k, slot in slots.items() if slot.path in paths]
 
 
 def slots_of(model) -> dict[str, Slot]:
-    """``model_slots`` of a model as built: with its camera layers and camera patchify when it has them."""
-    return model_slots(model.config, camera_layers=model.has_camera_layers, camera_patch=model.camera_patch is not None)
+    """``model_slots`` of a model as built: with its camera layers, camera patchify and expression
+    controller when it has them."""
+    return model_slots(model.config, camera_layers=model.has_camera_layers, camera_patch=model.camera_patch is not None,
+                       expression=model.expression is not None)
 
 
-def model_slots(config: DiTConfig, camera_layers: bool = False, camera_patch: bool = False) -> dict[str, Slot]:
+def model_slots(config: DiTConfig, camera_layers: bool = False, camera_patch: bool = False,
+                expression: bool = False) -> dict[str, Slot]:
     """Original-naming key -> slot, for every tensor a checkpoint of ``config`` must hold
     (``camera_layers``: also ReCamMaster's ``blocks.N.cam_encoder`` / ``projector``;
-    ``camera_patch``: CameraCtrl II's ``camera_patch``)."""
+    ``camera_patch``: CameraCtrl II's ``camera_patch``; ``expression``: FactorPortrait's
+    ``expression.*``)."""
     slots = {}
-    for name, path, kind in _TOP + (_CAMERA_PATCH if camera_patch else []):
+    for name, path, kind in _TOP + (_CAMERA_PATCH if camera_patch else []) + (_EXPRESSION if expression else []):
         slots[name] = Slot(path, None, kind)
     for i in range(config.num_layers):
         for name, path, kind in _BLOCK:

@@ -25,7 +25,10 @@ A batch is a dict of numpy arrays with a leading per-process batch dimension B:
   cameras                  int32 [B, 1 + K_max]   source camera, target cameras (-1 padded)
   background               int32 [B, 3]   composited colour (-1 when none)
   source_scale, source_position, zoom, pan   float32 [B], [B, 2], [B, 2], [B, 2, 2]
-  target_landmarks         float32 [B, T, 478, 3]  the drawn landmarks, after the motion
+  target_landmarks         float32 [B, T, 478, 3]  the drawn landmarks, after the motion (per
+                                          frame when the consumer needs ``normals``)
+  normals                  uint8 [B, T, H, W, 3]   only when needed: the target frames' face
+                                          normal maps (FactorPortrait)
   source_world_2_cam, source_intrinsics      float32 [B, 4, 4], [B, 3, 3]
   target_world_2_cam, target_intrinsics      float32 [B, T, 4, 4], [B, T, 3, 3]
                                           (intrinsics at the output size, after the
@@ -228,16 +231,22 @@ def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0
                              f"{' and no '.join(missing)} samples; set the data roots or "
                              "data.wild_ratio to 0.0 / 1.0")
     common = {"seed": data.seed, "shuffle": data.shuffle}
-    finish = tr.ToSample(max_shots=data.max_shots)
+    # FactorPortrait's driving signals: per-frame target landmarks and their normal maps.
+    normals = needs is not None and "normals" in needs
+    if normals and wild is not None and len(wild):
+        raise ValueError("normal maps need per-frame landmarks of a multi-view target: set data.wild_ratio=0.0 "
+                         "(an in-the-wild sample holds its first frame's landmarks)")
+    finish = tr.ToSample(max_shots=data.max_shots, extra=("normals",) if normals else ())
     branches, weights = [], []
     if multiview is not None and len(multiview):
         branches.append(_branch(multiview, [
             tr.MultiShotStitch(data.height, data.width, max_shots=data.max_shots,
                                composite=data.composite, detect_missing=data.detect_missing,
                                target_cameras=target_positions(data, multiview),
-                               landmark_maps=needs is None or "camera" in needs),
+                               landmark_maps=needs is None or "camera" in needs, frame_landmarks=normals),
             tr.ScaleAndColour(tuple(data.multiview_source_scale)),
             tr.SyntheticCameraMotion(tuple(data.multiview_target_zoom)),
+            *([tr.NormalMaps()] if normals else []),
             finish], tag=_MULTIVIEW_TAG, **common))
         weights.append(len(multiview))
     if wild is not None and len(wild):

@@ -35,6 +35,7 @@ import numpy as np
 from facecam_jax import video_io
 from facecam_jax.camera import draw
 from facecam_jax.camera import landmarks as landmarks_lib
+from facecam_jax.camera import normals as normals_lib
 from facecam_jax.data import augment, prepare, sources
 from facecam_jax.data import store as store_lib
 
@@ -162,6 +163,9 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
     # The camera kind reads FaceCam's landmark maps (``camera``); without them no face is needed
     # (ReCamMaster on MultiCamVideo scenes), ``camera`` is black and the landmarks NaN.
     landmark_maps: bool = True
+    # ``target_landmarks`` per target frame (the target camera's own landmarks at each time; every
+    # frame needs a face) instead of each shot's anchor held: FactorPortrait's driving signals.
+    frame_landmarks: bool = False
 
     def random_map(self, record: dict, rng: np.random.Generator):
         return self._guarded(self._stitch, record, rng)
@@ -228,13 +232,16 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
                 target[idx], masks = load(int(cam), idx)
                 if self.composite:
                     target_mask[idx] = masks
+            if self.frame_landmarks:
+                landmarks[idx] = self._frame_landmarks(seq.cameras[int(cam)], times[idx])
             if not self.landmark_maps:
                 continue
             stream = seq.cameras[int(cam)]
             crop = augment.cover_crop_params(stream.height, stream.width, self.height, self.width)
             anchor = augment.cover_crop_points(_anchor_landmarks(stream, start, self.detect_missing), crop,
                                                self.height, self.width)
-            landmarks[idx] = anchor
+            if not self.frame_landmarks:
+                landmarks[idx] = anchor
             camera[idx] = draw.draw_landmark_map(anchor, self.height, self.width)
         cameras = _nan_cameras(num_frames)
         if seq.frame_world_2_cam is not None:  # moving cameras: the source's at the clip start, the targets' per frame
@@ -258,6 +265,30 @@ class MultiShotStitch(grain.transforms.RandomMap, _SkipOnFailure):
             "frame_index": times, "cameras": np.r_[source_cam, targets],
             "shot_starts": starts, "shot_index": shot, **cameras,
         }
+
+
+    def _frame_landmarks(self, stream: sources.Stream, frames: np.ndarray) -> np.ndarray:
+        """Prepared landmarks [n, 478, 3] of ``frames`` of one camera, in the crop; SkipSample
+        unless every frame has a face."""
+        points, status = stream.store.read_landmarks(frames)
+        if np.any(status == store_lib.NO_FACE):
+            raise SkipSample("no face", f"a frame of {frames.tolist()} of {stream.path} has no face")
+        if np.any(status != store_lib.FOUND):
+            raise SkipSample("missing landmarks", f"frames {frames.tolist()} of {stream.path} lack prepared "
+                             "landmarks; run tools/prepare_dataset.py")
+        crop = augment.cover_crop_params(stream.height, stream.width, self.height, self.width)
+        return augment.cover_crop_points(points, crop, self.height, self.width)
+
+
+@dataclasses.dataclass
+class NormalMaps(grain.transforms.Map):
+    """FactorPortrait's head-pose condition: the normal maps (``camera.normals``) of the target
+    frames' face meshes as the target camera sees them, from ``target_landmarks`` (per frame,
+    after the synthetic camera motion) -> ``normals`` uint8 [T, H, W, 3]."""
+
+    def map(self, clip: dict) -> dict:
+        height, width = clip["target"].shape[1:3]
+        return {**clip, "normals": normals_lib.landmark_normal_maps(clip["target_landmarks"], height, width)}
 
 
 @dataclasses.dataclass
@@ -347,6 +378,7 @@ class ToSample(grain.transforms.Map):
     """The fixed output structure of a sample (every leaf a numeric array, so Grain can batch
     it): videos uint8 [T, H, W, 3] and metadata, padded to `max_shots` where it varies."""
     max_shots: int = 4
+    extra: tuple[str, ...] = ()  # further entries passed on as they are (a camera kind's, e.g. normals)
 
     def map(self, clip: dict) -> dict:
         num_frames = clip["source"].shape[0]
@@ -377,4 +409,5 @@ class ToSample(grain.transforms.Map):
                 num_frames, 4, 4),
             "target_intrinsics": np.asarray(clip["target_intrinsics"], np.float32).reshape(
                 num_frames, 3, 3),
+            **{key: clip[key] for key in self.extra},
         }

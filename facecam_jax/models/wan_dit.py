@@ -400,6 +400,9 @@ class WanDiT(nnx.Module):
         # CameraCtrl II's camera patchify (``add_camera_patch``): Plücker ray maps -> tokens added
         # to the video tokens before the first block; None: a plain Wan DiT.
         self.camera_patch = nnx.data(None)
+        # FactorPortrait's expression controller (``add_expression_layers``): per-frame expression
+        # codes -> a per-latent-frame offset of the time embedding; None: a plain Wan DiT.
+        self.expression = nnx.data(None)
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         d = cfg.dim
         self.patch_embedding = PatchEmbed(cfg, **kw)
@@ -416,7 +419,8 @@ class WanDiT(nnx.Module):
         self.head = Head(cfg, **kw)
 
     def __call__(self, x: Array, t: Array, context: Array, *, out_frames: int | None = None,
-                 camera: Array | None = None, rays: Array | None = None) -> Array:
+                 camera: Array | None = None, rays: Array | None = None,
+                 expression: Array | None = None) -> Array:
         """Velocity for latents ``x [B, F, H, W, Cin]`` at timesteps ``t [B]`` or ``[B, L]``.
 
         ``context [B, Lt, text_dim]`` is zero-padded to ``text_len``. ``out_frames`` keeps
@@ -424,10 +428,11 @@ class WanDiT(nnx.Module):
         ``camera [B, F, 12]``: one pose per latent frame for blocks with camera layers
         (ReCamMaster, ``add_camera_layers``). ``rays [B, F, H, W, 7]``: Plücker ray maps and the
         clip-extension context mask on the latent grid for a model with a camera patchify
-        (CameraCtrl II, ``add_camera_patch``).
+        (CameraCtrl II, ``add_camera_patch``). ``expression [B, T, E]``: per-video-frame expression
+        codes for a model with an expression controller (FactorPortrait, ``add_expression_layers``).
         ``embed`` -> ``run_blocks`` -> ``unembed``; a step cache calls the parts itself.
         """
-        tokens, cond = self.embed(x, t, context, camera=camera, rays=rays)
+        tokens, cond = self.embed(x, t, context, camera=camera, rays=rays, expression=expression)
         return self.unembed(self.run_blocks(tokens, cond), cond, out_frames=out_frames)
 
     @property
@@ -435,7 +440,7 @@ class WanDiT(nnx.Module):
         return self.blocks.cam_encoder is not None
 
     def embed(self, x: Array, t: Array, context: Array, *, camera: Array | None = None,
-              rays: Array | None = None) -> tuple[Array, "BlockInputs"]:
+              rays: Array | None = None, expression: Array | None = None) -> tuple[Array, "BlockInputs"]:
         """Checks the inputs; returns the block stack's input tokens ``[B, L, D]`` (fp32) and its conditioning."""
         cfg = self.config
         _, f, h, w, c = x.shape
@@ -476,15 +481,37 @@ class WanDiT(nnx.Module):
         t = jnp.asarray(t)
         if t.ndim == 2 and t.shape[1] != n_tokens:
             raise ValueError(f"per-token timesteps must be [B, {n_tokens}] for this latent shape, got {t.shape}")
+        if (self.expression is not None) != (expression is not None):
+            raise ValueError("this DiT has an expression controller (FactorPortrait): give expression [B, T, E]"
+                             if expression is None else "expression codes were given but this DiT has no "
+                             "expression controller (add_expression_layers)")
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))  # [B, D] or [B, L, D]
-        e0 = self.time_projection(jax.nn.silu(e))
-        e0 = e0.reshape(*e0.shape[:-1], 6, cfg.dim)  # [B, 6, D] or [B, L, 6, D]
+        if expression is not None:
+            e, e0 = self._expression_modulation(e, expression, grid)
+        else:
+            e0 = self.time_projection(jax.nn.silu(e))
+            e0 = e0.reshape(*e0.shape[:-1], 6, cfg.dim)  # [B, 6, D] or [B, L, 6, D]
 
         ctx = jnp.pad(context, ((0, 0), (0, cfg.text_len - context.shape[1]), (0, 0)))
         ctx = self.text_embedding(ctx.astype(dtype))  # [B, text_len, D]
 
         cos, sin = rope_tables(grid, cfg.head_dim)
         return x_tok, BlockInputs(e, e0, ctx, (jnp.asarray(cos), jnp.asarray(sin)), grid, camera)
+
+    def _expression_modulation(self, e: Array, expression: Array, grid: tuple[int, int, int]) -> tuple[Array, Array]:
+        """FactorPortrait's frame-specific timestep embeddings: the expression controller's offset
+        per latent frame added to the time embedding ``e [B, D]`` (or per token ``[B, L, D]``), then
+        the block modulation from it; both expanded to the tokens of their frame ->
+        ``e [B, L, D]``, ``e0 [B, L, 6, D]``. The projection runs per frame, not per token."""
+        d = self.config.dim
+        offset = self.expression(expression, grid[0])  # [B, F, D] fp32, F the DiT input's latent frames
+        tokens_per_frame = grid[1] * grid[2]
+        if e.ndim == 2:
+            e = e[:, None] + offset  # [B, F, D]
+            e0 = self.time_projection(jax.nn.silu(e)).reshape(*e.shape[:2], 6, d)  # [B, F, 6, D]
+            return _per_token(e, tokens_per_frame), _per_token(e0, tokens_per_frame)
+        e = e + _per_token(offset, tokens_per_frame)  # per-token timesteps: [B, L, D]
+        return e, self.time_projection(jax.nn.silu(e)).reshape(*e.shape[:2], 6, d)
 
     def run_blocks(self, x: Array, cond: "BlockInputs") -> Array:
         """The block stack (one ``lax.scan`` over the stacked layers): tokens ``[B, L, D]`` -> tokens."""
@@ -517,6 +544,14 @@ class WanDiT(nnx.Module):
         out = out.reshape(b, keep, grid[1], grid[2], pt, ph, pw, cfg.out_dim)
         out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # [B, F', pt, H', ph, W', pw, C]
         return out.reshape(b, keep * pt, grid[1] * ph, grid[2] * pw, cfg.out_dim).astype(jnp.float32)
+
+
+def _per_token(per_frame: Array, tokens_per_frame: int) -> Array:
+    """``[B, F, ...]`` -> ``[B, F * tokens_per_frame, ...]``: each latent frame's value on its tokens
+    (tokens are frame-major, as the patch embedding lays them out)."""
+    b, f = per_frame.shape[:2]
+    out = jnp.broadcast_to(per_frame[:, :, None], (b, f, tokens_per_frame, *per_frame.shape[2:]))
+    return out.reshape(b, f * tokens_per_frame, *per_frame.shape[2:])
 
 
 def _streamed_scan(body, x: Array, host_state):
@@ -587,16 +622,17 @@ def facecam_velocity_cached(
 
 def cached_forward(model: WanDiT, x: Array, t: Array, context: Array, *, out_frames: int | None,
                    skip: bool | Array, residual: Array, camera: Array | None = None,
-                   rays: Array | None = None) -> tuple[Array, Array]:
+                   rays: Array | None = None, expression: Array | None = None) -> tuple[Array, Array]:
     """``model(x, t, context, out_frames=...)`` with the block stack replaceable by a cached
     residual (a step cache's hook).
 
     ``skip`` (a traced bool: ``lax.cond``; Python ``False``: no branch in the program) adds
     ``residual [B, L, D]`` to the stack's input tokens instead of running the blocks. Returns
     the output and the residual to cache: the blocks' output minus input when they ran (in
-    ``residual``'s dtype), else ``residual`` itself. ``camera``, ``rays``: as for ``WanDiT.__call__``.
+    ``residual``'s dtype), else ``residual`` itself. ``camera``, ``rays``, ``expression``: as for
+    ``WanDiT.__call__``.
     """
-    tokens, cond = model.embed(x, t, context, camera=camera, rays=rays)
+    tokens, cond = model.embed(x, t, context, camera=camera, rays=rays, expression=expression)
 
     def run():
         out = model.run_blocks(tokens, cond)
@@ -712,6 +748,96 @@ def add_camera_patch(model: WanDiT) -> WanDiT:
                        dtype=model.dtype)
     layer.kernel = nnx.Param(jnp.zeros_like(layer.kernel.get_value()), axes=(None, None, None, sh.CONV_IN, sh.EMBED))
     model.camera_patch = layer
+    return model
+
+
+# --------------------------------------------------------------------------- FactorPortrait
+
+
+EXPRESSION_WIDTH = 128  # the expression features' width (the paper's expression latents are 128-d)
+EXPRESSION_HEADS = 4
+VAE_TIME_STRIDE = 4  # video frames per latent frame after the first (Wan VAE)
+
+
+def group_frames(x: Array, stride: int = VAE_TIME_STRIDE) -> Array:
+    """Per-video-frame features ``[B, T, C]`` -> per-latent-frame ``[B, 1 + (T - 1) // stride, stride * C]``
+    as the Wan VAE groups frames: the first frame alone (repeated ``stride`` times, as Wan I2V's
+    frame mask treats it), then chunks of ``stride`` consecutive frames (81 -> 21)."""
+    b, t, c = x.shape
+    if t < 1 or (t - 1) % stride:
+        raise ValueError(f"expression codes need 1 + {stride}k frames (the VAE's frame grouping), got {t}")
+    first = jnp.tile(x[:, :1], (1, 1, stride))  # [B, 1, stride*C]
+    rest = x[:, 1:].reshape(b, (t - 1) // stride, stride * c)  # [B, k, stride*C]
+    return jnp.concatenate([first, rest], axis=1)
+
+
+def _frame_positions(t: int, width: int) -> Array:
+    """Sinusoidal positions ``[T, width]`` of video frames 0..T-1 (self-attention alone is order-blind)."""
+    return sinusoidal_embedding(jnp.arange(t, dtype=jnp.float32), width)
+
+
+class TemporalLayer(nnx.Module):
+    """A pre-norm transformer layer over the frames of one video: self-attention, then an MLP (fp32)."""
+
+    def __init__(self, width: int, heads: int, *, rngs, eps: float):
+        kw = dict(rngs=rngs, param_dtype=jnp.float32, dtype=jnp.float32)
+        self.norm1 = AffineLayerNorm(width, eps=eps)
+        self.q, self.k, self.v, self.o = (Linear(width, width, (None, None), **kw) for _ in range(4))
+        self.norm2 = AffineLayerNorm(width, eps=eps)
+        self.ffn = MLP(width, 4 * width, width, gelu_tanh, (None, None), (None, None), **kw)
+        self.heads = heads
+
+    def __call__(self, x: Array) -> Array:
+        b, t, w = x.shape
+        n = self.heads
+        h = self.norm1(x)
+        q, k, v = (f(h).reshape(b, t, n, w // n) for f in (self.q, self.k, self.v))  # [B, T, N, H]
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(w // n)
+        attn = jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, w)
+        x = x + self.o(attn)
+        return x + self.ffn(self.norm2(x))
+
+
+class ExpressionController(nnx.Module):
+    """FactorPortrait's expression controller (paper 4.2): per-video-frame expression codes
+    ``[B, T, E]`` -> a learned projection to ``EXPRESSION_WIDTH`` -> two self-attention layers over
+    time -> grouped per latent frame (``group_frames``) -> ``out`` to the model width: one offset
+    per latent frame, added to the shared time embedding. ``out`` is zero-initialised, so the
+    offset is zero (and the model unchanged) until it is trained."""
+
+    def __init__(self, codes_dim: int, dim: int, *, rngs, eps: float = 1e-6, width: int = EXPRESSION_WIDTH,
+                 heads: int = EXPRESSION_HEADS):
+        kw = dict(rngs=rngs, param_dtype=jnp.float32, dtype=jnp.float32)
+        self.proj = Linear(codes_dim, width, (None, None), **kw)
+        self.layer0 = TemporalLayer(width, heads, rngs=rngs, eps=eps)
+        self.layer1 = TemporalLayer(width, heads, rngs=rngs, eps=eps)
+        self.out = Linear(VAE_TIME_STRIDE * width, dim, (None, sh.EMBED), **kw)
+        self.out.kernel.set_value(jnp.zeros_like(self.out.kernel.get_value()))
+        self.codes_dim, self.width = codes_dim, width
+
+    def __call__(self, codes: Array, frames: int) -> Array:
+        """``codes [B, T, E]`` -> ``[B, frames, D]`` fp32: the grouped offsets on the last latent
+        frames, zero on the leading ones (a reference frame prepended to the video: no expression)."""
+        if codes.ndim != 3 or codes.shape[-1] != self.codes_dim:
+            raise ValueError(f"expression codes must be [B, T, {self.codes_dim}], got {codes.shape}")
+        x = self.proj(codes.astype(jnp.float32)) + _frame_positions(codes.shape[1], self.width)  # [B, T, W]
+        x = self.layer1(self.layer0(x))
+        offset = self.out(group_frames(x))  # [B, F_video, D]
+        lead = frames - offset.shape[1]
+        if lead < 0:
+            raise ValueError(f"{codes.shape[1]} frames of expression codes make {offset.shape[1]} latent frames, "
+                             f"more than the DiT input's {frames}")
+        return jnp.pad(offset, ((0, 0), (lead, 0), (0, 0)))
+
+
+def add_expression_layers(model: WanDiT, codes_dim: int) -> WanDiT:
+    """FactorPortrait's expression controller on ``model`` (in place, abstract models too): codes of
+    ``codes_dim`` per video frame modulate every block through frame-specific timestep embeddings
+    (``WanDiT.embed``). Zero-initialised output: the model's output is unchanged until it is
+    trained. Returns ``model``."""
+    if model.expression is not None:
+        return model
+    model.expression = ExpressionController(codes_dim, model.config.dim, rngs=nnx.Rngs(0), eps=model.config.eps)
     return model
 
 

@@ -1,0 +1,145 @@
+"""FactorPortrait (paper in shared/papers/factorportrait.txt, section 4; issue 33): one portrait
+image animated by a driving video's expressions and head pose, seen along a camera path.
+
+Condition fusion (paper 4.2): the DiT input is the reference latent frame followed by the F
+target latent frames, and on channels ``[video 16 | reference 16 | normals 16 | rays 6]``
+(``in_dim`` 54, the new channels of the widened patch embedding zero-initialised):
+
+  frame 0 (reference)   video = reference latent, reference = reference latent, normals = 0,
+                        rays = the identity camera's (the reference camera itself)
+  frames 1..F           video = noisy target, reference = 0, normals = normal-map latents,
+                        rays = each target camera relative to the reference camera
+
+The paper prepends the reference latent to the noisy latent along time; we also give it its
+own channels (zero elsewhere), so the model can tell the clean reference from noise. Rays are
+Plücker maps on the latent grid (``camera.plucker.ray_map``, as the ``plucker`` kind computes
+them). The velocity is the output's target frames. Expression (paper 4.2): per-frame codes
+(``camera.expression``, the substitute for the paper's encoder) through the DiT's expression
+controller (``wan_dit.add_expression_layers``): no offset on the reference frame.
+
+Training is self-reenactment on multi-view data: the reference is the source camera's first
+frame (the source video's first latent frame is it exactly: the Wan VAE encodes the first frame
+alone), the target another camera over the clip, driving landmarks, normals and expressions the
+target clip's own (``data.transforms.NormalMaps``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facecam_jax.camera import expression, plucker
+from facecam_jax.conditioning.base import CameraKind
+from facecam_jax.models import wan_dit
+
+LATENT_CHANNELS = 16
+IN_DIM = 3 * LATENT_CHANNELS + plucker.RAY_CHANNELS  # video, reference, normals, rays
+
+
+def _fractions(k, height: int, width: int, xp=np):
+    """OpenCV intrinsics ``[..., 3, 3]`` of a ``height x width`` frame -> ``[..., 4]`` fractions of it
+    (fx / W, fy / H, cx / W, cy / H in ``ray_map``'s pixel-centre convention)."""
+    grid = plucker.grid_intrinsics(k, 1, xp=xp)
+    return grid / xp.asarray([width, height, width, height], grid.dtype)
+
+
+def fuse(noisy, reference, normals, rays):
+    """The DiT input ``[B, 1 + F, h, w, 3C + 6]`` from noisy target latents ``[B, F, h, w, C]``, the
+    reference latent ``[B, 1, h, w, C]``, normal-map latents ``[B, F, h, w, C]`` and ray maps of
+    the reference and target frames ``[B, 1 + F, h, w, 6]`` (the module docstring's layout)."""
+    ref = reference.astype(noisy.dtype)
+    zeros_target, zeros_ref = jnp.zeros_like(noisy), jnp.zeros_like(ref)
+    video = jnp.concatenate([ref, noisy], axis=1)
+    ref_slot = jnp.concatenate([ref, zeros_target], axis=1)
+    normal_slot = jnp.concatenate([zeros_ref, normals.astype(noisy.dtype)], axis=1)
+    return jnp.concatenate([video, ref_slot, normal_slot, rays.astype(noisy.dtype)], axis=-1)
+
+
+class FactorPortrait(CameraKind):
+    name = "factorportrait"
+    batch_videos = ("normals",)
+    batch_arrays = ("target_landmarks", "source_world_2_cam", "source_intrinsics", "target_world_2_cam",
+                    "target_intrinsics")
+    trainable = ("expression",)
+
+    def prepare(self, model, config):
+        wan_dit.widen_patch_embedding(model, config.model.in_dim)
+        return wan_dit.add_expression_layers(model, expression.CODES_DIM)
+
+    def input_frames(self, frames: int) -> int:
+        return 1 + frames  # the reference frame, then the target
+
+    def rays(self, noisy, condition):
+        """Ray maps ``[B, 1 + F, h, w, 6]`` on the latent grid: the reference camera (identity pose,
+        its intrinsics), then each target frame's camera relative to it; zero for samples without
+        cameras."""
+        b, _, h, w = noisy.shape[:4]
+        scale = jnp.asarray([w, h, w, h], jnp.float32)
+        target = plucker.ray_map(condition["k"] * scale, condition["c2w"], h, w, xp=jnp)  # [B, F, h, w, 6]
+        ref = plucker.ray_map(condition["ref_k"][:, None] * scale, jnp.eye(4), h, w, xp=jnp)  # [B, 1, h, w, 6]
+        maps = jnp.concatenate([ref, target], axis=1)
+        return maps * condition["has"].astype(maps.dtype)[:, None, None, None, None]
+
+    def dit_input(self, model, noisy, source, condition):
+        x = fuse(noisy, source[:, :1], condition["normals"], self.rays(noisy, condition))
+        pad = model.config.in_dim - x.shape[-1]
+        if pad < 0:
+            raise ValueError(f"model in_dim {model.config.in_dim} is narrower than FactorPortrait's {x.shape[-1]} "
+                             f"channels; set model.in_dim={IN_DIM}")
+        return jnp.pad(x, ((0, 0),) * 4 + ((0, pad),))
+
+    def velocity(self, model, noisy, source, condition, t, context):
+        x = self.dit_input(model, noisy, source, condition)
+        return model(x, t, context, expression=condition["expression"])[:, 1:]  # the target frames
+
+    def velocity_cached(self, model, noisy, source, condition, t, context, *, skip, residual):
+        x = self.dit_input(model, noisy, source, condition)
+        out, residual = wan_dit.cached_forward(model, x, t, context, out_frames=None, skip=skip, residual=residual,
+                                               expression=condition["expression"])
+        return out[:, 1:], residual
+
+    # ------------------------------------------------------------------ training
+
+    def batch_spec(self, data):
+        spec = super().batch_spec(data)
+        spec["target_landmarks"] = ((data.frames, expression.NUM_LANDMARKS, 3), np.float32)
+        spec["source_world_2_cam"] = ((4, 4), np.float32)
+        spec["source_intrinsics"] = ((3, 3), np.float32)
+        spec["target_world_2_cam"] = ((data.frames, 4, 4), np.float32)
+        spec["target_intrinsics"] = ((data.frames, 3, 3), np.float32)
+        return spec
+
+    def condition(self, latents, batch, *, rng=None, dropout=0.0):
+        height, width = batch["target"].shape[2:4]
+        c2w, k, has = plucker.training_cameras(batch["source_world_2_cam"], batch["target_world_2_cam"],
+                                               batch["target_intrinsics"], xp=jnp)
+        ref_k = jnp.where(has[:, None, None], batch["source_intrinsics"].astype(jnp.float32), jnp.eye(3))
+        codes = expression.expression_codes(batch["target_landmarks"].astype(jnp.float32), height, width, xp=jnp)
+        face = jnp.all(jnp.isfinite(codes), axis=(-2, -1))  # [B]: a sample without landmarks gets zero codes
+        codes = jnp.where(face[:, None, None], codes, 0.0)
+        return {"normals": latents["normals"], **jax.lax.stop_gradient({
+            "expression": codes,
+            "c2w": c2w.astype(jnp.float32),
+            "k": _fractions(k, height, width, xp=jnp).astype(jnp.float32),
+            "ref_k": _fractions(ref_k, height, width, xp=jnp).astype(jnp.float32),
+            "has": has.astype(jnp.float32)})}
+
+    # ------------------------------------------------------------------ sampling
+
+    def make_condition(self, trajectory, *, height, width, framing, source_frames):
+        raise ValueError("camera kind 'factorportrait' animates an image by a driving video: its sampling "
+                         "(python -m facecam_jax.sample --image ... --driving ...) is not built yet; this "
+                         "kind trains only (issue 33)")
+
+    def abstract_condition(self, latent_shape, sharding):
+        rows, f = latent_shape[:2]
+
+        def shape(*s):
+            return jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding)
+
+        return {"normals": shape(*latent_shape), "expression": shape(rows, 1 + 4 * (f - 1), expression.CODES_DIM),
+                "c2w": shape(rows, f, 4, 4), "k": shape(rows, f, 4), "ref_k": shape(rows, 4), "has": shape(rows)}
+
+
+KIND = FactorPortrait()

@@ -18,6 +18,9 @@ and one failure costs only that section):
                     for a 50-step video                                      (bench/sample.py)
   sample_a14b       two Wan2.2-A14B-shaped experts resident in bf16: seconds per step, plan vs peak
   sample_a14b_int8  the same with int8 weights (model.quantize)
+  fit_1p3b          train_1p3b's program compiled ahead of time for this card by name (the fit
+                    tool's compile-only GPU verdict, ``aot --gpu``): its predicted memory beside
+                    train_1p3b's measured peak (--tiny on a CPU: for an H100, as a code check)
 Only what the GPU machine has is imported (jax, flax, optax, orbax, tensorstore, torch,
 transformers, ...) plus the pure-Python wheels in bench/gpu_wheels.txt: synthetic batches, no
 Grain, no video I/O. Targets (issue 18, not asserted): train MFU >= 45 %, a 50-step 1.3B video
@@ -53,7 +56,27 @@ SECTIONS = {
     "sample_a14b": ("nersemble,num_steps=2", "mini,frames=5,num_steps=2", 150),
     "sample_a14b_int8": ("nersemble,num_steps=2,model.quantize=int8", "mini,frames=5,num_steps=2,model.quantize=int8",
                          150),
+    "fit_1p3b": ("nersemble,model.dit=wan2.1-t2v-1.3b,batch_size=1", "mini,frames=5,batch_size=1", 60),
 }
+
+
+def fit_section(config, tiny: bool) -> dict:
+    """The fit tool's compile-only verdict for this GPU (by its name: ``fit.gpus.name_of``)."""
+    import jax
+
+    from facecam_jax.fit import gpus, programs
+    from facecam_jax.perf.chips import BadTarget
+
+    device = jax.devices()[0]
+    name = gpus.name_of(device.device_kind) if device.platform == "gpu" else ("h100" if tiny else None)
+    if name is None:
+        return {"skipped": f"no GPU spec for {device.device_kind!r} (known: {', '.join(gpus.GPUS)})"}
+    try:
+        report = programs.analyze(config, "train", target=gpus.make_target(name, "1"), with_vae=False)
+    except BadTarget as e:
+        return {"skipped": str(e)}
+    return {"card": name, "plan_bytes": report.memory, "usable_bytes": report.hbm, "fits": report.fits,
+            "report": report.text()}
 
 
 def run_section(name: str, tiny: bool) -> dict:
@@ -65,6 +88,8 @@ def run_section(name: str, tiny: bool) -> dict:
         return dit_forward.run(cfg, tuple(int(v) for v in latent.split("x")), dtype="float32" if tiny else "bfloat16",
                                attention="xla" if tiny else "cudnn", repeats=2 if tiny else 5)
     config = load_config(spec)
+    if name.startswith("fit"):
+        return fit_section(config, tiny)
     if name.startswith("train"):
         return train_step.run(config, steps=1 if tiny else 2, time_vae=not tiny)
     return sample.run(config, with_vae=name == "sample_1p3b", experts=2 if "a14b" in name else 1)
@@ -94,6 +119,12 @@ def markdown(report: dict) -> str:
         if "error" in r or "skipped" in r:
             lines.append(f"| {name} | {r.get('error') or r.get('skipped')} | | |")
             continue
+        if name.startswith("fit"):
+            measured = s.get("train_1p3b", {}).get("peak_bytes")
+            text = (f"compile-only for {r['card']}: predicts {gib(r['plan_bytes'])} of {gib(r['usable_bytes'])} usable "
+                    f"({'fits' if r['fits'] else 'does not fit'}); train_1p3b measured {gib(measured)}")
+            lines.append(f"| {name} | {text} | {gib(r.get('plan_bytes'))} | {gib(measured)} |")
+            continue
         if name.startswith("train"):
             text = f"{r['step_s']:.3f} s/step, {r['tflops_per_device']:.1f} TFLOP/s" + (
                 f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
@@ -109,7 +140,9 @@ def markdown(report: dict) -> str:
     lines += ["", "Targets (issue 18): train MFU >= 45%, a 50-step 1.3B video <= 150 s, forward >= 1.4x diffusers.",
               "", "Details:", ""]
     for name, r in s.items():
-        if "error" not in r and "skipped" not in r:
+        if name.startswith("fit") and "report" in r:
+            lines += [f"{name}:", "```", r["report"], "```", ""]
+        elif "error" not in r and "skipped" not in r:
             module = {"train": train_step, "dit": dit_forward}.get(name.split("_")[0], sample)
             lines += [f"{name}:", "```", module.report(r), "```", ""]
     return "\n".join(lines)

@@ -51,6 +51,18 @@ GPUS = {
 }
 
 
+# Words of a device's ``device_kind`` (lower case) -> the name of its spec, most specific first.
+_KINDS = (("h100 pcie", "h100-pcie"), ("h100", "h100"), ("h200", "h200"), ("b200", "b200"),
+          ("a100-sxm4-40gb", "a100-40"), ("a100-pcie-40gb", "a100-40"), ("a100", "a100-80"), ("l40s", "l40s"),
+          ("4090", "rtx4090"), ("l4", "l4"))
+
+
+def name_of(device_kind: str) -> str | None:
+    """The spec name of a GPU as JAX reports it (``NVIDIA H100 80GB HBM3`` -> ``h100``), or None."""
+    kind = device_kind.lower()
+    return next((name for words, name in _KINDS if words in kind), None)
+
+
 def spec_text(name: str) -> str:
     """The GpuTargetConfigProto text of a named GPU; BadTarget (one line listing the names) if unknown."""
     if name not in GPUS:
@@ -86,10 +98,10 @@ def parse_topology(gpus: str | None) -> tuple[int, int]:
 
 def compile_only_devices(text: str, hosts: int, per_host: int) -> tuple:
     """The CUDA plugin's compile-only devices for ``hosts`` x ``per_host`` GPUs of that spec."""
-    try:
-        import jax_plugins.xla_cuda12  # noqa: F401  (only to say how to install it)
-    except ImportError as e:
-        raise BadTarget(f"compiling for a GPU without one needs the CUDA PJRT plugin: {INSTALL}") from e
+    import importlib.util
+
+    if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):  # only to say how to install
+        raise BadTarget(f"compiling for a GPU without one needs the CUDA PJRT plugin: {INSTALL}")
     from jax.experimental import topologies
 
     try:

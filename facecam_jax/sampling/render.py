@@ -101,7 +101,7 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
              how if windows else "", steps, options.solver, ran, steps, passes * ran, passes * steps,
              ", CFG" if passes > 1 else "")
 
-    compiled = program.compiled  # per input shapes: batches, clips and later calls share one compilation
+    compiled = program.compiled  # per argument shapes, dtypes and placements, shared by batches, clips and calls
 
     def run(inputs: SampleInputs, desc: str) -> jax.Array:
         bar = program.progress.bar(options.steps, desc=desc) if show_progress else contextlib.nullcontext()
@@ -109,8 +109,7 @@ def render(config, experts: Experts, vae, sources: np.ndarray, conditions, seeds
         t0 = time.perf_counter()
         with bar, trace:
             if program.fn is not None:
-                key = (tuple((a.shape, a.dtype, a.sharding) for a in jax.tree.leaves(inputs)),
-                       tuple(a.sharding for a in jax.tree.leaves(states)))  # the weights' placement too
+                key = tuple((a.shape, a.dtype, a.sharding) for a in jax.tree.leaves((states, inputs)))
                 if key not in compiled:
                     compiled[key] = program.fn.lower(states, inputs).compile()
                 compile_s = time.perf_counter() - t0

@@ -17,7 +17,7 @@ compiled plan's per-device memory; then the ratios recammaster / landmarks.
 ``evaluate``: the ``scale-<kind>`` models (one recipe on the scale-ambiguous mini dataset, only
 ``camera.kind`` changed: configs/facecam.py), shipped in data/scale_kinds/<kind> (``--weights``
 another folder of ``<kind>/`` runs), re-render the same held-out pairs with the same noise
-(seed ``--seed`` plus the pair's index): every held-out time window (data.holdout_windows) of
+(seed ``--seed`` plus the pair's view: the same noise for a view at every scale): every held-out time window (data.holdout_windows) of
 every participant (scene scale) of the training data, and of a scale no training sample had
 (``UNSEEN_SCALES``), for the camera pairs ``PAIRS`` (the held-out camera 4 among the targets).
 Scores per pair against the true target view: PSNR, SSIM (``facecam_jax.evaluation.scores``;
@@ -25,7 +25,8 @@ LPIPS needs network weights that cannot be fetched here) and the camera error of
 ``facecam_jax.evaluation.placement`` (where and how big the output draws the face), split by
 subject scale (near: scale < 1, far: > 1, unseen). The source frames themselves are scored as a
 row too (no re-rendering). Paired differences between kinds come with 95% bootstrap intervals
-over pairs. Writes ``--out`` (JSON: ``{"kinds": {kind: {"psnr", "ssim", "camera_error",
+over pairs; so does each kind's near - far difference view by view (same pixels and noise at
+every scale: what the camera's scale alone changes; exactly 0 for a kind that cannot see it). Writes ``--out`` (JSON: ``{"kinds": {kind: {"psnr", "ssim", "camera_error",
 "camera_error_near", "camera_error_far", ...}}, "differences": ..., "pairs": [...]}``), a
 Markdown table beside it, and ``--picture``.
 """
@@ -132,6 +133,12 @@ def scale_group(scale: float, trained: tuple[float, ...]) -> str:
     return "near" if scale < 1.0 else "far"
 
 
+def hash_view(start: int, source: int, target: int) -> int:
+    """A pair's view (window start, source and target camera) as a small number: its noise seed
+    offset, the same at every scale, so the scales of one view are sampled alike."""
+    return start * len(PAIRS) + PAIRS.index((source, target))
+
+
 def heldout_pairs(config, scales: tuple[float, ...]) -> list[dict]:
     """The held-out pairs of the scale-ambiguous build with ``scales``: uint8 source, truth and
     landmark map, the cameras as a training batch carries them, the truth's face boxes."""
@@ -157,7 +164,8 @@ def heldout_pairs(config, scales: tuple[float, ...]) -> list[dict]:
             points = augment.cover_crop_points(points, crop, d.height, d.width)[..., :2] * [d.width, d.height]
             k = augment.cover_crop_intrinsics(seq.intrinsics[j], target.height, target.width, crop)
             pairs.append({
-                "sequence": str(seq.name), "scale": float(scales[participant]), "start": start, "source_camera": i,
+                "view": hash_view(start, i, j), "sequence": str(seq.name), "scale": float(scales[participant]),
+                "start": start, "source_camera": i,
                 "target_camera": j,
                 "source": heldout.window_video(seq.cameras[i], times, d.height, d.width, colour),
                 "target": heldout.window_video(target, times, d.height, d.width, colour),
@@ -186,7 +194,7 @@ def render_kind(kind_name: str, pairs: list[dict], seed: int, weights: str | Non
         batch = {k: np.stack([p[k] for p in pairs]) for k in kind.batch_keys()}
         raw = {k: batch[k] for k in kind.batch_videos}
         raw.update(kind.condition({}, {k: jnp.asarray(v) for k, v in batch.items()}))
-        seeds = [seed + n for n in range(len(pairs))]
+        seeds = [seed + p["view"] for p in pairs]  # one noise per view, the same at every scale
         return sampler.render(config, experts, vae, batch["source"], raw, seeds, mesh=mesh, batch=8,
                               show_progress=False)
 
@@ -217,6 +225,20 @@ def summarise(rows: list[dict], kinds: tuple[str, ...], trained: tuple[float, ..
                     entry[f"{m}_{group}"] = float(np.mean([rows[n][kind][m] for n in members]))
         out["kinds"][kind] = entry
     rng = np.random.default_rng(seed)
+    # Each kind against itself across scales, view by view: the same pixels and noise at every
+    # scale, so a difference is the camera's scale alone (0 for a kind that cannot see it).
+    views = sorted({r["view"] for r in rows})
+    for kind in kinds:
+        near, far = [], []
+        for v in views:
+            by = {g: [r[kind] for n, r in enumerate(rows) if r["view"] == v and n in set(groups[g])]
+                  for g in ("near", "far")}
+            if by["near"] and by["far"]:
+                near.append({m: np.mean([x[m] for x in by["near"]]) for m in METRICS})
+                far.append({m: np.mean([x[m] for x in by["far"]]) for m in METRICS})
+        if near:
+            out["differences"][f"{kind}: near - far"] = {
+                m: bootstrap(np.array([a[m] - b[m] for a, b in zip(near, far)]), rng) for m in METRICS}
     for a in kinds:
         for b in kinds:
             if a == b or a not in ("landmarks", "none") or b == "source" or (a == "none" and b == "landmarks"):
@@ -275,7 +297,7 @@ def evaluate(args):
     names = ("source", *kinds)
     rows = []
     for n, pair in enumerate(pairs):
-        rows.append({"sequence": pair["sequence"], "scale": pair["scale"], "start": pair["start"],
+        rows.append({"view": pair["view"], "sequence": pair["sequence"], "scale": pair["scale"], "start": pair["start"],
                      "source_camera": pair["source_camera"], "target_camera": pair["target_camera"],
                      **{k: score(videos[k][n], pair) for k in names}})
     result = summarise(rows, names, trained, args.seed)

@@ -76,7 +76,7 @@ def test_paired_bootstrap_and_the_summary():
     diff = rng.normal(1.0, 0.5, 400)
     mean, lo, hi = bench.bootstrap(diff, np.random.default_rng(1))
     assert lo < mean < hi and lo > 0.9 and hi < 1.1 and mean == pytest.approx(diff.mean())
-    rows = [{"scale": s, **{k: {"psnr": p + (k == "landmarks"), "ssim": 0.5, "camera_error": e}
+    rows = [{"view": 0, "scale": s, **{k: {"psnr": p + (k == "landmarks"), "ssim": 0.5, "camera_error": e}
                             for k, p, e in (("landmarks", 20.0, 0.1), ("recammaster", 20.0, 0.3 if s < 1 else 0.2),
                                             ("none", 19.0, 0.5))}}
             for s in (0.6, 1.6, 1.0)]
@@ -87,3 +87,5 @@ def test_paired_bootstrap_and_the_summary():
     assert result["differences"]["landmarks - recammaster"]["psnr"][0] == pytest.approx(1.0)
     assert result["differences"]["landmarks - recammaster"]["camera_error_near"][0] == pytest.approx(-0.2)
     assert "recammaster - landmarks" not in result["differences"]
+    assert result["differences"]["recammaster: near - far"]["camera_error"][0] == pytest.approx(0.1)
+    assert result["differences"]["landmarks: near - far"]["camera_error"] == (0.0, 0.0, 0.0)

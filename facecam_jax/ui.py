@@ -147,8 +147,12 @@ def _guarded(fn):
         try:
             return fn(*args, **kwargs)
         except EXPECTED_ERRORS as e:
-            log.info("the page's request failed: %s", message(e))
-            raise gr.Error(message(e), print_exception=False) from None
+            text = message(e)
+            for arg in args:  # an upload's path is Gradio's temporary copy: the page names the file
+                if isinstance(arg, str) and os.path.isabs(arg) and arg in text:
+                    text = text.replace(arg, os.path.basename(arg))
+            log.info("the page's request failed: %s", text)
+            raise gr.Error(text, print_exception=False) from None
     handler.__name__ = fn.__name__
     return handler
 

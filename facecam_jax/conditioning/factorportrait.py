@@ -37,13 +37,6 @@ LATENT_CHANNELS = 16
 IN_DIM = 3 * LATENT_CHANNELS + plucker.RAY_CHANNELS  # video, reference, normals, rays
 
 
-def _fractions(k, height: int, width: int, xp=np):
-    """OpenCV intrinsics ``[..., 3, 3]`` of a ``height x width`` frame -> ``[..., 4]`` fractions of it
-    (fx / W, fy / H, cx / W, cy / H in ``ray_map``'s pixel-centre convention)."""
-    grid = plucker.grid_intrinsics(k, 1, xp=xp)
-    return grid / xp.asarray([width, height, width, height], grid.dtype)
-
-
 def fuse(noisy, reference, normals, rays):
     """The DiT input ``[B, 1 + F, h, w, 3C + 6]`` from noisy target latents ``[B, F, h, w, C]``, the
     reference latent ``[B, 1, h, w, C]``, normal-map latents ``[B, F, h, w, C]`` and ray maps of
@@ -121,8 +114,8 @@ class FactorPortrait(CameraKind):
         return {"normals": latents["normals"], **jax.lax.stop_gradient({
             "expression": codes,
             "c2w": c2w.astype(jnp.float32),
-            "k": _fractions(k, height, width, xp=jnp).astype(jnp.float32),
-            "ref_k": _fractions(ref_k, height, width, xp=jnp).astype(jnp.float32),
+            "k": plucker.frame_fractions(k, height, width, xp=jnp).astype(jnp.float32),
+            "ref_k": plucker.frame_fractions(ref_k, height, width, xp=jnp).astype(jnp.float32),
             "has": has.astype(jnp.float32)})}
 
     # ------------------------------------------------------------------ sampling

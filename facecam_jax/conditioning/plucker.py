@@ -30,12 +30,6 @@ from facecam_jax.conditioning.base import CameraKind
 from facecam_jax.models import wan_dit
 
 
-def _fractions(k: np.ndarray, height: int, width: int, xp=np):
-    """OpenCV intrinsics ``[..., 3, 3]`` of a ``height x width`` frame -> ``[..., 4]`` fractions of it."""
-    grid = plucker.grid_intrinsics(k, 1, xp=xp)  # (fx, fy, cx + 0.5, cy + 0.5) in pixels
-    return grid / xp.asarray([width, height, width, height], grid.dtype)
-
-
 class Plucker(CameraKind):
     name = "plucker"
     batch_arrays = ("source_world_2_cam", "target_world_2_cam", "target_intrinsics")
@@ -97,7 +91,7 @@ class Plucker(CameraKind):
         if dropout and rng is not None:
             has = has & (jax.random.uniform(rng, has.shape) >= dropout)
         return jax.lax.stop_gradient({"c2w": c2w.astype(jnp.float32),
-                                      "k": _fractions(k, height, width, xp=jnp).astype(jnp.float32),
+                                      "k": plucker.frame_fractions(k, height, width, xp=jnp).astype(jnp.float32),
                                       "has": has.astype(jnp.float32)})
 
     # ------------------------------------------------------------------ sampling
@@ -118,7 +112,7 @@ class Plucker(CameraKind):
                 extrinsics.latent_frame_indices(trajectory.num_frames)]
             c2w = extrinsics.relative_to_first(c2w)
             c2w[:, :3, 3] *= extrinsics.METRES_PER_ORBIT_UNIT
-        return {"c2w": np.asarray(c2w, np.float32), "k": _fractions(np.asarray(k), height, width).astype(np.float32),
+        return {"c2w": np.asarray(c2w, np.float32), "k": plucker.frame_fractions(np.asarray(k), height, width).astype(np.float32),
                 "has": np.ones((), np.float32)}
 
     def abstract_condition(self, latent_shape, sharding):

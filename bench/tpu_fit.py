@@ -15,6 +15,9 @@ recipes are configs/facecam.py:recammaster, 81 x 480 x 832):
   1.3b-sample  the 1.3B, 50 steps with CFG
   rcm-1.3b-train / rcm-1.3b-sample  ReCamMaster: wan2.1-t2v-1.3b with its camera layers, its
                trainable set (camera layers and self-attention), full remat; 50 steps with CFG
+  fp-14b-train / fp-1.3b-train  FactorPortrait (configs/facecam.py:factorportrait-14b and
+               factorportrait): Wan2.1-T2V-14B / -1.3B, 54 input channels, the expression
+               controller, every parameter trained, full remat, 81 x 480 x 832
 Training meshes put one sample on each group of `context` chips (batch = chips / context,
 fsdp over those groups, parameters over fsdp x context); context 1 is "batch 1 per chip".
 Sampling meshes split the CFG batch of 2 over fsdp and the sequence over context.
@@ -50,6 +53,10 @@ RECIPES = {
     # shape; sampling with text and camera guidance: 3 passes per step (issue 31).
     "cc2-1.3b-train": ("train", "cameractrl2"),
     "cc2-1.3b-sample": ("sample", "cameractrl2"),
+    # FactorPortrait (camera.kind=factorportrait) on Wan2.1-T2V-14B and -1.3B, every parameter
+    # trained, 81 x 480 x 832 after the reference latent frame: 22 x 1,560 tokens (issue 33).
+    "fp-14b-train": ("train", "factorportrait-14b"),
+    "fp-1.3b-train": ("train", "factorportrait"),
 }
 
 
@@ -121,6 +128,10 @@ CASES = [case(*c) for c in [
     # CameraCtrl II 1.3B (issue 31): one chip of each kind.
     ("cc2-1.3b-train", "v5p", 1, 1),
     ("cc2-1.3b-sample", "v5e", 1, 1),
+    # FactorPortrait (issue 33): the whole 14B trained (AdamW state for 14.3 B parameters) on a v5p
+    # slice; the 1.3B on one v5p chip.
+    ("fp-14b-train", "v5p", 8, 1),
+    ("fp-1.3b-train", "v5p", 1, 1),
 ]]
 
 

@@ -24,8 +24,11 @@ Variants (`VARIANTS`: each is the base below plus its own overrides, decided in 
              plucker-mini the same kind at the mini scale.
   factorportrait  FactorPortrait (camera.kind=factorportrait: reference image, face normal
              maps and ray maps fused on channels, expression codes modulating every block) on
-             Wan2.1-T2V-1.3B, self-reenactment training on multi-view data;
-             factorportrait-mini the same kind at the mini scale (training only for now).
+             Wan2.1-T2V-1.3B, self-reenactment training on multi-view data; factorportrait-14b
+             the same on Wan2.1-T2V-14B; factorportrait-mini the same kind at the mini scale,
+             trained and shipped (data/factorportrait_mini): python -m facecam_jax.sample
+             --config configs/facecam.py:factorportrait-mini --image ref.png --driving drive.mp4;
+             factorportrait-mini-no-normals its C2 ablation (no normal maps).
   scale-landmarks, scale-recammaster, scale-plucker, scale-none
              FaceCam's claim tested: the same recipe with only camera.kind changed, on the
              scale-ambiguous mini dataset (one scene at scales 0.6-1.6), bench/camera_kinds.py.
@@ -58,6 +61,10 @@ LEARNED_VAE = os.path.join(LEARNED_DIR, "vae")
 SCALE_DIR = os.path.join(os.path.dirname(LEARNED_DIR), "scale_kinds")
 SCALE_FACTORS = (0.6, 0.8, 1.25, 1.6)
 SCALE_STEPS = 1200
+# FactorPortrait at the mini scale (factorportrait-mini): its trained models, shipped (the full
+# model, and no_normals/: the C2 ablation), and their step budget.
+FACTORPORTRAIT_DIR = os.path.join(os.path.dirname(LEARNED_DIR), "factorportrait_mini")
+FACTORPORTRAIT_STEPS = 2400
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -273,6 +280,9 @@ def camera_config() -> ml_collections.ConfigDict:
     # A module of facecam_jax/conditioning/ (facecam_jax.options.camera_kinds()): landmarks is
     # FaceCam's rasterized MediaPipe landmark maps.
     camera.kind = "landmarks"
+    # FactorPortrait only: False is the paper's C2 ablation, no head-pose normal maps (their
+    # channels of the DiT input stay zero and the data pipeline does not render them).
+    camera.normal_maps = True
     return camera
 
 
@@ -309,6 +319,33 @@ _T2V_1_3B_480P: dict[str, object] = {
     "model.remat": "full",
     "vae.config": "wan2.1",
     "vae.dtype": "bfloat16",
+}
+
+# FactorPortrait's mini recipe (factorportrait-mini and its ablation): the learn recipe's data
+# split and optimiser, multi-view pairs only, one target camera per clip.
+_FACTORPORTRAIT_MINI: dict[str, object] = {
+    "camera.kind": "factorportrait",
+    "model.in_dim": 54,
+    "model.dit": "small",
+    "model.shift": 3.0,
+    "vae.checkpoint": LEARNED_VAE,
+    "data.frames": 9,
+    "data.stride": 1,
+    "data.window_step": 4,
+    "data.holdout_windows": (4, 8, -1),
+    "data.holdout_cameras": (4,),
+    "data.batch_size": 4,
+    "data.wild_ratio": 0.0,
+    "data.max_shots": 1,
+    "data.multiview_source_scale": (1.0, 1.0),
+    "data.multiview_target_zoom": (1.0, 1.0),
+    "train.steps": FACTORPORTRAIT_STEPS,
+    "train.log_every": 25,
+    "train.checkpoint_every": 200,
+    "train.preview_every": 400,
+    "train.trainable": ("all",),
+    "optimizer.lr": 3e-4,
+    "sample.num_steps": 20,
 }
 
 # Each variant is the base plus these overrides (dotted paths), and nothing else.
@@ -402,14 +439,30 @@ VARIANTS: dict[str, dict[str, object]] = {
         "optimizer.lr": 1e-5,
         "sample.num_steps": 50,
     },
-    # The same kind at the mini scale (tiny DiT, mini dataset, 9 frames: 3 latent frames).
-    "factorportrait-mini": {
+    # The same at Wan2.1-T2V-14B (the paper's base family, its larger size), sized for TPU slices
+    # with python -m facecam_jax.aot (bench/tpu_fit.py, the fp-14b rows of bench/RESULTS.md).
+    "factorportrait-14b": {
+        **_T2V_1_3B_480P,
+        "model.dit": "wan2.1-t2v-14b",
         "camera.kind": "factorportrait",
         "model.in_dim": 54,
-        "data.frames": 9,
         "data.wild_ratio": 0.0,
         "data.max_shots": 1,
+        "train.trainable": ("all",),
+        "optimizer.lr": 1e-5,
+        "sample.num_steps": 50,
     },
+    # The same kind at the mini scale, trained and shipped (data/factorportrait_mini, as `learn` is
+    # for FaceCam; bench/factorportrait.py, bench/RESULTS.md): the small DiT from scratch on the
+    # mini dataset's multi-view pairs (camera 4 and time windows 4, 8 and the last held out), the
+    # shipped mini VAE, 9 frames. No source scaling or target zoom: the reference is the source
+    # camera's first frame as it is, and a zoom would change the image without the target camera.
+    # `python -m facecam_jax.sample --config configs/facecam.py:factorportrait-mini --image ref.png
+    # --driving drive.mp4 --out out.mp4` animates with it.
+    "factorportrait-mini": {**_FACTORPORTRAIT_MINI, "sample.weights": FACTORPORTRAIT_DIR},
+    # The paper's C2 ablation at the same budget: no head-pose normal maps.
+    "factorportrait-mini-no-normals": {**_FACTORPORTRAIT_MINI, "camera.normal_maps": False,
+                                       "sample.weights": os.path.join(FACTORPORTRAIT_DIR, "no_normals")},
     # FaceCam's claim tested (bench/camera_kinds.py, bench/RESULTS.md): one recipe, only the
     # camera representation changes (scale-landmarks, scale-recammaster, scale-plucker and the
     # floor scale-none). The scale-ambiguous mini dataset: four participants, the same videos

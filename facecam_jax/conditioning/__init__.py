@@ -31,6 +31,7 @@ def get(name: str) -> CameraKind:
 
 
 def of(config) -> CameraKind:
-    """The camera kind a config names (``camera.kind``; a config without the section: landmarks)."""
+    """The camera kind a config names (``camera.kind``; a config without the section: landmarks),
+    set up by the section's options (``CameraKind.configured``)."""
     camera = config.get("camera") if hasattr(config, "get") else None
-    return get(camera.kind if camera is not None else options.DEFAULT_CAMERA_KIND)
+    return get(camera.kind if camera is not None else options.DEFAULT_CAMERA_KIND).configured(camera)

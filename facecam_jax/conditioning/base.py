@@ -50,6 +50,14 @@ class CameraKind(abc.ABC):
     def __repr__(self) -> str:
         return f"<camera kind {self.name}>"
 
+    def configured(self, camera) -> CameraKind:
+        """The kind as the config's ``camera`` section sets it up (its options; default: itself).
+        ``camera.normal_maps=False`` is FactorPortrait's alone: other kinds refuse it."""
+        if camera is not None and not camera.get("normal_maps", True):
+            raise ValueError(f"camera.normal_maps=False is FactorPortrait's ablation (no head-pose normal maps); "
+                             f"camera kind {self.name!r} has no normal maps")
+        return self
+
     # ------------------------------------------------------------------ the model
 
     def prepare(self, model: WanDiT, config) -> WanDiT:
@@ -95,6 +103,11 @@ class CameraKind(abc.ABC):
         """The kind's own linear layers in every block, for FLOP counting: ``(path, rows, din,
         dout)`` with rows ``"tokens"`` (one per token) or ``"frames"`` (one per input latent frame)."""
         return ()
+
+    def side_flops(self, config: DiTConfig, video_frames: int) -> float:
+        """Forward FLOPs per sample of the kind's layers outside the block stack (FLOP counting;
+        default none), for videos of ``video_frames`` frames."""
+        return 0.0
 
     def trainable_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """``train.trainable`` with the kind's own layers added."""

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facecam_jax.camera import expression, plucker
+from facecam_jax.camera import animation, expression, extrinsics, landmarks, normals, plucker, trajectories
 from facecam_jax.conditioning.base import CameraKind
 from facecam_jax.models import wan_dit
 
@@ -54,7 +54,11 @@ class FactorPortrait(CameraKind):
     batch_videos = ("normals",)
     batch_arrays = ("target_landmarks", "source_world_2_cam", "source_intrinsics", "target_world_2_cam",
                     "target_intrinsics")
-    trainable = ("expression",)
+    trainable = ("expression", "patch_embedding")  # its controller; its widened input (zero-initialised channels)
+
+    def configured(self, camera):
+        """``camera.normal_maps=False``: the paper's C2 ablation (``WITHOUT_NORMALS``)."""
+        return self if camera is None or camera.get("normal_maps", True) else WITHOUT_NORMALS
 
     def prepare(self, model, config):
         wan_dit.widen_patch_embedding(model, config.model.in_dim)
@@ -62,6 +66,15 @@ class FactorPortrait(CameraKind):
 
     def input_frames(self, frames: int) -> int:
         return 1 + frames  # the reference frame, then the target
+
+    def side_flops(self, config, video_frames):
+        """The expression controller (``wan_dit.ExpressionController``) on one video's codes: its
+        projection, two temporal layers (q, k, v, o, attention over the frames, a 4x MLP) and the
+        grouped output to the model width."""
+        t, w = video_frames, wan_dit.EXPRESSION_WIDTH
+        layer = 2 * t * w * w * 4 + 2 * 2 * t * t * w + 2 * 2 * t * w * 4 * w
+        latent = 1 + (t - 1) // wan_dit.VAE_TIME_STRIDE
+        return float(2 * t * expression.CODES_DIM * w + 2 * layer + 2 * latent * wan_dit.VAE_TIME_STRIDE * w * config.dim)
 
     def rays(self, noisy, condition):
         """Ray maps ``[B, 1 + F, h, w, 6]`` on the latent grid: the reference camera (identity pose,
@@ -75,7 +88,8 @@ class FactorPortrait(CameraKind):
         return maps * condition["has"].astype(maps.dtype)[:, None, None, None, None]
 
     def dit_input(self, model, noisy, source, condition):
-        x = fuse(noisy, source[:, :1], condition["normals"], self.rays(noisy, condition))
+        normals = condition["normals"] if self.batch_videos else jnp.zeros_like(noisy)  # C2: no normal maps
+        x = fuse(noisy, source[:, :1], normals, self.rays(noisy, condition))
         pad = model.config.in_dim - x.shape[-1]
         if pad < 0:
             raise ValueError(f"model in_dim {model.config.in_dim} is narrower than FactorPortrait's {x.shape[-1]} "
@@ -111,7 +125,7 @@ class FactorPortrait(CameraKind):
         codes = expression.expression_codes(batch["target_landmarks"].astype(jnp.float32), height, width, xp=jnp)
         face = jnp.all(jnp.isfinite(codes), axis=(-2, -1))  # [B]: a sample without landmarks gets zero codes
         codes = jnp.where(face[:, None, None], codes, 0.0)
-        return {"normals": latents["normals"], **jax.lax.stop_gradient({
+        return {**{k: latents[k] for k in self.batch_videos}, **jax.lax.stop_gradient({
             "expression": codes,
             "c2w": c2w.astype(jnp.float32),
             "k": plucker.frame_fractions(k, height, width, xp=jnp).astype(jnp.float32),
@@ -121,9 +135,39 @@ class FactorPortrait(CameraKind):
     # ------------------------------------------------------------------ sampling
 
     def make_condition(self, trajectory, *, height, width, framing, source_frames):
-        raise ValueError("camera kind 'factorportrait' animates an image by a driving video: its sampling "
-                         "(python -m facecam_jax.sample --image ... --driving ...) is not built yet; this "
-                         "kind trains only (issue 33)")
+        """The condition of a reference image (``source_frames[0]``; its face's landmarks) animated
+        by ``trajectory``, a ``camera.animation.Animation`` (a camera path and a driving video):
+        the retargeted face's normal maps along the path, its expression codes per video frame,
+        the cameras of the latent frames relative to the reference's."""
+        if not isinstance(trajectory, animation.Animation):
+            raise ValueError("camera kind 'factorportrait' animates a portrait image by a driving video: sample with "
+                             "python -m facecam_jax.sample --config ...:factorportrait-mini --image ref.png "
+                             "--driving drive.mp4 (batch mode and the page re-render videos: other camera kinds)")
+        try:
+            reference = landmarks.detect_one(source_frames[0])
+        except landmarks.NoFaceError:
+            raise landmarks.NoFaceError("the reference image has no face MediaPipe can detect: FactorPortrait "
+                                        "animates the face it shows") from None
+        frames = trajectory.num_frames
+        pixels, shape = animation.retarget(reference, height, width, trajectory.driving)
+        w2c, k = trajectories.source_cameras(trajectory.trajectory, reference, height=height, width=width)
+        k_cv = animation.pixel_centre_intrinsics(k)
+        idx = extrinsics.latent_frame_indices(frames)
+        raw = {"expression": expression.codes_of(shape),
+               "c2w": animation.relative_c2w(w2c)[idx].astype(np.float32),
+               "k": plucker.frame_fractions(k_cv[idx], height, width).astype(np.float32),
+               "ref_k": plucker.frame_fractions(k_cv[0], height, width).astype(np.float32),
+               "has": np.ones((), np.float32)}
+        if self.batch_videos:  # the head pose: the retargeted face seen from each camera of the path
+            seen = animation.seen_along(pixels, w2c, k, height, width)
+            raw["normals"] = normals.landmark_normal_maps(seen, height, width)
+        return raw
+
+    def encode_condition(self, raw, encode, windows):
+        if windows is not None:
+            raise ValueError("FactorPortrait animates one window (data.frames frames, its reference frame first): "
+                             "sample --frames up to data.frames")
+        return super().encode_condition(raw, encode, windows)
 
     def abstract_condition(self, latent_shape, sharding):
         rows, f = latent_shape[:2]
@@ -131,8 +175,18 @@ class FactorPortrait(CameraKind):
         def shape(*s):
             return jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding)
 
-        return {"normals": shape(*latent_shape), "expression": shape(rows, 1 + 4 * (f - 1), expression.CODES_DIM),
+        videos = {k: shape(*latent_shape) for k in self.batch_videos}
+        return {**videos, "expression": shape(rows, 1 + 4 * (f - 1), expression.CODES_DIM),
                 "c2w": shape(rows, f, 4, 4), "k": shape(rows, f, 4), "ref_k": shape(rows, 4), "has": shape(rows)}
 
 
+class WithoutNormals(FactorPortrait):
+    """The paper's C2 ablation: no head-pose normal maps. The data pipeline does not render them,
+    the VAE does not encode them, and their channels of the DiT input stay zero (the same
+    model shape, so the same budget and the same patch embedding)."""
+
+    batch_videos = ()
+
+
 KIND = FactorPortrait()
+WITHOUT_NORMALS = WithoutNormals()

@@ -231,11 +231,13 @@ def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0
                              f"{' and no '.join(missing)} samples; set the data roots or "
                              "data.wild_ratio to 0.0 / 1.0")
     common = {"seed": data.seed, "shuffle": data.shuffle}
-    # FactorPortrait's driving signals: per-frame target landmarks and their normal maps.
+    # FactorPortrait's driving signals: per-frame target landmarks (its expression codes) and
+    # their normal maps (unless its C2 ablation leaves them out).
     normals = needs is not None and "normals" in needs
-    if normals and wild is not None and len(wild):
-        raise ValueError("normal maps need per-frame landmarks of a multi-view target: set data.wild_ratio=0.0 "
-                         "(an in-the-wild sample holds its first frame's landmarks)")
+    per_frame = needs is not None and bool({"normals", "target_landmarks"} & set(needs))
+    if per_frame and wild is not None and len(wild):
+        raise ValueError("FactorPortrait's driving signals need per-frame landmarks of a multi-view target: set "
+                         "data.wild_ratio=0.0 (an in-the-wild sample holds its first frame's landmarks)")
     finish = tr.ToSample(max_shots=data.max_shots, extra=("normals",) if normals else ())
     branches, weights = [], []
     if multiview is not None and len(multiview):
@@ -243,7 +245,7 @@ def make_dataset(data, rows: tuple[int, int] | None = None, start_batch: int = 0
             tr.MultiShotStitch(data.height, data.width, max_shots=data.max_shots,
                                composite=data.composite, detect_missing=data.detect_missing,
                                target_cameras=target_positions(data, multiview),
-                               landmark_maps=needs is None or "camera" in needs, frame_landmarks=normals),
+                               landmark_maps=needs is None or "camera" in needs, frame_landmarks=per_frame),
             tr.ScaleAndColour(tuple(data.multiview_source_scale)),
             tr.SyntheticCameraMotion(tuple(data.multiview_target_zoom)),
             *([tr.NormalMaps()] if normals else []),

@@ -172,7 +172,8 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
     """Analytic FLOPs of one step of ``program`` ("train" or "sample") for ``config``.
 
     train: the DiT forward + backward (+ remat) on ``data.batch_size`` samples (``dit_flops``
-    with ``train.trainable``, ``model.remat`` and ``train.lora_rank``) and the frozen VAE encode of source, target
+    with ``train.trainable``, ``model.remat`` and ``train.lora_rank``; plus the camera kind's layers
+    outside the blocks, ``CameraKind.side_flops``) and the frozen VAE encode of source, target
     and the camera kind's videos (3 x batch for FaceCam's landmark maps). sample: ``sample.num_steps`` DiT forwards on a batch of 2
     with CFG (1 without: ``sample.cfg_scale == 1``), one expert per step, plus the VAE encode
     of the source and the camera kind's videos and the decode of the output. VAE FLOPs are its convs counted from
@@ -194,11 +195,15 @@ def step_flops(config, program: str, *, windows: int = 1, evaluations: int | Non
         b = d.batch_size
         parts = dit_flops(dit_config, b, tokens, out_tokens, kind.trainable_names(tuple(config.train.trainable)),
                           m.remat, config.train.lora_rank, **camera)
+        side = b * kind.side_flops(dit_config, d.frames)  # trained whole: input and weight gradients
+        parts["forward"] += side
+        parts["backward"] += 2 * side
         parts["vae"] = vae_flops(vae_config, (videos * b, *video))
     elif program == "sample":
         s = config.sample
         cfg_batch = 1 + (s.cfg_scale != 1.0) + (s.get("camera_guidance", 1.0) != 1.0)  # passes per step
         one = dit_flops(dit_config, cfg_batch * windows, tokens, out_tokens, **camera)
+        one["forward"] += cfg_batch * windows * kind.side_flops(dit_config, d.frames)
         parts = {"forward": (s.num_steps if evaluations is None else evaluations) * one["forward"]}
         parts["vae"] = (vae_flops(vae_config, ((videos - 1) * windows, *video))
                         + vae_flops(vae_config, (windows, *video), decode=True))

@@ -9,13 +9,17 @@ import logging
 import os
 from typing import Sequence
 
+import cv2
+import numpy as np
+
 from facecam_jax import conditioning
+from facecam_jax.camera import animation, trajectories
 from facecam_jax.camera import source as source_lib
-from facecam_jax.camera import trajectories
+from facecam_jax.camera.landmarks import NoFaceError
 from facecam_jax.sampling.experts import weights_dir
 from facecam_jax.sampling.program import window_layout
 from facecam_jax.sampling.render import default_source_video, generate, side_by_side
-from facecam_jax.video_io import probe, write_video
+from facecam_jax.video_io import probe, read_images, write_video
 
 log = logging.getLogger(__name__)
 
@@ -82,4 +86,55 @@ def run(config, *, video: str | None, trajectory: str, out: str, workdir: str | 
     compare = os.path.splitext(out)[0] + "_compare.mp4"
     write_video(out, result.video, fps)
     write_video(compare, side_by_side(result), fps)
+    return out, compare
+
+
+def load_reference(path: str, height: int, width: int) -> np.ndarray:
+    """A portrait image cropped as a source video's first frame is (the official nose-centred
+    cover crop): uint8 ``[H, W, 3]``; an image without a detectable face is a one-line error."""
+    image = read_images([path])
+    try:
+        return source_lib.prepare_source(image, 1, height, width, require_face=True, name=f"image {path!r}")[0]
+    except NoFaceError:
+        raise NoFaceError(f"image {path!r} has no face MediaPipe can detect: FactorPortrait animates the face of "
+                          "its reference image; give a portrait where the face is visible and reasonably "
+                          "frontal") from None
+
+
+def fit_into(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 frames ``[T, h, w, 3]`` scaled to fit ``height x width`` whole, black around them."""
+    h, w = frames.shape[1:3]
+    scale = min(height / h, width / w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    out = np.zeros((len(frames), height, width, 3), np.uint8)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    for t, frame in enumerate(frames):
+        out[t, top:top + new_h, left:left + new_w] = cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def animate(config, *, image: str, driving: str, trajectory: str, out: str, workdir: str | None, seed: int,
+            fps: float = 24.0, profile: str | None = None, frames: int | None = None) -> Sequence[str]:
+    """FactorPortrait's sampling script (``camera.kind=factorportrait``): the portrait ``image``
+    animated by the ``driving`` video's expressions and head motion along ``trajectory``; writes
+    ``out`` and ``<out>_compare.mp4`` (reference | driving | normal maps | output). ``frames``:
+    the model's window (``data.frames``), the only length it animates. Every input is read and
+    checked before a model loads."""
+    d = config.data
+    if frames is not None and frames != d.frames:
+        raise ValueError(f"--frames {frames}: FactorPortrait animates one window of data.frames={d.frames} frames "
+                         f"(its reference frame first); drop --frames or set it to {d.frames}")
+    count = d.frames
+    reference = load_reference(image, d.height, d.width)
+    motion = animation.load_driving(driving, count)
+    path, drawn = load_camera(conditioning.of(config), trajectory, count, seed)
+    if drawn is not None:
+        log.info("random camera from seed %d: %s", seed, ", ".join(f"{k} {v:.2f}" for k, v in drawn.items()))
+    log.info("animating %s by %d frames of %s at %dx%d along %s", image, count, driving, d.height, d.width, trajectory)
+    result = generate(config, np.repeat(reference[None], count, 0), animation.Animation(path, motion),
+                      workdir=weights_dir(config, workdir), seed=seed, profile=profile)
+    compare = os.path.splitext(out)[0] + "_compare.mp4"
+    write_video(out, result.video, fps)
+    write_video(compare, np.concatenate([result.source, fit_into(motion.frames, d.height, d.width), result.condition,
+                                         result.video], axis=2), fps)
     return out, compare

@@ -46,6 +46,7 @@ class SampleOptions:
     offload: str = "none"
     cfg: str = "batch"  # "batch": cond and uncond in one forward; "sequential": one after the other
     camera: str = opts.DEFAULT_CAMERA_KIND  # camera.kind
+    camera_options: tuple = ()  # the camera section's other fields as (name, value) (camera.normal_maps)
     camera_guidance: float = 1.0  # CameraCtrl II's camera CFG scale (1.0: off, no extra pass)
     # Clip extension (sampling.extend): the condition carries each row's clean context latents
     # (``clean [N, F, ...]``) and their mask (``mask [N, F]``); those frames stay clean.
@@ -75,7 +76,13 @@ class SampleOptions:
         return cls(steps=steps, shift=config.model.shift, guidance=s.cfg_scale if guidance is None else guidance,
                    num_experts=num_experts, boundary=boundary, solver=s.solver, cache=cache, windows=windows,
                    window_batch=s.window_batch, offload=s.offload, cfg=s.cfg, camera=conditioning.of(config).name,
+                   camera_options=tuple(sorted((k, v) for k, v in config.get("camera", {}).items() if k != "kind")),
                    camera_guidance=s.get("camera_guidance", 1.0))
+
+    @property
+    def kind(self):
+        """The camera kind, set up by its options (``CameraKind.configured``)."""
+        return conditioning.get(self.camera).configured(dict(self.camera_options))
 
     @property
     def passes(self) -> int:
@@ -115,7 +122,7 @@ class _Spec:
 
     @property
     def kind(self):
-        return conditioning.get(self.options.camera)
+        return self.options.kind
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("x", "source", "condition", "t", "ctx_cond",
@@ -266,7 +273,7 @@ def make_sample_fn(graphdef, options: SampleOptions, on_step=None, phase: tuple 
 def cache_shape(dit_config, options: SampleOptions, source_shape) -> tuple[int, int, int]:
     """The step cache's residual ``[rows, L, D]``: every window of every video, once per pass."""
     rows = source_shape[0] * options.passes
-    return conditioning.get(options.camera).token_shape(dit_config, (rows, *source_shape[1:]))
+    return options.kind.token_shape(dit_config, (rows, *source_shape[1:]))
 
 
 def initial_carry_fn(options: SampleOptions, token_shape: tuple[int, int, int] | None):

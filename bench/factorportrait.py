@@ -12,7 +12,8 @@ held out too) and every ordered pair of its cameras: the reference is the source
 frame, the truth the target camera over the window, and the driving signals are the target
 clip's own (self-reenactment, as in training: its landmarks' normal maps and expression codes,
 the target cameras relative to the source). Rows, each scored against the truth (PSNR, SSIM over
-every frame; ``facecam_jax.evaluation.scores``):
+every frame, ``facecam_jax.evaluation.scores``; and PSNR inside the truth's mouth box, where the
+expression shows):
 
   full            factorportrait-mini
   no expression   the same model with the expression codes zeroed (baseline)
@@ -42,8 +43,27 @@ from facecam_jax.runtime.config_file import load_config  # noqa: E402
 
 VARIANTS = {"full": "factorportrait-mini", "no normals": "factorportrait-mini-no-normals"}
 ROWS = ("full", "no expression", "no normals", "reference")
-METRICS = ("psnr", "ssim")
+METRICS = ("psnr", "ssim", "mouth_psnr")
+LABELS = {"psnr": "PSNR", "ssim": "SSIM", "mouth_psnr": "mouth PSNR"}
 HELD_CAMERA = 4
+LIPS = (0, 13, 14, 17, 37, 40, 61, 78, 84, 91, 146, 181, 267, 270, 291, 308, 314, 321, 375, 405)  # MediaPipe lip points
+
+
+def mouth_psnr(video: np.ndarray, truth: np.ndarray, landmarks: np.ndarray) -> float:
+    """PSNR (dB) inside the truth's mouth box per frame (the lips' landmarks' box, grown by half
+    its size each way), averaged over frames: where expression shows."""
+    from facecam_jax.evaluation import scores
+
+    height, width = truth.shape[1:3]
+    values = []
+    for t in range(len(truth)):
+        xy = landmarks[t, LIPS, :2] * [width, height]
+        lo, hi = xy.min(0), xy.max(0)
+        pad = 0.5 * (hi - lo) + 1.0
+        (x0, y0), (x1, y1) = np.floor(lo - pad).astype(int), np.ceil(hi + pad).astype(int)
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        values.append(scores.psnr(video[t:t + 1, y0:y1, x0:x1], truth[t:t + 1, y0:y1, x0:x1]))
+    return float(np.mean(values))
 
 
 def heldout_pairs(config) -> list[dict]:
@@ -140,13 +160,13 @@ def summarise(rows: list[dict], seed: int) -> dict:
 
 def table(result: dict) -> str:
     groups = ("all", "trained cameras", "camera 4 in the pair")
-    lines = ["| row | " + " | ".join(f"{m.upper()} ({g})" for g in groups for m in METRICS) + " |",
+    lines = ["| row | " + " | ".join(f"{LABELS[m]} ({g})" for g in groups for m in METRICS) + " |",
              "|---|" + "---|" * (len(groups) * len(METRICS))]
     for name, e in result["rows"].items():
-        digits = {"psnr": 2, "ssim": 3}
+        digits = {"psnr": 2, "ssim": 3, "mouth_psnr": 2}
         lines.append(f"| {name} | " + " | ".join(f"{e[f'{m} ({g})']:.{digits[m]}f}" for g in groups for m in METRICS)
                      + " |")
-    lines += ["", "| paired difference (mean [95% CI]) | " + " | ".join(f"{m.upper()} ({g})" for g in groups
+    lines += ["", "| paired difference (mean [95% CI]) | " + " | ".join(f"{LABELS[m]} ({g})" for g in groups
                                                                         for m in METRICS) + " |",
               "|---|" + "---|" * (len(groups) * len(METRICS))]
     for name, d in result["differences"].items():
@@ -181,7 +201,8 @@ def evaluate(args):
               "no normals": render(VARIANTS["no normals"], pairs, args.seed, args.weights),
               "reference": np.stack([np.repeat(p["source"][:1], len(p["source"]), 0) for p in pairs])}
     rows = [{"start": p["start"], "source_camera": p["source_camera"], "target_camera": p["target_camera"],
-             **{name: {"psnr": scores.psnr(videos[name][n], p["target"]), "ssim": scores.ssim(videos[name][n], p["target"])}
+             **{name: {"psnr": scores.psnr(videos[name][n], p["target"]), "ssim": scores.ssim(videos[name][n], p["target"]),
+                       "mouth_psnr": mouth_psnr(videos[name][n], p["target"], p["target_landmarks"])}
                 for name in ROWS}} for n, p in enumerate(pairs)]
     result = summarise(rows, args.seed)
     result.update(seed=args.seed, pairs=rows, machine=machine(), seconds=time.perf_counter() - t0,

@@ -253,7 +253,7 @@ def test_the_sample_cli_animates_an_image_by_a_driving_video_and_refuses_bad_inp
     frames, _ = read_video(carphone, max_frames=12)
     image = str(tmp_path / "ref.png")
     cv2.imwrite(image, cv2.cvtColor(frames[11], cv2.COLOR_RGB2BGR))
-    config = "configs/facecam.py:factorportrait-mini,model.dit=tiny,sample.weights='',sample.num_steps=2"
+    config = "configs/facecam.py:factorportrait-mini,sample.num_steps=2"  # the shipped toy model
     out = tmp_path / "out.mp4"
     result = run("-m", "facecam_jax.sample", "--config", config, "--image", image, "--driving", carphone,
                  "--trajectory", "arc_left", "--out", str(out))

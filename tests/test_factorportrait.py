@@ -148,12 +148,13 @@ def test_factorportrait_trains_alike_on_one_and_eight_devices_and_exports_its_la
     from facecam_jax.data import mini_dataset
     from facecam_jax.training import trainer
 
-    # A NeRSemble layout on disk (data.dataset=files; the mini dataset's build is one).
+    # One device reads the mini dataset (data.dataset=mini), eight the same files as a NeRSemble
+    # layout on disk (data.dataset=files): the same samples, so the same losses.
+    base = "factorportrait-mini,model.dit=tiny,batch_size=2,steps=2,log_every=1,checkpoint_every=2,optimizer.lr=1e-2"
     root = mini_dataset.build().nersemble_root
-    config = load_config(f"factorportrait-mini,model.dit=tiny,data.dataset=files,data.multiview_root={root},"
-                         "data.multiview_layout=nersemble,batch_size=2,steps=2,log_every=1,checkpoint_every=2,optimizer.lr=1e-2")
+    files = f"{base},data.dataset=files,data.multiview_root={root},data.multiview_layout=nersemble"
     losses = []
-    for name, shape in (("one", (1, 1, 1, 1)), ("eight", (2, 2, 1, 2))):
+    for name, shape, config in (("one", (1, 1, 1, 1), load_config(base)), ("eight", (2, 2, 1, 2), load_config(files))):
         result = trainer.train(config, str(tmp_path / name),
                                mesh=sh.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))]))
         with open(tmp_path / name / "metrics.jsonl") as f:

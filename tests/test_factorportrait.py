@@ -143,31 +143,51 @@ def test_fusion_puts_the_reference_first_and_each_condition_on_its_frames():
     np.testing.assert_array_equal(no_camera[..., 48:], 0.0)
 
 
-def test_factorportrait_trains_alike_on_one_and_eight_devices_and_exports_its_layers(tmp_path):
+def test_factorportrait_trains_alike_on_one_and_eight_devices_with_lora_and_its_export_reloads(tmp_path):
+    from facecam_jax import build
+    from facecam_jax import sampling as sampler
+    from facecam_jax.checkpoints.dit_naming import named_variables
     from facecam_jax.checkpoints.io import open_checkpoint
     from facecam_jax.data import mini_dataset
     from facecam_jax.training import trainer
 
     # One device reads the mini dataset (data.dataset=mini), eight the same files as a NeRSemble
-    # layout on disk (data.dataset=files): the same samples, so the same losses.
-    base = "factorportrait-mini,model.dit=tiny,batch_size=2,steps=2,log_every=1,checkpoint_every=2,optimizer.lr=1e-2"
+    # layout on disk (data.dataset=files): the same samples, so the same losses. LoRA on the
+    # self-attention; the kind's own layers (expression controller, widened patch embedding) in full.
+    base = ("factorportrait-mini,model.dit=tiny,batch_size=2,steps=2,log_every=1,checkpoint_every=2,"
+            "train.lora_rank=4,optimizer.lr=1e-2")
     root = mini_dataset.build().nersemble_root
     files = f"{base},data.dataset=files,data.multiview_root={root},data.multiview_layout=nersemble"
     losses = []
-    for name, shape, config in (("one", (1, 1, 1, 1), load_config(base)), ("eight", (2, 2, 1, 2), load_config(files))):
-        result = trainer.train(config, str(tmp_path / name),
-                               mesh=sh.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))]))
+    for name, shape, spec in (("one", (1, 1, 1, 1), base), ("eight", (2, 2, 1, 2), files)):
+        config = load_config(spec)
+        config.train.trainable = ("self_attn",)
+        mesh = sh.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        result = trainer.train(config, str(tmp_path / name), mesh=mesh)
         with open(tmp_path / name / "metrics.jsonl") as f:
             losses.append([m["loss"] for m in map(json.loads, f)])
     print(f"\nfactorportrait losses, 1 device {losses[0]}, 8 devices {losses[1]}")
     assert len(losses[0]) == 2 and np.all(np.isfinite(losses[0]))
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    trained = {p[0] if p[0] != "blocks" else p[-1] for p, _ in
+               named_variables(nnx.state(result.model, build.train_filter(config, result.model)))}
+    assert trained == {"lora_a", "lora_b", "scale", "patch_embedding", "expression"}  # adapters, norms, new layers
     assert float(jnp.abs(result.model.expression.out.kernel.get_value()).max()) > 0  # trained from zero
     assert float(jnp.abs(result.model.patch_embedding.kernel.get_value()[..., 16:, :]).max()) > 0
     exported = set(open_checkpoint(result.exported))
     assert {"expression.out.weight", "expression.proj.weight", "expression.layer1.ffn.fc2.bias",
-            "expression.layer0.norm1.weight", "patch_embedding.weight"} <= exported
-
+            "expression.layer0.norm1.weight", "patch_embedding.weight"} <= exported and result.exported_lora
+    # The export (state dict overlaid, adapters merged) reloads to the trained model's velocity.
+    (reloaded,) = sampler.load_experts(config, mesh, sh.DEFAULT_RULES, str(tmp_path / "eight")).models
+    rng = np.random.default_rng(0)
+    noisy, source, normals = (jnp.asarray(rng.standard_normal((2, 3, 8, 6, 16)), jnp.float32) for _ in range(3))
+    condition = {"normals": normals, "expression": jnp.asarray(rng.standard_normal((2, 9, ex.CODES_DIM)), jnp.float32),
+                 "c2w": jnp.tile(jnp.eye(4), (2, 3, 1, 1)), "k": jnp.full((2, 3, 4), 0.8), "ref_k": jnp.full((2, 4), 0.8),
+                 "has": jnp.ones((2,))}
+    t, ctx = jnp.array([900.0, 300.0]), jnp.zeros((2, 4, 32), jnp.float32)
+    want = np.asarray(KIND.velocity(result.model, noisy, source, condition, t, ctx))
+    assert want.shape == (2, 3, 8, 6, 16)
+    np.testing.assert_allclose(np.asarray(KIND.velocity(reloaded, noisy, source, condition, t, ctx)), want, atol=1e-5)
 
 # ---------------------------------------------------------------------------- sampling
 
@@ -289,34 +309,6 @@ def test_the_sample_cli_animates_an_image_by_a_driving_video_and_refuses_bad_inp
             code=2)
     result = run("-m", "facecam_jax.sample", "--image", image, "--driving", carphone, "--out", str(tmp_path / "x.mp4"))
     assert result.returncode == 2 and "camera.kind=factorportrait" in result.stderr.strip().splitlines()[-1]
-
-
-def test_factorportrait_trains_with_lora_on_eight_devices_and_its_export_reloads(tmp_path):
-    from facecam_jax import build
-    from facecam_jax import sampling as sampler
-    from facecam_jax.checkpoints.dit_naming import named_variables
-    from facecam_jax.training import trainer
-
-    config = load_config("factorportrait-mini,model.dit=tiny,batch_size=2,steps=2,checkpoint_every=2,"
-                         "train.lora_rank=4,optimizer.lr=1e-2")
-    config.train.trainable = ("self_attn",)
-    mesh = sh.make_mesh(1, 8, 1, 1, devices=jax.devices()[:8])
-    result = trainer.train(config, str(tmp_path), mesh=mesh)
-    trained = {p[0] if p[0] != "blocks" else p[-1] for p, _ in
-               named_variables(nnx.state(result.model, build.train_filter(config, result.model)))}
-    assert trained == {"lora_a", "lora_b", "scale", "patch_embedding", "expression"}  # adapters, norms, new layers
-    assert result.exported_lora and float(jnp.abs(result.model.expression.out.kernel.get_value()).max()) > 0
-    (reloaded,) = sampler.load_experts(config, mesh, sh.DEFAULT_RULES, str(tmp_path)).models
-    rng = np.random.default_rng(0)
-    noisy, source, normals = (jnp.asarray(rng.standard_normal((2, 3, 8, 6, 16)), jnp.float32) for _ in range(3))
-    condition = {"normals": normals, "expression": jnp.asarray(rng.standard_normal((2, 9, ex.CODES_DIM)), jnp.float32),
-                 "c2w": jnp.tile(jnp.eye(4), (2, 3, 1, 1)), "k": jnp.full((2, 3, 4), 0.8), "ref_k": jnp.full((2, 4), 0.8),
-                 "has": jnp.ones((2,))}
-    t, ctx = jnp.array([900.0, 300.0]), jnp.zeros((2, 4, 32), jnp.float32)
-    want = np.asarray(KIND.velocity(result.model, noisy, source, condition, t, ctx))
-    got = np.asarray(KIND.velocity(reloaded, noisy, source, condition, t, ctx))
-    assert want.shape == (2, 3, 8, 6, 16)
-    np.testing.assert_allclose(got, want, atol=1e-5)  # adapters merged, expression and patch embedding overlaid
 
 
 def test_the_expression_controllers_flops_are_counted_as_xla_counts_them():

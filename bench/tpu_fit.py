@@ -132,6 +132,7 @@ CASES = [case(*c) for c in [
     # slice; the 1.3B on one v5p chip.
     ("fp-14b-train", "v5p", 8, 1),
     ("fp-1.3b-train", "v5p", 1, 1),
+    ("fp-14b-train", "v5p", 4, 1),  # the next smaller slice
 ]]
 
 

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import machine, si  # noqa: E402
+from bench.common import bootstrap, machine, ship_bf16, si, write_report  # noqa: E402
 from facecam_jax import build  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
 from facecam_jax.perf.flops import step_flops  # noqa: E402
@@ -206,12 +206,6 @@ def score(video: np.ndarray, pair: dict) -> dict:
             "camera_error": placement.video_error(video, pair["target"], pair["boxes"])}
 
 
-def bootstrap(diff: np.ndarray, rng: np.random.Generator, n: int = 4000) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% percentile bootstrap interval over pairs."""
-    means = diff[rng.integers(0, len(diff), (n, len(diff)))].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def summarise(rows: list[dict], kinds: tuple[str, ...], trained: tuple[float, ...], seed: int) -> dict:
     out = {"kinds": {}, "differences": {}}
     groups = {"near": [], "far": [], "unseen": []}
@@ -281,7 +275,6 @@ def picture(path: str, pairs: list[dict], videos: dict, kinds: tuple[str, ...], 
 
 
 def evaluate(args):
-    import json
 
     t0 = time.perf_counter()
     base = load_config("scale-landmarks")
@@ -306,11 +299,7 @@ def evaluate(args):
                   unseen_scales=list(UNSEEN_SCALES))
     text = table(result, names)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text + "\n")
+    write_report(args.out, result, text)
     if args.picture:
         near = [n for n, r in enumerate(rows) if r["scale"] == min(trained) and r["start"] == rows[0]["start"]]
         far = [n for n, r in enumerate(rows) if r["scale"] == max(trained) and r["start"] == rows[0]["start"]]
@@ -320,11 +309,7 @@ def evaluate(args):
 
 def ship(args):
     """Each run's trained weights (``<runs>/scale-<kind>/facecam.safetensors``) -> the shipped folder
-    (``SCALE_DIR/<kind>``), in bfloat16 (half the bytes; the loader casts to the model's dtype)."""
-    import ml_dtypes
-
-    from facecam_jax.checkpoints.io import open_checkpoint, write_safetensors
-
+    (``SCALE_DIR/<kind>``), in bfloat16 (``common.ship_bf16``)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import facecam as configs  # noqa: E402
 
@@ -333,11 +318,7 @@ def ship(args):
         if not os.path.exists(src):
             raise SystemExit(f"error: {src} does not exist: train it first (python -m facecam_jax.train "
                              f"--config configs/facecam.py:scale-{kind} --workdir {args.runs}/scale-{kind})")
-        refs = open_checkpoint(src)
-        out = os.path.join(configs.SCALE_DIR, kind, "facecam.safetensors")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        write_safetensors(out, {k: (lambda r=r: np.asarray(r.load()).astype(ml_dtypes.bfloat16)) for k, r in refs.items()})
-        print(f"{src} -> {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+        ship_bf16(src, os.path.join(configs.SCALE_DIR, kind, "facecam.safetensors"))
 
 
 def main(argv=None):

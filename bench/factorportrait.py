@@ -27,7 +27,6 @@ trained on) is in the pair. ``--weights DIR``: runs in ``DIR/<variant>`` instead
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import bootstrap, machine, ship_bf16, write_report  # noqa: E402
 from facecam_jax import build  # noqa: E402
 from facecam_jax import sharding as sh  # noqa: E402
 from facecam_jax.runtime.config_file import load_config  # noqa: E402
@@ -135,12 +134,6 @@ def render(variant: str, pairs: list[dict], seed: int, weights: str | None, *, z
                               show_progress=False)
 
 
-def bootstrap(diff: np.ndarray, rng: np.random.Generator, n: int = 4000) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% percentile bootstrap interval over pairs."""
-    means = diff[rng.integers(0, len(diff), (n, len(diff)))].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def summarise(rows: list[dict], seed: int) -> dict:
     groups = {"all": list(range(len(rows))),
               "camera 4 in the pair": [n for n, r in enumerate(rows)
@@ -164,14 +157,16 @@ def table(result: dict) -> str:
              "|---|" + "---|" * (len(groups) * len(METRICS))]
     for name, e in result["rows"].items():
         digits = {"psnr": 2, "ssim": 3, "mouth_psnr": 2}
-        lines.append(f"| {name} | " + " | ".join(f"{e[f'{m} ({g})']:.{digits[m]}f}" for g in groups for m in METRICS)
+        lines.append(f"| {name} | " + " | ".join(f"{e.get(f'{m} ({g})', float('nan')):.{digits[m]}f}" for g in groups
+                                                 for m in METRICS)
                      + " |")
     lines += ["", "| paired difference (mean [95% CI]) | " + " | ".join(f"{LABELS[m]} ({g})" for g in groups
                                                                         for m in METRICS) + " |",
               "|---|" + "---|" * (len(groups) * len(METRICS))]
     for name, d in result["differences"].items():
         lines.append(f"| {name} | " + " | ".join(
-            "{:+.3f} [{:+.3f}, {:+.3f}]".format(*d[f"{m} ({g})"]) for g in groups for m in METRICS) + " |")
+            "{:+.3f} [{:+.3f}, {:+.3f}]".format(*d[f"{m} ({g})"]) if f"{m} ({g})" in d else "-"  # a group without pairs
+            for g in groups for m in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -209,11 +204,7 @@ def evaluate(args):
                   weights=args.weights or "data/factorportrait_mini (shipped)")
     text = table(result)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text + "\n")
+    write_report(args.out, result, text)
     if args.picture:
         picks = [n for n, r in enumerate(rows) if r["start"] == rows[-1]["start"] and r["source_camera"] == 0][:6]
         picture(args.picture, pairs, videos, picks or list(range(min(6, len(rows)))))
@@ -222,21 +213,13 @@ def evaluate(args):
 
 def ship(args):
     """Each run's trained weights (``<runs>/<variant>/facecam.safetensors``) -> the shipped folder
-    (``FACTORPORTRAIT_DIR``, the ablation in ``no_normals/``), in bfloat16."""
-    import ml_dtypes
-
-    from facecam_jax.checkpoints.io import open_checkpoint, write_safetensors
-
-    for name, variant in VARIANTS.items():
+    (``FACTORPORTRAIT_DIR``, the ablation in ``no_normals/``), in bfloat16 (``common.ship_bf16``)."""
+    for variant in VARIANTS.values():
         src = os.path.join(args.runs, variant, "facecam.safetensors")
         if not os.path.exists(src):
             raise SystemExit(f"error: {src} does not exist: train it first (python -m facecam_jax.train "
                              f"--config configs/facecam.py:{variant} --workdir {args.runs}/{variant})")
-        refs = open_checkpoint(src)
-        out = os.path.join(load_config(variant).sample.weights, "facecam.safetensors")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        write_safetensors(out, {k: (lambda r=r: np.asarray(r.load()).astype(ml_dtypes.bfloat16)) for k, r in refs.items()})
-        print(f"{name}: {src} -> {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+        ship_bf16(src, os.path.join(load_config(variant).sample.weights, "facecam.safetensors"))
 
 
 def main(argv=None):

@@ -321,6 +321,19 @@ _T2V_1_3B_480P: dict[str, object] = {
     "vae.dtype": "bfloat16",
 }
 
+# FactorPortrait at its paper's shape (factorportrait, factorportrait-14b): every parameter
+# trained, multi-view pairs only, one target camera per clip.
+_FACTORPORTRAIT: dict[str, object] = {
+    **_T2V_1_3B_480P,
+    "camera.kind": "factorportrait",
+    "model.in_dim": 54,
+    "data.wild_ratio": 0.0,
+    "data.max_shots": 1,
+    "train.trainable": ("all",),
+    "optimizer.lr": 1e-5,
+    "sample.num_steps": 50,
+}
+
 # FactorPortrait's mini recipe (factorportrait-mini and its ablation): the learn recipe's data
 # split and optimiser, multi-view pairs only, one target camera per clip.
 _FACTORPORTRAIT_MINI: dict[str, object] = {
@@ -429,29 +442,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     # along a camera path (Plücker ray maps), all fused on channels (in_dim 54: video, reference,
     # normals, rays). Wan2.1-T2V-1.3B fully fine-tuned as the paper, self-reenactment on
     # multi-view pairs (one target camera per clip; in-the-wild clips have no per-frame meshes).
-    "factorportrait": {
-        **_T2V_1_3B_480P,
-        "camera.kind": "factorportrait",
-        "model.in_dim": 54,
-        "data.wild_ratio": 0.0,
-        "data.max_shots": 1,
-        "train.trainable": ("all",),
-        "optimizer.lr": 1e-5,
-        "sample.num_steps": 50,
-    },
+    "factorportrait": _FACTORPORTRAIT,
     # The same at Wan2.1-T2V-14B (the paper's base family, its larger size), sized for TPU slices
     # with python -m facecam_jax.aot (bench/tpu_fit.py, the fp-14b rows of bench/RESULTS.md).
-    "factorportrait-14b": {
-        **_T2V_1_3B_480P,
-        "model.dit": "wan2.1-t2v-14b",
-        "camera.kind": "factorportrait",
-        "model.in_dim": 54,
-        "data.wild_ratio": 0.0,
-        "data.max_shots": 1,
-        "train.trainable": ("all",),
-        "optimizer.lr": 1e-5,
-        "sample.num_steps": 50,
-    },
+    "factorportrait-14b": {**_FACTORPORTRAIT, "model.dit": "wan2.1-t2v-14b"},
     # The same kind at the mini scale, trained and shipped (data/factorportrait_mini, as `learn` is
     # for FaceCam; bench/factorportrait.py, bench/RESULTS.md): the small DiT from scratch on the
     # mini dataset's multi-view pairs (camera 4 and time windows 4, 8 and the last held out), the

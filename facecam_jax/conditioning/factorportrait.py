@@ -31,6 +31,7 @@ import numpy as np
 
 from facecam_jax.camera import animation, expression, extrinsics, landmarks, normals, plucker, trajectories
 from facecam_jax.conditioning.base import CameraKind
+from facecam_jax.conditioning.plucker import KIND as PLUCKER
 from facecam_jax.models import wan_dit
 
 LATENT_CHANNELS = 16
@@ -109,12 +110,9 @@ class FactorPortrait(CameraKind):
     # ------------------------------------------------------------------ training
 
     def batch_spec(self, data):
-        spec = super().batch_spec(data)
+        spec = {**super().batch_spec(data), **PLUCKER.batch_spec(data)}  # the camera pairs as CameraCtrl II's
         spec["target_landmarks"] = ((data.frames, expression.NUM_LANDMARKS, 3), np.float32)
-        spec["source_world_2_cam"] = ((4, 4), np.float32)
         spec["source_intrinsics"] = ((3, 3), np.float32)
-        spec["target_world_2_cam"] = ((data.frames, 4, 4), np.float32)
-        spec["target_intrinsics"] = ((data.frames, 3, 3), np.float32)
         return spec
 
     def condition(self, latents, batch, *, rng=None, dropout=0.0):

@@ -17,11 +17,8 @@ XLA_PYTHON_CLIENT_MEM_FRACTION), less the cuDNN attention workspace for training
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 
 import tpu_fit
 
@@ -86,21 +83,8 @@ def run(c: dict, out_dir: str) -> dict:
     path = os.path.join(out_dir, c["name"] + ".json")
     cmd = [sys.executable, "-m", "facecam_jax.aot", f"--config={c['config']}", "--gpu", c["gpu"], "--gpus",
            str(c["gpus"]), "--program", c["program"], "--json", path] + ([] if c["vae"] else ["--novae"])
-    print("$", " ".join(cmd[1:]), flush=True)
-    start = time.perf_counter()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_PYTHON_CLIENT_MEM_FRACTION=str(c["fraction"]))
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
-    wall = time.perf_counter() - start
-    print(result.stdout, flush=True)
-    if result.returncode not in (0, 3):
-        print(result.stderr[-3000:], flush=True)
-        return {}
-    with open(path) as f:
-        report = json.load(f)
-    report.update(case=c, exit_code=result.returncode, wall_seconds=wall)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    return report
+    return tpu_fit.run_aot(cmd, path, c, env)
 
 
 def table(reports: list[dict]) -> str:

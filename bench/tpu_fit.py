@@ -140,9 +140,15 @@ def run(c: dict, out_dir: str) -> dict:
     path = os.path.join(out_dir, c["name"] + ".json")
     cmd = [sys.executable, "-m", "facecam_jax.aot", f"--config={c['config']}", "--topology", c["topology"],
            "--program", c["program"], "--json", path] + ([] if c.get("vae", True) else ["--novae"])
+    return run_aot(cmd, path, c)
+
+
+def run_aot(cmd: list[str], path: str, c: dict, env: dict | None = None) -> dict:
+    """Runs one ``facecam_jax.aot`` command line that writes its JSON report to ``path``; returns the
+    report with the case and the wall time added (and written back), or {} if it failed."""
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - start
     print(result.stdout, flush=True)
     if result.returncode not in (0, 3):
